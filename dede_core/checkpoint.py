@@ -1,0 +1,153 @@
+"""Detector checkpoints: weights, full config, encoder identity and a content hash, loadable without pickle code.
+
+A checkpoint is a torch zip file holding only tensors, numbers, strings, lists and dicts, so it loads with
+`torch.load(weights_only=True)`. A file that would need to execute pickled code to load is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dede_core.config import DetectorConfig
+from dede_core.hashing import tensor_digest
+from dede_core.model import DeDe
+
+FORMAT = "dede-detector/1"
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable, trustworthy dede checkpoint."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a detector checkpoint holds."""
+
+    config: DetectorConfig  # the detector's architecture and score defaults
+    encoder_spec: str  # canonical spec of the victim encoder (dede_core.encoders syntax)
+    encoder_fingerprint: str  # sha256 of the encoder's weights when the detector was trained
+    global_dim: int  # width D of the encoder's embedding
+    state_dict: dict[str, torch.Tensor]  # detector weights
+    content_hash: str  # sha256 over weights, config and encoder identity: names the detector
+    train_state: dict[str, Any] | None = None  # optimizer, epoch, run identity; None once training is complete
+    meta: dict[str, Any] = field(default_factory=dict)  # free-form facts: epochs, images seen, losses
+
+
+def detector_hash(state_dict: dict[str, torch.Tensor], config: DetectorConfig, encoder_spec: str,
+                  encoder_fingerprint: str) -> str:
+    """The content hash stored in (and verified against) a checkpoint."""
+    identity = json.dumps([config.to_dict(), encoder_spec, encoder_fingerprint], sort_keys=True)
+    return tensor_digest(state_dict, extra=identity)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary name in the same folder, then rename: never a partial file at `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, *, model: DeDe, encoder_spec: str, encoder_fingerprint: str,
+                    train_state: dict[str, Any] | None = None, meta: dict[str, Any] | None = None) -> str:
+    """Write a checkpoint atomically; returns its content hash."""
+    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    content_hash = detector_hash(state_dict, model.config, encoder_spec, encoder_fingerprint)
+    payload = {
+        "format": FORMAT,
+        "config": model.config.to_dict(),
+        "encoder_spec": encoder_spec,
+        "encoder_fingerprint": encoder_fingerprint,
+        "global_dim": model.global_dim,
+        "state_dict": state_dict,
+        "content_hash": content_hash,
+        "train_state": train_state,
+        "meta": meta or {},
+    }
+    atomic_torch_save(payload, Path(path))
+    return content_hash
+
+
+def load_payload(path: str | Path) -> dict[str, Any]:
+    """torch.load with weights_only=True, turning every way it can fail into a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refused to load {path}: it contains pickled objects that would run code when loaded "
+            f"({str(exc).splitlines()[0]}). Only checkpoints written by dede are accepted."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable checkpoint: {exc}") from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path} is not a dede checkpoint (top level is {type(payload).__name__})")
+    return payload
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Load and verify a detector checkpoint (format, fields, content hash)."""
+    payload = load_payload(path)
+    if payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a dede detector checkpoint (format {payload.get('format')!r})")
+    try:
+        config = DetectorConfig.from_dict(payload["config"])
+        ckpt = Checkpoint(
+            config=config,
+            encoder_spec=str(payload["encoder_spec"]),
+            encoder_fingerprint=str(payload["encoder_fingerprint"]),
+            global_dim=int(payload["global_dim"]),
+            state_dict=dict(payload["state_dict"]),
+            content_hash=str(payload["content_hash"]),
+            train_state=payload.get("train_state"),
+            meta=dict(payload.get("meta") or {}),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} is a damaged dede checkpoint: {exc!r}") from None
+    actual = detector_hash(ckpt.state_dict, config, ckpt.encoder_spec, ckpt.encoder_fingerprint)
+    if actual != ckpt.content_hash:
+        raise CheckpointError(f"{path} failed its content check (stored {ckpt.content_hash[:12]}, "
+                              f"computed {actual[:12]}): the file was altered or damaged")
+    return ckpt
+
+
+def build_detector(ckpt: Checkpoint) -> DeDe:
+    """A DeDe model with the checkpoint's weights, in eval mode on the CPU."""
+    model = DeDe(config=ckpt.config, global_dim=ckpt.global_dim)
+    model.load_state_dict(ckpt.state_dict)
+    return model.eval()
+
+
+def load_detector(path: str | Path, *, encoder_spec: str | None = None):
+    """Checkpoint -> (DeDe, FrozenEncoder, Checkpoint), with the encoder it was trained for.
+
+    encoder_spec overrides where the encoder's weights are found (say, another path to the same file); the
+    weights must still be the ones the detector was trained on, or loading is refused.
+    """
+    from dede_core.encoders import load_encoder  # encoders pull in optional libraries: load them lazily
+
+    ckpt = load_checkpoint(path)
+    encoder = load_encoder(encoder_spec or ckpt.encoder_spec)
+    if encoder.fingerprint != ckpt.encoder_fingerprint:
+        raise CheckpointError(
+            f"the encoder {encoder.spec!r} has weights {encoder.fingerprint[:12]}, but the detector {path} was "
+            f"trained on weights {ckpt.encoder_fingerprint[:12]}: scores would be meaningless"
+        )
+    return build_detector(ckpt), encoder, ckpt

@@ -1,0 +1,274 @@
+"""Where samples come from: an image folder or WebDataset tar shards, both as map-style sources.
+
+A source only lists and reads bytes; decoding happens later (images.py), so an undecodable file still
+reaches the scores table with its key. Keys are stable across runs and contain no dots, because the
+WebDataset convention splits a member name at the first dot of its basename.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+import tarfile
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from braceexpand import braceexpand
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# Priority order when a tar sample carries several image members.
+TAR_IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp")
+ACCEPTED = (
+    "an image folder, a .tar shard, a directory of .tar shards, "
+    "or a brace pattern like shards/{000000..000003}.tar"
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str  # stable and dot-free; the WebDataset __key__ and the `key` column downstream
+    data: bytes = field(repr=False)  # original encoded bytes, untouched
+    label: int | None  # class index when known
+    meta: dict  # {"path": relpath} for folders, the sample's .json for tars; may be empty
+
+
+@runtime_checkable
+class Source(Protocol):
+    classes: list[str] | None  # label -> name, when the source knows class names
+    skipped: list[tuple[str, str]]  # (key, reason) for entries that could not become samples
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> Sample: ...
+
+    def keys(self) -> list[str]: ...
+
+
+def _clean_key(name: str) -> str:
+    return name.replace(".", "_")
+
+
+def _index(i: int, n: int) -> int:
+    i = operator.index(i)
+    if not -n <= i < n:
+        raise IndexError(f"sample index {i} out of range for a source of {n} samples")
+    return i % n
+
+
+# I/O goes through these two helpers so remote (fsspec) paths can be added in one place.
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _read_range(path: str, offset: int, size: int) -> bytes:
+    """Up to `size` bytes at `offset`; fewer only at end of file."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
+class ImageFolderSource:
+    """Images under a directory, recursively; the top-level subfolder names the class."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        rels = []
+        # Follow links like torchvision's ImageFolder: folders are often assembled from symlinked subsets.
+        for dirpath, _, filenames in os.walk(self.root, followlinks=True):
+            for name in filenames:
+                if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                    rel = os.path.relpath(os.path.join(dirpath, name), self.root)
+                    rels.append(rel.replace(os.sep, "/"))
+        if not rels:
+            raise ValueError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) found under {root}; expected {ACCEPTED}")
+        rels.sort()
+        self._paths = rels
+        self._keys = [_clean_key(os.path.splitext(rel)[0]) for rel in rels]
+        self._check_unique()
+        top = [rel.split("/", 1)[0] if "/" in rel else None for rel in rels]
+        names = sorted({t for t in top if t is not None})
+        self.classes: list[str] | None = names or None
+        index = {name: i for i, name in enumerate(names)}
+        self._labels = [None if t is None else index[t] for t in top]
+        self.skipped: list[tuple[str, str]] = []  # collisions raise instead; kept for the Source protocol
+
+    def _check_unique(self) -> None:
+        by_key: dict[str, list[str]] = {}
+        for key, rel in zip(self._keys, self._paths):
+            by_key.setdefault(key, []).append(rel)
+        clashes = {k: v for k, v in by_key.items() if len(v) > 1}
+        if clashes:
+            shown = "; ".join(f"{k!r}: {', '.join(v)}" for k, v in list(clashes.items())[:10])
+            raise ValueError(
+                f"{len(clashes)} sample key collision(s) under {self.root} (keys drop the extension and "
+                f"replace '.' with '_'); rename or remove one file of each group: {shown}"
+            )
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __getitem__(self, i: int) -> Sample:
+        i = _index(i, len(self._paths))
+        rel = self._paths[i]
+        data = _read_file(os.path.join(self.root, rel))
+        return Sample(key=self._keys[i], data=data, label=self._labels[i], meta={"path": rel})
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+
+@dataclass(frozen=True)
+class _TarEntry:
+    shard: str
+    offset: int  # TarInfo.offset_data of the image member
+    size: int
+    label: int | None
+    meta: dict
+
+
+def _split_member(name: str) -> tuple[str, str] | None:
+    """WebDataset convention: key = name up to the first dot of the basename, ext = the rest."""
+    while name.startswith("./"):
+        name = name[2:]
+    dirname, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot or not stem:
+        return None
+    return (f"{dirname}/{stem}" if dirname else stem), ext.lower()
+
+
+class TarShardSource:
+    """WebDataset tar shards, indexed once; random access seeks straight to each image member."""
+
+    def __init__(self, shards: list[str]) -> None:
+        if not shards:
+            raise ValueError(f"no .tar shards given; expected {ACCEPTED}")
+        self.shards = list(shards)
+        self.classes: list[str] | None = None  # .cls holds indices only; names are not in the shards
+        self.skipped: list[tuple[str, str]] = []
+        self._keys: list[str] = []
+        self._entries: list[_TarEntry] = []
+        self._first_seen: dict[str, str] = {}
+        for shard in self.shards:
+            self._index_shard(shard)
+
+    def _index_shard(self, shard: str) -> None:
+        try:
+            with tarfile.open(shard, mode="r:") as tar:
+                key, group = None, {}
+                for member in tar:
+                    if member.isdir():
+                        continue
+                    parsed = _split_member(member.name)
+                    if not member.isreg() or parsed is None:
+                        why = "not a regular file" if not member.isreg() else "name is not <key>.<ext>"
+                        self.skipped.append((_clean_key(member.name), f"{shard}: member {member.name!r} {why}"))
+                        continue
+                    # Members group while consecutive, as in webdataset; a repeated ext starts a new sample.
+                    if parsed[0] != key or parsed[1] in group:
+                        self._add(tar, shard, key, group)
+                        key, group = parsed[0], {}
+                    group[parsed[1]] = member
+                self._add(tar, shard, key, group)
+                end = tar.offset
+        except (tarfile.TarError, EOFError) as e:
+            raise ValueError(f"{shard} is not a readable uncompressed tar shard: {e}") from None
+        # tarfile stops quietly at a cut-off header, so check for the zero block that ends every
+        # complete archive; without it the shard was truncated and members are missing.
+        if _read_range(shard, end, tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
+            raise ValueError(f"{shard} is truncated (no end-of-archive block after offset {end}); rewrite it")
+
+    def _add(self, tar: tarfile.TarFile, shard: str, key: str | None, group: dict) -> None:
+        if key is None:
+            return
+        key = _clean_key(key)
+        image_ext = next((ext for ext in TAR_IMAGE_EXTENSIONS if ext in group), None)
+        reason = None
+        if key in self._first_seen:
+            reason = f"duplicate key (first seen in {self._first_seen[key]})"
+        elif image_ext is None:
+            reason = f"no image member ({'/'.join(TAR_IMAGE_EXTENSIONS)}); found: {', '.join(sorted(group))}"
+        if reason is None:
+            label, meta, reason = self._read_label_meta(tar, group)
+        if reason is not None:
+            self.skipped.append((key, f"{shard}: {reason}"))
+            return
+        image = group[image_ext]
+        self._first_seen[key] = shard
+        self._keys.append(key)
+        self._entries.append(_TarEntry(shard, image.offset_data, image.size, label, meta))
+
+    @staticmethod
+    def _read_label_meta(tar: tarfile.TarFile, group: dict) -> tuple[int | None, dict, str | None]:
+        """(label, meta, None) or (None, {}, reason): a bad .cls/.json means the sample is not what we think."""
+        label, meta = None, {}
+        if "cls" in group:
+            text = tar.extractfile(group["cls"]).read()
+            try:
+                label = int(text.decode("utf-8").strip())
+            except (UnicodeDecodeError, ValueError):
+                return None, {}, f"unreadable .cls label {text[:20]!r}"
+        if "json" in group:
+            try:
+                meta = json.loads(tar.extractfile(group["json"]).read())
+            except (UnicodeDecodeError, ValueError) as e:
+                return None, {}, f"unreadable .json: {e}"
+            if not isinstance(meta, dict):
+                return None, {}, f".json is a {type(meta).__name__}, expected an object"
+        return label, meta, None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, i: int) -> Sample:
+        i = _index(i, len(self._entries))
+        e = self._entries[i]
+        data = _read_range(e.shard, e.offset, e.size)
+        if len(data) != e.size:
+            raise OSError(f"{e.shard}: {len(data)} of {e.size} bytes at offset {e.offset}; shard changed since open")
+        return Sample(key=self._keys[i], data=data, label=e.label, meta=dict(e.meta))
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+
+def _open_dir(path: str) -> Source:
+    entries = sorted(os.listdir(path))
+    tars = [os.path.join(path, n) for n in entries if n.lower().endswith(".tar")]
+    tars = [t for t in tars if os.path.isfile(t)]
+    if not tars:
+        return ImageFolderSource(path)
+    images = [n for n in entries if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
+    if images:
+        raise ValueError(
+            f"{path} holds both .tar shards and images (e.g. {images[0]}); "
+            f"point at a folder with only one kind: {ACCEPTED}"
+        )
+    return TarShardSource(tars)
+
+
+def open_source(path: str) -> Source:
+    """A local path -> Source: image folder, one .tar, a directory of .tar files, or a brace pattern."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path must be a string, got {type(path).__name__}; expected {ACCEPTED}")
+    path = os.fspath(path)
+    if "{" in path and not os.path.exists(path):
+        shards = list(braceexpand(path))
+        missing = [s for s in shards if not os.path.isfile(s)]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(shards)} shard(s) from {path} do not exist, e.g. {missing[0]}"
+            )
+        not_tar = [s for s in shards if not s.lower().endswith(".tar")]
+        if not_tar:
+            raise ValueError(f"brace pattern {path} must expand to .tar files, got e.g. {not_tar[0]}")
+        return TarShardSource(shards)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file or directory: {path}")
+    if os.path.isdir(path):
+        return _open_dir(path)
+    if path.lower().endswith(".tar"):
+        return TarShardSource([path])
+    raise ValueError(f"cannot read {path}: expected {ACCEPTED} (compressed .tar.gz shards are not seekable)")

@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny images, a tiny frozen victim encoder saved to disk, small thread counts."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+torch.set_num_threads(2)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def encoder_weights(tmp_path_factory) -> Path:
+    """A width-8 CIFAR ResNet-18 with fixed random weights, saved as a state_dict."""
+    from dede_core.encoders import cifar_resnet18
+
+    torch.manual_seed(1234)
+    model = cifar_resnet18(width=8)
+    path = tmp_path_factory.mktemp("encoder") / "enc.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def encoder_spec(encoder_weights) -> str:
+    return f"cifar-resnet18?width=8&weights={encoder_weights}"
+
+
+@pytest.fixture(scope="session")
+def encoder(encoder_spec):
+    from dede_core.encoders import load_encoder
+
+    return load_encoder(encoder_spec)
+
+
+def smooth_images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """n uint8 RGB images (n, 3, size, size) with some structure (blobs), so a decoder can learn them."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    out = np.zeros((n, 3, size, size), dtype=np.float64)
+    for i in range(n):
+        for _ in range(3):
+            cy, cx, r = rng.uniform(0, size, 2).tolist() + [rng.uniform(3, size / 3)]
+            color = rng.uniform(0, 1, 3)
+            blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+            out[i] += color[:, None, None] * blob
+    return torch.from_numpy((np.clip(out, 0, 1) * 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """48 PNGs in two class folders."""
+    root = tmp_path_factory.mktemp("images")
+    images = smooth_images(48, seed=7)
+    for i, img in enumerate(images):
+        folder = root / ("a" if i % 2 else "b")
+        folder.mkdir(exist_ok=True)
+        buf = io.BytesIO()
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(buf, format="PNG")
+        (folder / f"img_{i:03d}.png").write_bytes(buf.getvalue())
+    return root
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One ephemeral Prefect server for the whole session (it takes ~20 s to start here)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
