@@ -37,15 +37,23 @@ class Checkpoint:
     global_dim: int  # width D of the encoder's embedding
     state_dict: dict[str, torch.Tensor]  # detector weights
     content_hash: str  # sha256 over weights, config and encoder identity: names the detector
-    train_state: dict[str, Any] | None = None  # optimizer, epoch, run identity; None once training is complete
+    train_state: dict[str, Any] | None = None  # optimizer state; None once training is complete
     meta: dict[str, Any] = field(default_factory=dict)  # free-form facts: epochs, images seen, losses
+    # Held-out auxiliary images (never trained on) for label-free thresholds: keys and uint8 (H, C, S, S).
+    calibration_keys: list[str] = field(default_factory=list)
+    calibration_images: torch.Tensor | None = None
+    knn_bank: torch.Tensor | None = None  # (B, D) float16 embeddings of training images, for the k-NN score
 
 
 def detector_hash(state_dict: dict[str, torch.Tensor], config: DetectorConfig, encoder_spec: str,
-                  encoder_fingerprint: str) -> str:
-    """The content hash stored in (and verified against) a checkpoint."""
-    identity = json.dumps([config.to_dict(), encoder_spec, encoder_fingerprint], sort_keys=True)
-    return tensor_digest(state_dict, extra=identity)
+                  encoder_fingerprint: str, calibration: dict[str, Any] | None = None) -> str:
+    """The content hash stored in (and verified against) a checkpoint: weights, config, encoder, calibration."""
+    calibration = calibration or {}
+    keys = list(calibration.get("keys", []))
+    identity = json.dumps([config.to_dict(), encoder_spec, encoder_fingerprint, keys], sort_keys=True)
+    tensors = {f"model.{k}": v for k, v in state_dict.items()}
+    tensors.update({f"calibration.{k}": v for k, v in calibration.items() if torch.is_tensor(v)})
+    return tensor_digest(tensors, extra=identity)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -64,10 +72,14 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def save_checkpoint(path: str | Path, *, model: DeDe, encoder_spec: str, encoder_fingerprint: str,
-                    train_state: dict[str, Any] | None = None, meta: dict[str, Any] | None = None) -> str:
-    """Write a checkpoint atomically; returns its content hash."""
+                    train_state: dict[str, Any] | None = None, meta: dict[str, Any] | None = None,
+                    calibration: dict[str, Any] | None = None) -> str:
+    """Write a checkpoint atomically; returns its content hash.
+
+    calibration: {"keys": list[str], "images": uint8 (H, C, S, S), "knn_bank": (B, D)} or None.
+    """
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    content_hash = detector_hash(state_dict, model.config, encoder_spec, encoder_fingerprint)
+    content_hash = detector_hash(state_dict, model.config, encoder_spec, encoder_fingerprint, calibration)
     payload = {
         "format": FORMAT,
         "config": model.config.to_dict(),
@@ -78,6 +90,7 @@ def save_checkpoint(path: str | Path, *, model: DeDe, encoder_spec: str, encoder
         "content_hash": content_hash,
         "train_state": train_state,
         "meta": meta or {},
+        "calibration": calibration,
     }
     atomic_torch_save(payload, Path(path))
     return content_hash
@@ -109,6 +122,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path} is not a dede detector checkpoint (format {payload.get('format')!r})")
     try:
         config = DetectorConfig.from_dict(payload["config"])
+        calibration = payload.get("calibration") or {}
         ckpt = Checkpoint(
             config=config,
             encoder_spec=str(payload["encoder_spec"]),
@@ -118,10 +132,13 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             content_hash=str(payload["content_hash"]),
             train_state=payload.get("train_state"),
             meta=dict(payload.get("meta") or {}),
+            calibration_keys=[str(k) for k in calibration.get("keys", [])],
+            calibration_images=calibration.get("images"),
+            knn_bank=calibration.get("knn_bank"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path} is a damaged dede checkpoint: {exc!r}") from None
-    actual = detector_hash(ckpt.state_dict, config, ckpt.encoder_spec, ckpt.encoder_fingerprint)
+    actual = detector_hash(ckpt.state_dict, config, ckpt.encoder_spec, ckpt.encoder_fingerprint, calibration)
     if actual != ckpt.content_hash:
         raise CheckpointError(f"{path} failed its content check (stored {ckpt.content_hash[:12]}, "
                               f"computed {actual[:12]}): the file was altered or damaged")

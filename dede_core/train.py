@@ -44,6 +44,8 @@ class TrainConfig:
     seed: int = 0  # weight init, epoch order and training masks
     max_images: int | None = None  # use only the first N samples of the source (in its stable order)
     embed_chunk: int = 64  # rows per encoder pass while caching embeddings
+    holdout: int = 500  # aux samples kept out of training, stored in the checkpoint for label-free thresholds
+    knn_bank: int = 5000  # training embeddings stored in the checkpoint for the k-NN score
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "embed_chunk"):
@@ -53,6 +55,8 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
         if self.max_images is not None and self.max_images < 1:
             raise ValueError(f"max_images must be >= 1, got {self.max_images}")
+        if self.holdout < 0 or self.knn_bank < 0:
+            raise ValueError(f"holdout and knn_bank must be >= 0, got {self.holdout}, {self.knn_bank}")
 
 
 @dataclass
@@ -69,6 +73,15 @@ def data_id(path: str, keys: list[str]) -> str:
     """Names a training set: its resolved path, size, and a hash of its keys."""
     digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
     return f"{os.path.abspath(path)}|n={len(keys)}|keys={digest}"
+
+
+def split_holdout(keys: list[str], holdout: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, held-out indices): the held-out ones are the `holdout` keys with the smallest hash,
+    so the split depends on the keys alone, not on their order. At most half the set is held out."""
+    count = min(holdout, len(keys) // 2)
+    ranked = sorted(range(len(keys)), key=lambda i: hashlib.blake2b(keys[i].encode(), digest_size=8).digest())
+    held = sorted(ranked[:count])
+    return torch.tensor(sorted(ranked[count:]), dtype=torch.long), torch.tensor(held, dtype=torch.long)
 
 
 def _seeded(seed: int, *parts: int) -> torch.Generator:
@@ -184,6 +197,12 @@ def train_detector(*, source: Source, data_id: str, encoder: FrozenEncoder, conf
         log(f"warning: {len(aux.failed)} auxiliary samples could not be decoded and are left out, "
             f"e.g. {aux.failed[0][0]}: {aux.failed[0][1]}")
 
+    train_idx, held_idx = split_holdout(aux.keys, train.holdout)
+    calibration = {
+        "keys": [aux.keys[i] for i in held_idx.tolist()],
+        "images": aux.images[held_idx].clone(),
+        "knn_bank": aux.embeddings[train_idx[: train.knn_bank]].half(),
+    }
     torch.manual_seed(train.seed)
     model = DeDe(config=config, global_dim=encoder.dim)
     optimizer = torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
@@ -202,13 +221,12 @@ def train_detector(*, source: Source, data_id: str, encoder: FrozenEncoder, conf
             if torch.is_tensor(value) and name != "step":
                 state[name] = value.to(device)
 
-    n = len(aux.keys)
-    images_per_epoch = n
-    progress = Progress((train.epochs - start_epoch) * images_per_epoch, desc="training", interval=10.0)
+    n = len(train_idx)
+    progress = Progress((train.epochs - start_epoch) * n, desc="training", interval=10.0)
     started = time.perf_counter()
     for epoch in range(start_epoch, train.epochs):
         generator = _seeded(train.seed, epoch)
-        order = torch.randperm(n, generator=generator)
+        order = train_idx[torch.randperm(n, generator=generator)]
         total, steps = 0.0, 0
         for idx in order.split(train.batch_size):
             x = model.normalize(aux.images[idx].to(device).float().div_(255))
@@ -223,12 +241,13 @@ def train_detector(*, source: Source, data_id: str, encoder: FrozenEncoder, conf
             progress.update(len(idx), f"epoch {epoch + 1}/{train.epochs} loss {loss.item():.4f}")
         history.append(total / steps)
         finished = epoch + 1 == train.epochs
-        meta = {"epoch": epoch + 1, "epochs": train.epochs, "images": n, "loss_history": history,
+        meta = {"epoch": epoch + 1, "epochs": train.epochs, "images": n, "held_out": len(held_idx),
+                "loss_history": history,
                 "undecodable": len(aux.failed), "identity": identity, "complete": finished}
         train_state = None if finished else {"optimizer": optimizer.state_dict()}
         content_hash = save_checkpoint(ckpt_path, model=model, encoder_spec=encoder.spec,
                                        encoder_fingerprint=encoder.fingerprint, train_state=train_state,
-                                       meta=meta)
+                                       meta=meta, calibration=calibration)
         elapsed = time.perf_counter() - started
         done_epochs = epoch + 1 - start_epoch
         left = elapsed / done_epochs * (train.epochs - epoch - 1)

@@ -99,3 +99,17 @@ def test_ctrl_c_then_rerun_resumes(tmp_path, image_folder, encoder_spec):
     assert rerun.returncode == 0, rerun.stderr
     assert f"resuming {ckpt} after epoch {epoch}" in rerun.stderr
     assert load_checkpoint(ckpt).meta["epoch"] == epoch + 1
+
+
+def test_held_out_calibration_set_is_stored_and_order_free(tmp_path, image_folder, encoder):
+    from dede_core.train import split_holdout
+
+    ckpt = load_checkpoint(_train(image_folder, encoder, tmp_path / "run", epochs=1, holdout=10, knn_bank=20))
+    assert ckpt.meta["held_out"] == 10 and ckpt.meta["images"] == 38
+    assert len(ckpt.calibration_keys) == 10 and ckpt.calibration_images.shape == (10, 3, 32, 32)
+    assert ckpt.knn_bank.shape == (20, encoder.dim) and ckpt.knn_bank.dtype == torch.float16
+    keys = [f"k{i}" for i in range(30)]
+    _, held = split_holdout(keys, 5)
+    _, held_reversed = split_holdout(keys[::-1], 5)
+    assert {keys[i] for i in held.tolist()} == {keys[::-1][i] for i in held_reversed.tolist()}
+    assert len(split_holdout(keys[:4], 5)[1]) == 2  # never more than half

@@ -1,0 +1,52 @@
+"""Parquet schemas, defined once. Each table's metadata carries `dede.schema` and the run's config as JSON."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+
+# Sample statuses in the scores table.
+STATUS_OK = "ok"  # decoded and scored
+STATUS_DECODE_ERROR = "decode_error"  # bytes present, not a usable image (error says why)
+STATUS_READ_ERROR = "read_error"  # the sample could not be read from its shard
+
+SCORES = pa.schema([
+    pa.field("key", pa.string(), nullable=False),  # the WebDataset __key__, stable from ingest to clean
+    pa.field("shard", pa.string(), nullable=False),  # shard file name, e.g. 000003.tar
+    pa.field("position", pa.int32(), nullable=False),  # index of the sample inside its shard
+    pa.field("label", pa.int32()),  # class index from .cls, when present
+    pa.field("width", pa.int32()),  # original image width, when decodable
+    pa.field("height", pa.int32()),  # original image height, when decodable
+    pa.field("status", pa.string(), nullable=False),  # ok | decode_error | read_error
+    pa.field("error", pa.string()),  # the reason when status is not ok
+    pa.field("score", pa.float64()),  # DeDe score: mean over draws of the summed squared error (null if not ok)
+    pa.field("draws", pa.int16(), nullable=False),  # mask draws behind the score
+    pa.field("knn_score", pa.float64()),  # distance to the k-th nearest calibration embedding (null if not ok)
+    pa.field("detector_hash", pa.string(), nullable=False),  # content hash of the detector checkpoint
+    pa.field("encoder_id", pa.string(), nullable=False),  # encoder spec # first 16 hex of its weight fingerprint
+])
+
+EMBEDDING_FIELD = pa.field("embedding", pa.list_(pa.float32()))  # optional column: the victim's raw embedding
+
+CALIBRATION = pa.schema([
+    pa.field("key", pa.string(), nullable=False),  # held-out auxiliary sample (never trained on)
+    pa.field("score", pa.float64(), nullable=False),
+    pa.field("knn_score", pa.float64(), nullable=False),
+])
+
+REJECTED = pa.schema([
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("shard", pa.string(), nullable=False),
+    pa.field("score", pa.float64()),
+    pa.field("reason", pa.string(), nullable=False),  # e.g. "score > 812.4 (fpr 0.05)", "decode_error: ..."
+])
+
+
+def scores_schema(with_embedding: bool) -> pa.Schema:
+    return SCORES.append(EMBEDDING_FIELD) if with_embedding else SCORES
+
+
+def with_metadata(schema: pa.Schema, kind: str, config_json: str) -> pa.Schema:
+    """Attach the table kind, the schema version and the run config (JSON) to a schema."""
+    return schema.with_metadata({"dede.table": kind, "dede.schema": SCHEMA_VERSION, "dede.config": config_json})
