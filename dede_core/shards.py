@@ -1,0 +1,346 @@
+"""Shard stage: any corpus -> OUT/000000.tar, 000001.tar, ... (WebDataset) + OUT/manifest.json.
+
+Each sample keeps its stable key and its original bytes, untouched, under the extension of its real format, so
+the cleaned corpus written at the end is byte-for-byte the input minus the rejected samples. Each shard is
+written to a temporary name and renamed; the manifest is written last, so a folder with a manifest is complete
+and rerunning the same command is the recovery procedure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sys
+import re
+import tempfile
+from collections import Counter
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from dede_core.progress import Progress
+from dede_core.sources import TAR_IMAGE_EXTENSIONS, Sample, Source, TarShardSource, open_source
+from schemas.manifest import Manifest, ShardEntry, differences, manifest_path, read_manifest, write_manifest
+
+# Magic numbers of the formats dede decodes -> the extension a shard stores them under.
+MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
+         (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"), (b"BM", "bmp"))
+UNKNOWN_EXTENSION = "bin"  # bytes of no known format: kept as they are, so the score stage reports them
+# A fixed member mtime makes the same input give byte-identical shards (and the same sha256) on every run.
+MEMBER_MTIME = 0
+
+
+def sniff_extension(data: bytes) -> str | None:
+    """The image format's usual extension from the leading bytes, or None when unknown."""
+    head = bytes(data[:16])
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    return next((ext for magic, ext in MAGIC if head.startswith(magic)), None)
+
+
+def _extension(sample: Sample) -> str:
+    """The real format first: a .png file holding a JPEG is stored as .jpg; then the original name's."""
+    sniffed = sniff_extension(sample.data)
+    if sniffed:
+        return sniffed
+    original = os.path.splitext(str(sample.meta.get("path", "")))[1].lstrip(".").lower()
+    return original if original.isalnum() else UNKNOWN_EXTENSION
+
+
+def _record(sample: Sample, classes: list[str] | None) -> dict[str, Any]:
+    """Sample -> the dict webdataset's TarWriter writes: __key__, image bytes, .cls, .json."""
+    record: dict[str, Any] = {"__key__": sample.key, _extension(sample): sample.data}
+    meta = dict(sample.meta)
+    if sample.label is not None:
+        record["cls"] = str(sample.label).encode()
+        if classes and 0 <= sample.label < len(classes):
+            meta.setdefault("class", classes[sample.label])
+    if meta:
+        record["json"] = json.dumps(meta, sort_keys=True).encode()
+    return record
+
+
+class _HashingFile:
+    """Write-only file wrapper that hashes and counts what passes through (tar 'w|' only calls write)."""
+
+    def __init__(self, handle) -> None:
+        self.handle, self.sha256, self.bytes = handle, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self.handle.write(data)
+
+
+class _ShardFile:
+    """One shard being written: a temporary file that becomes OUT/<index>.tar on finish()."""
+
+    def __init__(self, out_dir: str, index: int) -> None:
+        self.name = f"{index:06d}.tar"
+        self.path = os.path.join(out_dir, self.name)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.name}.", suffix=".tmp", dir=out_dir)
+        self.handle = os.fdopen(fd, "wb")
+        self.file = _HashingFile(self.handle)
+        self.writer = wds.TarWriter(self.file, encoder=False, mtime=MEMBER_MTIME)
+        self.keys: list[str] = []
+
+    def add(self, sample: Sample, classes: list[str] | None) -> str:
+        """Append one sample; returns the extension its image went under."""
+        record = _record(sample, classes)
+        self.writer.write(record)
+        self.keys.append(sample.key)
+        return next(k for k in record if k not in ("__key__", "cls", "json"))
+
+    def finish(self) -> ShardEntry:
+        self.writer.close()
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        os.chmod(self.tmp, 0o644)  # mkstemp makes 0600; shards are shared data
+        os.replace(self.tmp, self.path)
+        return ShardEntry(name=self.name, samples=len(self.keys), bytes=self.file.bytes,
+                          sha256=self.file.sha256.hexdigest(), first_key=self.keys[0], last_key=self.keys[-1])
+
+    def abort(self) -> None:
+        self.handle.close()
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+
+def _write_all(samples: Iterator[Sample], out_dir: str, per_shard: int, classes: list[str] | None,
+               progress: Progress, unread: Counter) -> list[ShardEntry]:
+    """Stream samples into shards of per_shard; counts in `unread` the extensions dede's tar reader skips."""
+    entries: list[ShardEntry] = []
+    current: _ShardFile | None = None
+    try:
+        for sample in samples:
+            current = current or _ShardFile(out_dir, len(entries))
+            ext = current.add(sample, classes)
+            if ext not in TAR_IMAGE_EXTENSIONS:
+                unread[ext] += 1
+            progress.update(1, f"shard {len(entries)}")
+            if len(current.keys) == per_shard:
+                entries.append(current.finish())
+                current = None
+        if current is not None:
+            entries.append(current.finish())
+    except BaseException:
+        if current is not None:
+            current.abort()
+        raise
+    return entries
+
+
+IMAGE_COLUMNS = ("image", "bytes", "jpg", "png")  # tried in this order when image_column is not given
+
+
+def _clean_key(value: object) -> str:
+    return str(value).replace(".", "_")
+
+
+def _image_column(schema: pa.Schema, wanted: str | None, url: str) -> str:
+    name = wanted or next((c for c in IMAGE_COLUMNS if c in schema.names), None)
+    if name is None or name not in schema.names:
+        raise ValueError(f"{url} has no image column {wanted or IMAGE_COLUMNS} (columns: {schema.names}); "
+                         f"pass image_column")
+    kind = schema.field(name).type
+    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
+        kind = kind.field("bytes").type  # Hugging Face datasets store images as {bytes, path}
+    if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+        raise ValueError(f"column {name!r} of {url} is {schema.field(name).type}, expected encoded image bytes "
+                         f"(binary, or a struct with a 'bytes' field)")
+    return name
+
+
+def _labels(column: pa.ChunkedArray | None, schema: pa.Schema, name: str | None
+            ) -> tuple[list[int | None] | None, list[str] | None]:
+    """(label per row, class names): integer labels as they are, string labels indexed by sorted name."""
+    if column is None:
+        return None, None
+    kind = column.type
+    if pa.types.is_integer(kind):
+        try:  # Hugging Face ClassLabel names live in the schema metadata
+            info = json.loads(schema.metadata[b"huggingface"])["info"]["features"][name]
+            names = [str(n) for n in info["names"]]
+        except (KeyError, TypeError, ValueError):
+            names = None
+        return column.to_pylist(), names
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_dictionary(kind):
+        values = column.to_pylist()
+        names = sorted({str(v) for v in values if v is not None})
+        index = {n: i for i, n in enumerate(names)}
+        return [None if v is None else index[str(v)] for v in values], names
+    raise ValueError(f"label column {name!r} is {kind}; expected integers or class-name strings")
+
+
+class ParquetRows:
+    """Rows of a Parquet file (local path or fsspec URL) holding encoded images, as Samples in file order.
+
+    Keys come from key_column, else from the file name and row number (stable for the same file). Only the
+    small key and label columns are read up front; image bytes stream batch by batch.
+    """
+
+    def __init__(self, url: str, *, image_column: str | None = None, key_column: str | None = None,
+                 label_column: str | None = None, batch_rows: int = 256) -> None:
+        self.url, self.batch_rows = url, batch_rows
+        with fsspec.open(url, "rb") as f:
+            pf = pq.ParquetFile(f)
+            schema, rows = pf.schema_arrow, pf.metadata.num_rows
+            self.image_column = _image_column(schema, image_column, url)
+            label_column = label_column or ("label" if "label" in schema.names else None)
+            for wanted in (key_column, label_column):
+                if wanted is not None and wanted not in schema.names:
+                    raise ValueError(f"{url} has no column {wanted!r} (columns: {schema.names})")
+            small = pf.read(columns=[c for c in (key_column, label_column) if c])
+        if key_column is not None:
+            raw = small.column(key_column).to_pylist()
+            if any(v is None or str(v) == "" for v in raw):
+                raise ValueError(f"key column {key_column!r} of {url} has empty or null keys")
+            self._keys = [_clean_key(v) for v in raw]
+        else:
+            stem = _clean_key(os.path.splitext(os.path.basename(url.rstrip("/")))[0])
+            self._keys = [f"{stem}_{i:08d}" for i in range(rows)]
+        column = small.column(label_column) if label_column else None
+        self._labels, self.classes = _labels(column, schema, label_column)
+        self.skipped: list[tuple[str, str]] = []  # rows without image bytes, filled while iterating
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def __iter__(self) -> Iterator[Sample]:
+        row = 0
+        with fsspec.open(self.url, "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=self.batch_rows, columns=[self.image_column]):
+                for value in batch.column(0).to_pylist():
+                    data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
+                    key, label = self._keys[row], self._labels[row] if self._labels else None
+                    if data:
+                        meta = {"row": row, "path": path} if path else {"row": row}
+                        yield Sample(key=key, data=data, label=label, meta=meta)
+                    else:
+                        self.skipped.append((key, f"row {row}: no image bytes"))
+                    row += 1
+
+
+def _check_unique(source: Source | ParquetRows) -> None:
+    """Refuse duplicate keys: every later stage selects samples by key, so a duplicate is ambiguous."""
+    seen: set[str] = set()
+    dups = [k for k in source.keys() if k in seen or seen.add(k)]
+    # TarShardSource keeps the first of a duplicated key and lists the others as skipped.
+    dups += [key for key, reason in source.skipped if "duplicate key" in reason]
+    if dups:
+        shown = ", ".join(repr(k) for k in sorted(set(dups))[:10])
+        raise ValueError(f"{len(set(dups))} duplicate sample key(s) in the source, e.g. {shown}: keys must be "
+                         f"unique (give each sample its own name, or pass key_column for a Parquet source)")
+
+
+def _is_parquet(src: str) -> bool:
+    return src.lower().endswith((".parquet", ".pq"))
+
+
+def _source_id(src: str) -> str:
+    return src if "://" in src else os.path.abspath(src)
+
+
+def _open(src: str, options: dict[str, Any]) -> Source | ParquetRows:
+    if _is_parquet(src):
+        return ParquetRows(src, **options)
+    if any(v is not None for v in options.values()):
+        raise ValueError(f"image_column, key_column and label_column apply to Parquet sources only, not {src}")
+    if "://" in src:
+        raise ValueError(f"remote sources are read for Parquet only; copy {src} locally first")
+    source = open_source(src)
+    if isinstance(source, TarShardSource) and os.path.isdir(src) and os.path.isfile(manifest_path(src)):
+        source.classes = read_manifest(src).classes  # resharding our own shards keeps the class names
+    return source
+
+
+def _reusable(out_dir: str, wanted: dict[str, Any], log: Callable[[str], None]) -> Manifest | None:
+    """The existing manifest when it was made the same way and its shards are intact; None to (re)write."""
+    if not os.path.isfile(manifest_path(out_dir)):
+        return None
+    old = read_manifest(out_dir)
+    had = {"source": old.source, "samples_per_shard": old.samples_per_shard, "options": old.options}
+    diffs = differences(had, wanted)
+    if diffs:
+        raise ValueError(f"{out_dir} already holds shards made another way ({'; '.join(diffs)}); "
+                         f"shard into a new folder, or delete {out_dir} first")
+    for entry in old.shards:
+        path = os.path.join(out_dir, entry.name)
+        if not os.path.isfile(path) or os.path.getsize(path) != entry.bytes:
+            log(f"{path} is missing or changed since {manifest_path(out_dir)} was written: resharding")
+            return None
+    return old
+
+
+def _remove_stale(out_dir: str, entries: list[ShardEntry]) -> None:
+    """Drop shards numbered past the new last one and temp files of crashed runs: only the manifest's remain."""
+    keep = {e.name for e in entries}
+    for name in os.listdir(out_dir):
+        if (re.fullmatch(r"\d{6}\.tar", name) and name not in keep) or re.fullmatch(r"\.\d{6}\.tar\..*\.tmp", name):
+            os.unlink(os.path.join(out_dir, name))
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def write_shards(src: str, out_dir: str, *, samples_per_shard: int = 10_000, image_column: str | None = None,
+                 key_column: str | None = None, label_column: str | None = None, progress: bool = True,
+                 log: Callable[[str], None] | None = None) -> Manifest:
+    """Write SRC (image folder, WebDataset shards, or a Parquet file of image bytes) as OUT/NNNNNN.tar shards
+    plus OUT/manifest.json; returns the manifest. A rerun of a finished run does nothing."""
+    log = log or _stderr
+    if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be a positive int (e.g. 10000), got {samples_per_shard!r}")
+    src, out_dir = os.fspath(src), os.fspath(out_dir)
+    if "://" not in src and os.path.realpath(src) == os.path.realpath(out_dir):
+        raise ValueError(f"--out {out_dir} is the source folder itself; shard into a new folder")
+    options = {"image_column": image_column, "key_column": key_column, "label_column": label_column}
+    options = options if _is_parquet(src) else {k: v for k, v in options.items() if v is not None}
+    wanted = {"source": _source_id(src), "samples_per_shard": samples_per_shard, "options": options}
+    os.makedirs(out_dir, exist_ok=True)
+    done = _reusable(out_dir, wanted, log)
+    if done is not None:
+        log(f"{out_dir} already sharded: {done.samples} samples in {len(done.shards)} shards; nothing to do")
+        return done
+    source = _open(src, options)
+    _check_unique(source)
+    if len(source) == 0:
+        raise ValueError(f"no samples in {src} (skipped: {source.skipped[:3]})")
+    if os.path.exists(manifest_path(out_dir)):
+        os.unlink(manifest_path(out_dir))  # the shards are about to change: the folder is incomplete until done
+    bar = Progress(len(source), desc="sharding", stream=None if progress else io.StringIO())
+    samples = iter(source) if hasattr(source, "__iter__") else (source[i] for i in range(len(source)))
+    unread: Counter = Counter()
+    entries = _write_all(samples, out_dir, samples_per_shard, source.classes, bar, unread)
+    bar.close(f"{len(entries)} shards")
+    if not entries:
+        raise ValueError(f"no readable samples in {src} (skipped: {source.skipped[:3]})")
+    _remove_stale(out_dir, entries)
+    manifest = Manifest(source=wanted["source"], samples_per_shard=samples_per_shard,
+                        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), shards=entries,
+                        samples=sum(e.samples for e in entries), classes=source.classes,
+                        skipped=list(source.skipped), options=options)
+    write_manifest(out_dir, manifest)
+    if source.skipped:
+        log(f"warning: {len(source.skipped)} source entries were not sharded (see skipped in "
+            f"{manifest_path(out_dir)}), e.g. {source.skipped[0]}")
+    if unread:
+        log(f"warning: {sum(unread.values())} samples are stored as {', '.join(sorted(unread))}, which the tar "
+            f"reader does not take as images ({'/'.join(TAR_IMAGE_EXTENSIONS)}): they will score as read_error")
+    return manifest
+
+
+def list_shards(shards_dir: str) -> list[ShardEntry]:
+    """The shards of a finished shards folder, in order; ValueError when its manifest is missing or invalid."""
+    return list(read_manifest(shards_dir).shards)
