@@ -6,8 +6,6 @@ import argparse
 import json
 import os
 import sys
-import time
-from pathlib import Path
 from typing import Callable
 
 EPILOG = "Encoder specs: see docs/encoders.md (e.g. cifar-resnet18?width=16&weights=enc.pt, efficientnet-lite0)."
@@ -81,49 +79,46 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_score(args: argparse.Namespace) -> int:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import torch
+def cmd_shard(args: argparse.Namespace) -> int:
+    from dede_core.shards import write_shards
 
-    from dede_core.checkpoint import load_detector
-    from dede_core.loader import make_loader
-    from dede_core.progress import Progress
-    from dede_core.scoring import ScoreConfig, Scorer
-    from dede_core.sources import open_source
-
-    device = _device(args.device)
-    detector, encoder, ckpt = load_detector(args.detector)
-    config = ScoreConfig(seed=args.seed, draws=args.draws, visible=args.visible, chunk=args.chunk)
-    scorer = Scorer(detector=detector, encoder=encoder, config=config, device=device)
-    source = open_source(args.data)
-    rows: dict[str, list] = {"key": [], "score": [], "status": [], "error": []}
-    progress = Progress(len(source), desc="scoring")
-    started = time.perf_counter()
-    for batch in make_loader(source, config=ckpt.config, batch_size=args.batch_size, workers=args.workers,
-                             pin_memory=device.startswith("cuda")):
-        ok = batch["ok"]
-        scores = torch.full((len(ok),), float("nan"))
-        if ok.any():
-            keys = [k for k, good in zip(batch["key"], ok.tolist()) if good]
-            scores[ok] = scorer.score(batch["image"][ok], keys).score
-        rows["key"] += batch["key"]
-        rows["score"] += scores.tolist()
-        rows["status"] += ["ok" if good else "decode_error" for good in ok.tolist()]
-        rows["error"] += batch["error"]
-        progress.update(len(ok))
-    progress.close()
-    elapsed = time.perf_counter() - started
-    table = pa.table(rows).replace_schema_metadata({
-        "dede.detector_hash": ckpt.content_hash, "dede.encoder_spec": ckpt.encoder_spec,
-        "dede.score_config": json.dumps(vars(config)), "dede.detector_config": ckpt.config.to_json()})
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, out)
-    print(f"scored {len(rows['key'])} samples in {elapsed:.1f}s ({len(rows['key']) / elapsed:.1f} img/s) -> {out}")
+    manifest = write_shards(args.src, args.out, samples_per_shard=args.samples_per_shard,
+                            image_column=args.image_column, key_column=args.key_column,
+                            label_column=args.label_column)
+    print(f"{manifest.samples} samples in {len(manifest.shards)} shards -> {args.out}")
     return 0
+
+
+def score_config(args: argparse.Namespace):
+    from dede_core.scoring import ScoreConfig
+
+    return ScoreConfig(seed=args.seed, draws=args.draws, visible=args.visible, chunk=args.chunk)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from dede_core.score_stage import score_shards
+
+    result = score_shards(args.shards, detector=args.detector, out_dir=args.out, score=score_config(args),
+                          knn_k=args.knn_k, with_embedding=args.with_embedding, batch_size=args.batch_size,
+                          workers=args.workers, device=_device(args.device), shards=args.only or None)
+    if result.failed:
+        print(f"{len(result.failed)} shards could not be read: {sorted(result.failed)}; see {args.out}/_failed/",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_score_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by `dede score` and `dede sanitize`."""
+    p.add_argument("--draws", type=int, default=1, help="mask draws per sample; the score is their mean (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="mask seed (default 0)")
+    p.add_argument("--visible", type=int, default=None, help="visible patches when scoring (default: the detector's)")
+    p.add_argument("--chunk", type=int, default=64, help="rows per forward pass; fixes results bit for bit (default 64)")
+    p.add_argument("--knn-k", type=int, default=10, help="k of the k-NN distance score (default 10)")
+    p.add_argument("--with-embedding", action="store_true", help="also store each sample's embedding")
+    p.add_argument("--batch-size", type=int, default=256, help="decoded images per batch (default 256)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    p.add_argument("--workers", type=int, default=_default_workers(), help="decoding processes")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -178,19 +173,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("score", help="score images with a trained detector into a Parquet file",
-                       description="Per-sample DeDe scores (sum of squared error over hidden pixels, mean "
-                       "over draws). An undecodable sample gets status decode_error and its message.")
-    p.add_argument("data", help="image folder, .tar shard, folder of shards or brace pattern")
-    p.add_argument("--detector", required=True, help="detector checkpoint (detector.pt)")
-    p.add_argument("--out", required=True, help="Parquet file to write")
-    p.add_argument("--draws", type=int, default=1, help="mask draws per sample (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="mask seed (default 0)")
-    p.add_argument("--visible", type=int, default=None, help="visible patches (default: the detector's)")
-    p.add_argument("--chunk", type=int, default=64, help="rows per forward pass (fixes bitwise results)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, default=_default_workers())
+    p = sub.add_parser("shard", help="pack a corpus into WebDataset shards with a manifest",
+                       description="SRC: an image folder (a subfolder name is the class label), WebDataset "
+                       "shards, or a Parquet file with an image-bytes column. Writes OUT/000000.tar, ... with "
+                       "the original bytes under stable keys, and OUT/manifest.json. Rerunning is a no-op.")
+    p.add_argument("src", help="image folder, .tar shard(s), or .parquet file (local path or fsspec URL)")
+    p.add_argument("--out", required=True, help="shards folder to write")
+    p.add_argument("--samples-per-shard", type=int, default=10_000, help="default 10000")
+    p.add_argument("--image-column", default=None, help="Parquet: column of image bytes (default: detected)")
+    p.add_argument("--key-column", default=None, help="Parquet: column of sample keys (default: row numbers)")
+    p.add_argument("--label-column", default=None, help="Parquet: column of labels (default: 'label' if any)")
+    p.set_defaults(func=cmd_shard)
+
+    p = sub.add_parser("score", help="score every sample of a shards folder into Parquet, one file per shard",
+                       description="Per-sample DeDe scores (sum of squared error over hidden pixels, mean over "
+                       "draws) and a k-NN distance score, in SCORES/<shard>.parquet. A shard's file appears only "
+                       "when complete; rerunning skips finished shards and refuses other settings. An "
+                       "undecodable sample is a row with status decode_error and its message.")
+    p.add_argument("shards", help="shards folder written by `dede shard`")
+    p.add_argument("--detector", required=True, help="detector checkpoint (RUN/detector.pt)")
+    p.add_argument("--out", required=True, help="scores folder to write")
+    p.add_argument("--only", nargs="*", default=None, help="score only these shards (e.g. 000003 000004)")
+    add_score_options(p)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("info", help="show what a detector checkpoint holds")

@@ -249,7 +249,7 @@ class _Run:
         for start in range(0, len(keys) if images is not None else 0, batch_size):
             s, k, _ = self.score(images[start:start + batch_size], keys[start:start + batch_size])
             scores += s
-            knn += [float("nan") if v is None else v for v in k]  # the schema has no nulls: NaN = no bank
+            knn += k  # None when the detector carries no k-NN bank
         table = pa.Table.from_pydict({"key": keys[:len(scores)], "score": scores, "knn_score": knn},
                                      schema=self.calibration_schema)
         _write_parquet(table, os.path.join(self.out_dir, CALIBRATION_NAME))

@@ -18,7 +18,7 @@ from braceexpand import braceexpand
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Priority order when a tar sample carries several image members.
-TAR_IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp")
+TAR_IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
 ACCEPTED = (
     "an image folder, a .tar shard, a directory of .tar shards, "
     "or a brace pattern like shards/{000000..000003}.tar"

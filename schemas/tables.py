@@ -32,7 +32,7 @@ EMBEDDING_FIELD = pa.field("embedding", pa.list_(pa.float32()))  # optional colu
 CALIBRATION = pa.schema([
     pa.field("key", pa.string(), nullable=False),  # held-out auxiliary sample (never trained on)
     pa.field("score", pa.float64(), nullable=False),
-    pa.field("knn_score", pa.float64(), nullable=False),
+    pa.field("knn_score", pa.float64()),  # null when the detector carries no k-NN bank
 ])
 
 REJECTED = pa.schema([

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: a second thread only adds contention
 
 
 def pytest_collection_modifyitems(config, items):
