@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 
 from dede_core.progress import Progress
-from dede_core.sources import TAR_IMAGE_EXTENSIONS, Sample, Source, TarShardSource, open_source
+from dede_core.sources import TAR_IMAGE_EXTENSIONS, Sample, Source, TarShardSource, clean_key, open_source
 from schemas.manifest import Manifest, ShardEntry, differences, manifest_path, read_manifest, write_manifest
 
 # Magic numbers of the formats dede decodes -> the extension a shard stores them under.
@@ -140,10 +140,6 @@ def _write_all(samples: Iterator[Sample], out_dir: str, per_shard: int, classes:
 IMAGE_COLUMNS = ("image", "bytes", "jpg", "png")  # tried in this order when image_column is not given
 
 
-def _clean_key(value: object) -> str:
-    return str(value).replace(".", "_")
-
-
 def _image_column(schema: pa.Schema, wanted: str | None, url: str) -> str:
     name = wanted or next((c for c in IMAGE_COLUMNS if c in schema.names), None)
     if name is None or name not in schema.names:
@@ -202,9 +198,9 @@ class ParquetRows:
             raw = small.column(key_column).to_pylist()
             if any(v is None or str(v) == "" for v in raw):
                 raise ValueError(f"key column {key_column!r} of {url} has empty or null keys")
-            self._keys = [_clean_key(v) for v in raw]
+            self._keys = [clean_key(v) for v in raw]
         else:
-            stem = _clean_key(os.path.splitext(os.path.basename(url.rstrip("/")))[0])
+            stem = clean_key(os.path.splitext(os.path.basename(url.rstrip("/")))[0])
             self._keys = [f"{stem}_{i:08d}" for i in range(rows)]
         column = small.column(label_column) if label_column else None
         self._labels, self.classes = _labels(column, schema, label_column)

@@ -45,8 +45,9 @@ class Source(Protocol):
     def keys(self) -> list[str]: ...
 
 
-def _clean_key(name: str) -> str:
-    return name.replace(".", "_")
+def clean_key(name: str) -> str:
+    """Keys contain no dots (webdataset splits a member name at its first dot)."""
+    return str(name).replace(".", "_")
 
 
 def _index(i: int, n: int) -> int:
@@ -85,7 +86,7 @@ class ImageFolderSource:
             raise ValueError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) found under {root}; expected {ACCEPTED}")
         rels.sort()
         self._paths = rels
-        self._keys = [_clean_key(os.path.splitext(rel)[0]) for rel in rels]
+        self._keys = [clean_key(os.path.splitext(rel)[0]) for rel in rels]
         self._check_unique()
         top = [rel.split("/", 1)[0] if "/" in rel else None for rel in rels]
         names = sorted({t for t in top if t is not None})
@@ -128,7 +129,7 @@ class _TarEntry:
     meta: dict
 
 
-def _split_member(name: str) -> tuple[str, str] | None:
+def split_member(name: str) -> tuple[str, str] | None:
     """WebDataset convention: key = name up to the first dot of the basename, ext = the rest."""
     while name.startswith("./"):
         name = name[2:]
@@ -161,10 +162,10 @@ class TarShardSource:
                 for member in tar:
                     if member.isdir():
                         continue
-                    parsed = _split_member(member.name)
+                    parsed = split_member(member.name)
                     if not member.isreg() or parsed is None:
                         why = "not a regular file" if not member.isreg() else "name is not <key>.<ext>"
-                        self.skipped.append((_clean_key(member.name), f"{shard}: member {member.name!r} {why}"))
+                        self.skipped.append((clean_key(member.name), f"{shard}: member {member.name!r} {why}"))
                         continue
                     # Members group while consecutive, as in webdataset; a repeated ext starts a new sample.
                     if parsed[0] != key or parsed[1] in group:
@@ -183,7 +184,7 @@ class TarShardSource:
     def _add(self, tar: tarfile.TarFile, shard: str, key: str | None, group: dict) -> None:
         if key is None:
             return
-        key = _clean_key(key)
+        key = clean_key(key)
         image_ext = next((ext for ext in TAR_IMAGE_EXTENSIONS if ext in group), None)
         reason = None
         if key in self._first_seen:

@@ -1,0 +1,44 @@
+"""The DuckDB views over a scores folder, defined once, and the settings that lock a connection down.
+
+`dede sql`, the selection rules and the report all query these views, so a column means the same everywhere.
+Paths are bound as SQL string literals (DuckDB does not take parameters in view definitions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+# Every scores file of a folder (one per shard); union_by_name because the embedding column is optional.
+SCORES_VIEW = "CREATE VIEW scores AS SELECT * FROM read_parquet({files}, union_by_name = true)"
+# Scores of held-out auxiliary images the detector never trained on: the label-free reference for --fpr.
+CALIBRATION_VIEW = "CREATE VIEW calibration AS SELECT * FROM read_parquet({file})"
+# What a clean run dropped, with the reason (REJECTED schema).
+REJECTED_VIEW = "CREATE VIEW rejected AS SELECT * FROM read_parquet({file})"
+# One row per shard of a dede-shards/1 manifest.json: name, samples, bytes, sha256, first_key, last_key.
+MANIFEST_VIEW = "CREATE VIEW manifest AS SELECT s.* FROM (SELECT unnest(shards) AS s FROM read_json({file}))"
+
+# Passed to duckdb.connect: no extension is fetched or loaded behind the user's back.
+CONNECT_CONFIG = {
+    "autoload_known_extensions": False,
+    "autoinstall_known_extensions": False,
+    "allow_community_extensions": False,
+}
+
+
+def lockdown(allowed_files: Sequence[str]) -> list[str]:
+    """Statements run after the views exist: only the views' own files stay readable, nothing is writable
+    (COPY, ATTACH, EXPORT and INSTALL need the file system), and the settings cannot be changed back."""
+    return [
+        f"SET allowed_paths = {literal_list(allowed_files)}",
+        "SET enable_external_access = false",
+        "SET lock_configuration = true",
+    ]
+
+
+def literal(text: str) -> str:
+    """A SQL string literal: single quotes doubled."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def literal_list(items: Sequence[str]) -> str:
+    return "[" + ", ".join(literal(item) for item in items) + "]"
