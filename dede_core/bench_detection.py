@@ -1,0 +1,260 @@
+"""The detection benchmark: attacks x detectors on real images, with every artifact cached by config hash.
+
+Victim: a SimCLR ResNet-18 trained here on Fashion-MNIST, backdoored by BadEncoder-style fine-tunes with each
+trigger. Detectors: DeDe with in-distribution auxiliary data carrying 1% triggered samples and with
+out-of-distribution auxiliary data (MNIST digits), the no-embedding ablation, and embedding baselines.
+Evaluation set: the clean Fashion-MNIST test images of the non-target classes plus the same images triggered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from dede_core import baselines, metrics
+from dede_core.attacks import apply_trigger
+from dede_core.attacks.badencoder import BackdoorConfig
+from dede_core.checkpoint import load_detector
+from dede_core.config import DetectorConfig, cpu
+from dede_core.datasets import load_mnist_digits
+from dede_core.encoders import load_encoder
+from dede_core.scoring import ScoreConfig, Scorer
+from dede_core.sources import Sample
+from dede_core.ssl import SimCLRConfig
+from dede_core.train import TrainConfig, train_detector
+from dede_core.victims import VictimRecipe, build_victim, evaluate_victim, fashion_mnist_32, victim_spec
+
+ATTACKS: dict[str, dict[str, Any]] = {
+    "badencoder": {"trigger": "patch"},
+    "drupe": {"trigger": "patch", "drupe": True},
+    "blend": {"trigger": "blend"},
+    "wanet": {"trigger": "wanet"},
+    "ctrl": {"trigger": "ctrl"},
+}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark run; `full()` and `tiny()` are the two presets."""
+
+    simclr: SimCLRConfig
+    backdoor: BackdoorConfig  # trigger and drupe are set per attack
+    attacks: tuple[str, ...]
+    detector: DetectorConfig
+    train: TrainConfig
+    aux_images: int  # in-distribution auxiliary images (Fashion-MNIST train, unseen by SimCLR)
+    aux_poison: float  # fraction of those carrying the trigger
+    ood_images: int  # MNIST digits as out-of-distribution auxiliary data
+    test_images: int  # Fashion-MNIST test images before removing the target class
+    score_settings: tuple[tuple[int, int], ...] = ((0, 1), (6, 4))  # (visible patches, mask draws)
+    min_asr: float = 0.8  # an attack below this success rate does not judge detectors
+    eval_train: int = 10_000  # probe / kNN training images for the victim's accuracy
+    knn_k: int = 10
+
+
+def full() -> BenchConfig:
+    return BenchConfig(
+        simclr=SimCLRConfig(width=16, epochs=4, train_images=20_000),
+        backdoor=BackdoorConfig(target=0, references=10, shadow_images=2000, epochs=4, batch_size=64, lr=1e-3),
+        attacks=tuple(ATTACKS), detector=cpu(), train=TrainConfig(epochs=12, batch_size=256, holdout=500),
+        aux_images=5000, aux_poison=0.01, ood_images=5000, test_images=2000)
+
+
+def tiny() -> BenchConfig:
+    small = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    return BenchConfig(
+        simclr=SimCLRConfig(width=4, epochs=1, train_images=256, batch_size=64),
+        backdoor=BackdoorConfig(target=0, references=4, shadow_images=128, epochs=1, batch_size=32, lr=1e-3),
+        attacks=("badencoder",), detector=cpu(**small), train=TrainConfig(epochs=1, batch_size=64, holdout=32,
+                                                                          knn_bank=256),
+        aux_images=256, aux_poison=0.02, ood_images=256, test_images=96, score_settings=((0, 1), (6, 2)),
+        min_asr=0.0, eval_train=256)
+
+
+class ArraySource:
+    """uint8 images (N, C, H, W) as a Source of PNG-encoded samples (what train_detector reads)."""
+
+    def __init__(self, images: Tensor, prefix: str) -> None:
+        self.images, self.prefix = images, prefix
+        self.classes, self.skipped = None, []
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def keys(self) -> list[str]:
+        return [f"{self.prefix}_{i:06d}" for i in range(len(self.images))]
+
+    def __getitem__(self, index: int) -> Sample:
+        array = self.images[index].permute(1, 2, 0).numpy()
+        buf = io.BytesIO()
+        Image.fromarray(array[..., 0] if array.shape[2] == 1 else array).save(buf, format="PNG")
+        return Sample(key=f"{self.prefix}_{index:06d}", data=buf.getvalue(), label=None, meta={})
+
+
+def _rgb(images: Tensor) -> Tensor:
+    return images.expand(-1, 3, -1, -1).contiguous() if images.shape[1] == 1 else images
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _fit(cache: Path, name: str, images: Tensor, spec: str, config: DetectorConfig, train: TrainConfig,
+         log: Callable[[str], None]) -> Path:
+    source = ArraySource(images, name)
+    content = f"array:{name}:{hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]}"
+    out = cache / f"detector-{name}-{_digest(spec, config.to_dict(), dataclasses.asdict(train), content)}"
+    return train_detector(source=source, data_id=content, encoder=load_encoder(spec), config=config,
+                          train=train, out_dir=out, log=log)
+
+
+def _score(path: Path, images: Tensor, visible: int, draws: int) -> tuple[np.ndarray, np.ndarray]:
+    """DeDe scores of images and of the checkpoint's held-out calibration images."""
+    model, encoder, ckpt = load_detector(path)
+    scorer = Scorer(detector=model, encoder=encoder, config=ScoreConfig(visible=visible, draws=draws))
+    keys = [f"eval_{i:06d}" for i in range(len(images))]
+    scores = scorer.score(images, keys).score.double().numpy()
+    calib = scorer.score(ckpt.calibration_images, ckpt.calibration_keys).score.double().numpy()
+    return scores, calib
+
+
+def _row(neg: np.ndarray, pos: np.ndarray, calib: np.ndarray | None) -> dict[str, Any]:
+    row: dict[str, Any] = {"auroc": metrics.auroc(neg, pos), "tpr_at_1": metrics.tpr_at_fpr(neg, pos, 0.01),
+                           "tpr_at_5": metrics.tpr_at_fpr(neg, pos, 0.05)}
+    if calib is not None:
+        threshold = metrics.label_free_threshold(calib, 0.05)
+        rates = metrics.rates_at_threshold(neg, pos, threshold)
+        row.update(threshold=threshold, label_free_fpr=rates["fpr"], label_free_tpr=rates["tpr"])
+    return row
+
+
+def run_attack(name: str, bench: BenchConfig, cache: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """Backdoor, evaluate the victim, then every detector on the same evaluation set."""
+    backdoor = dataclasses.replace(bench.backdoor, **{k: v for k, v in ATTACKS[name].items()})
+    recipe = VictimRecipe(simclr=bench.simclr, backdoor=backdoor)
+    _, bad = build_victim(recipe, cache, log=log)
+    width, target, trigger = bench.simclr.width, backdoor.target, backdoor.trigger
+    result: dict[str, Any] = {"attack": name, "trigger": trigger, "victim": evaluate_victim(
+        bad, width, trigger=trigger, target=target, train_images=bench.eval_train)}
+    asr = result["victim"]["attack_success_rate"]
+    result["works"] = asr >= bench.min_asr
+    if not result["works"]:
+        log(f"{name}: ASR {asr:.2f} below {bench.min_asr}: not used to judge detectors")
+        return result
+    spec = victim_spec(bad, width)
+    train_x, _ = fashion_mnist_32("train")
+    test_x, test_y = fashion_mnist_32("test")
+    test_x, test_y = test_x[: bench.test_images], test_y[: bench.test_images]
+    clean_eval = _rgb(test_x[test_y != target])
+    triggered_eval = _rgb(apply_trigger(trigger, clean_eval))
+    eval_images = torch.cat([clean_eval, triggered_eval])
+    n_neg = len(clean_eval)
+
+    aux = _rgb(train_x[50_000: 50_000 + bench.aux_images]).clone()
+    poisoned = torch.randperm(len(aux), generator=torch.Generator().manual_seed(1))[
+        : int(round(bench.aux_poison * len(aux)))]
+    aux[poisoned] = _rgb(apply_trigger(trigger, aux[poisoned]))
+    digits, _ = load_mnist_digits()
+    ood = _rgb(torch.from_numpy(np.pad(digits[: bench.ood_images], ((0, 0), (2, 2), (2, 2))))[:, None])
+
+    detectors = {
+        "dede_id": _fit(cache, f"{name}-id", aux, spec, bench.detector, bench.train, log),
+        "dede_ood": _fit(cache, f"{name}-ood", ood, spec, bench.detector, bench.train, log),
+        "mae_ablation": _fit(cache, f"{name}-id", aux, spec, bench.detector.replace(use_global=False),
+                             bench.train, log),
+    }
+    rows, curves = {}, {}
+    for det_name, path in detectors.items():
+        for visible, draws in bench.score_settings:
+            scores, calib = _score(path, eval_images, visible, draws)
+            label = f"{det_name} v{visible} k{draws}"
+            rows[label] = _row(scores[:n_neg], scores[n_neg:], calib)
+            if (visible, draws) == bench.score_settings[0]:
+                curves[label] = scores
+    encoder = load_encoder(spec)
+    with torch.no_grad():
+        bank = torch.cat([encoder(aux[i:i + 256].float() / 255) for i in range(0, len(aux), 256)])
+        emb = torch.cat([encoder(eval_images[i:i + 256].float() / 255) for i in range(0, len(eval_images), 256)])
+    knn = baselines.knn_distance(bank, emb, k=bench.knn_k)
+    bank_knn = baselines.knn_distance(bank, bank, k=bench.knn_k, exclude_self=True)
+    rows["knn_distance"] = _row(knn[:n_neg], knn[n_neg:], bank_knn)
+    slof = baselines.slof(bank, emb, k=bench.knn_k)
+    rows["slof"] = _row(slof[:n_neg], slof[n_neg:], None)
+    spectral = baselines.spectral_signature(emb, clusters=10)
+    rows["spectral_signature"] = _row(spectral[:n_neg], spectral[n_neg:], None)
+    first = f"dede_id v{bench.score_settings[0][0]} k{bench.score_settings[0][1]}"
+    fused = metrics.rank_average(curves[first], knn)
+    rows["dede_id + knn (rank average)"] = _row(fused[:n_neg], fused[n_neg:], None)
+    result.update(rows=rows, eval_negatives=n_neg, eval_positives=len(triggered_eval),
+                  curves={k: (v[:n_neg].tolist(), v[n_neg:].tolist()) for k, v in
+                          {**curves, "knn_distance": knn}.items()})
+    return result
+
+
+def run_bench(bench: BenchConfig, cache_dir: str | Path, out_dir: str | Path, *, name: str = "detection",
+              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run every attack (cached steps are reused) and write OUT/<name>.md, OUT/<name>.json and ROC PNGs."""
+    log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+    cache, out = Path(cache_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results = []
+    for attack in bench.attacks:
+        t0 = time.perf_counter()
+        result = run_attack(attack, bench, cache, log)
+        result["wall_s"] = time.perf_counter() - t0
+        results.append(result)
+        if result.get("curves"):
+            curves = {}
+            for label, (neg, pos) in result["curves"].items():
+                fpr, tpr = metrics.roc_curve(neg, pos)
+                curves[label] = (fpr, tpr, metrics.auroc(neg, pos))
+            metrics.plot_roc(curves, out / f"{name}-roc-{attack}.png", title=f"{attack} ({result['trigger']})")
+    report = {"config": json.loads(json.dumps(dataclasses.asdict(bench), default=str)), "results": results,
+              "wall_s": time.perf_counter() - started, "machine": f"{platform.processor() or platform.machine()}, "
+              f"{torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d")}
+    for result in report["results"]:
+        result.pop("curves", None)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    (out / f"{name}.md").write_text(render_markdown(report, name))
+    return report
+
+
+def render_markdown(report: dict[str, Any], name: str) -> str:
+    lines = [f"# Detection benchmark ({name})", "",
+             f"Date {report['date']}; machine: {report['machine']}; wall time {report['wall_s'] / 60:.1f} min "
+             "(cached steps reused).", "", "## Victims", "",
+             "| attack | trigger | kNN acc | probe clean acc | ASR | used |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in report["results"]:
+        v = r["victim"]
+        lines.append(f"| {r['attack']} | {r['trigger']} | {v['knn_accuracy']:.3f} | {v['clean_accuracy']:.3f} | "
+                     f"{v['attack_success_rate']:.3f} | {'yes' if r['works'] else 'no (ASR < threshold)'} |")
+    lines += ["", "## Detectors (AUROC; TPR at 1% / 5% FPR; FPR and TPR at the label-free 5% threshold)", ""]
+    for r in report["results"]:
+        if not r.get("rows"):
+            continue
+        lines += [f"### {r['attack']} ({r['eval_negatives']} clean + {r['eval_positives']} triggered)", "",
+                  "| detector | AUROC | TPR@1% | TPR@5% | label-free FPR | label-free TPR |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        best = max(row["auroc"] for row in r["rows"].values())
+        for label, row in r["rows"].items():
+            mark = " **(best)**" if row["auroc"] == best else ""
+            lf = (f"{row['label_free_fpr']:.3f} | {row['label_free_tpr']:.3f}" if "label_free_fpr" in row
+                  else "— | —")
+            lines.append(f"| {label}{mark} | {row['auroc']:.3f} | {row['tpr_at_1']:.3f} | {row['tpr_at_5']:.3f} "
+                         f"| {lf} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
