@@ -6,7 +6,43 @@ import argparse
 import json
 import os
 import sys
-from typing import Callable
+from typing import Any, Callable, Sequence
+
+CLEAN_HELP = """\
+Write the cleaned corpus: every shard of SHARDS again, minus the samples the rule drops. Kept samples are
+copied byte for byte (never decoded); samples without a score (decode_error / read_error) are dropped unless
+--keep-unscored. Reads SHARDS and SCORES only.
+
+Writes into OUT (rerunning the same command resumes or does nothing; another rule into the same OUT is
+refused):
+  OUT/<shard>.tar        the kept samples of each shard
+  OUT/rejected.parquet   one row per dropped sample: key, shard, score, reason
+  OUT/summary.json       counts, the rule, the threshold and how it was chosen
+  OUT/manifest.json      the cleaned shards, in the shards folder format (written last)
+  OUT/report.html        histogram, counts and thumbnails of the most-flagged samples (unless --no-report)
+
+The default rule is --fpr 0.05: the threshold is the 95th percentile of the scores of held-out auxiliary
+images the detector never trained on (SCORES/calibration.parquet), chosen without labels.
+"""
+
+SQL_HELP = """\
+Run one read-only SQL statement (DuckDB dialect) over a scores folder and print the result as a table, or
+write it whole with --out. The connection can read only these views' files: COPY, ATTACH, INSTALL and
+any statement that writes are refused.
+
+Views:
+  scores       every SCORES/<shard>.parquet: key, shard, position, label, width, height, status (ok |
+               decode_error | read_error), error, score, draws, knn_score, detector_hash, encoder_id
+               [, embedding]
+  calibration  SCORES/calibration.parquet: key, score, knn_score of held-out auxiliary images
+  rejected     with --rejected CLEAN: key, shard, score, reason of every dropped sample
+  manifest     with --shards SHARDS: name, samples, bytes, sha256, first_key, last_key per shard
+
+Examples:
+  dede sql scores "SELECT status, count(*) FROM scores GROUP BY status"
+  dede sql scores "SELECT key, score FROM scores ORDER BY score DESC LIMIT 20" --out top.csv
+  dede sql scores "SELECT reason, count(*) FROM rejected GROUP BY ALL" --rejected clean
+"""
 
 EPILOG = "Encoder specs: see docs/encoders.md (e.g. cifar-resnet18?width=16&weights=enc.pt, efficientnet-lite0)."
 
@@ -23,6 +59,69 @@ def _device(name: str) -> str:
 
 def _default_workers() -> int:
     return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def add_detector_options(p: argparse.ArgumentParser) -> None:
+    """Preset overrides shared by `dede train` and `dede sanitize`."""
+    g = p.add_argument_group("detector shape (overrides of the preset)")
+    g.add_argument("--img-size", type=int, help="override the preset's image side")
+    g.add_argument("--in-chans", type=int, choices=[1, 3], help="override the preset's channels")
+    g.add_argument("--patch-size", type=int, help="override the preset's patch side")
+    g.add_argument("--fit", choices=["resize", "pad"], help="how images reach img-size (default resize)")
+    g.add_argument("--train-visible", type=int, help="visible patches per image while training")
+    g.add_argument("--score-visible", type=int, help="visible patches per image while scoring")
+    g.add_argument("--no-global", action="store_true", help="ablation: no victim embedding (a plain MAE)")
+
+
+def detector_overrides(args: argparse.Namespace) -> dict:
+    """The DetectorConfig fields given on the command line (add_detector_options), as preset overrides."""
+    overrides = {name: getattr(args, name) for name in ("img_size", "in_chans", "patch_size", "fit",
+                                                         "train_visible", "score_visible")
+                 if getattr(args, name) is not None}
+    if args.no_global:
+        overrides["use_global"] = False
+    if overrides.get("in_chans") == 1:
+        overrides.setdefault("mean", (0.5,))
+        overrides.setdefault("std", (0.5,))
+    return overrides
+
+
+def add_rule_options(p: argparse.ArgumentParser) -> None:
+    """The selection rule, shared by `dede clean` and `dede sanitize`: one of --fpr/--quantile/--threshold/--where."""
+    g = p.add_argument_group("selection rule (give at most one; default --fpr 0.05)")
+    one = g.add_mutually_exclusive_group()
+    one.add_argument("--fpr", type=float, metavar="F",
+                     help="drop samples above the (1-F) quantile of the detector's held-out calibration scores: "
+                     "about a fraction F of clean images is dropped, whatever the poison rate; needs no labels "
+                     "(default, F=0.05)")
+    one.add_argument("--quantile", type=float, metavar="Q",
+                     help="drop samples above the Q quantile of this corpus' own scores (always drops about 1-Q)")
+    one.add_argument("--threshold", type=float, metavar="T", help="drop samples whose score is above T")
+    one.add_argument("--where", metavar="SQL",
+                     help="drop the rows of the scores table matching this SQL predicate, e.g. "
+                     "\"score > 900 OR knn_score > 3.1\" (columns: see `dede sql --help`)")
+    g.add_argument("--column", choices=["score", "knn_score"], default=None,
+                   help="what --fpr/--quantile/--threshold compare: the DeDe score or the k-NN distance "
+                   "(default score)")
+    g.add_argument("--keep-unscored", action="store_true",
+                   help="keep samples that have no score (undecodable or unreadable); by default they are "
+                   "dropped and listed in rejected.parquet with their error")
+
+
+def rule_from_args(args: argparse.Namespace):
+    """The one Rule the add_rule_options flags describe (Rule.fpr(0.05) when none is given)."""
+    from dede_core.select import Rule
+
+    if args.where is not None:
+        if args.column is not None:
+            raise ValueError("--column does not apply to --where; name the columns in the predicate")
+        return Rule.where(args.where)
+    column = args.column or "score"
+    if args.quantile is not None:
+        return Rule.quantile(args.quantile, column=column)
+    if args.threshold is not None:
+        return Rule.threshold(args.threshold, column=column)
+    return Rule.fpr(0.05 if args.fpr is None else args.fpr, column=column)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -51,15 +150,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dede_core.train import TrainConfig, data_id, train_detector
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    overrides = {name: getattr(args, name) for name in ("img_size", "in_chans", "patch_size", "fit",
-                                                         "train_visible", "score_visible")
-                 if getattr(args, name) is not None}
-    if args.no_global:
-        overrides["use_global"] = False
-    if "in_chans" in overrides and overrides["in_chans"] == 1:
-        overrides.setdefault("mean", (0.5,))
-        overrides.setdefault("std", (0.5,))
-    config = preset(args.preset, **overrides)
+    config = preset(args.preset, **detector_overrides(args))
     train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                         weight_decay=args.weight_decay, seed=args.seed, max_images=args.max_images)
     device = _device(args.device)
@@ -121,6 +212,38 @@ def add_score_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=_default_workers(), help="decoding processes")
 
 
+def cmd_clean(args: argparse.Namespace) -> int:
+    from dede_core.clean import clean
+    from dede_core.report import write_report
+
+    rule = rule_from_args(args)
+    result = clean(args.shards, args.scores, args.out, rule, keep_unscored=args.keep_unscored)
+    c, sel = result.counts, result.selection
+    fate = "kept" if args.keep_unscored else "dropped"
+    print(f"kept {c.kept} of {c.total} samples, dropped {c.dropped} ({c.unscored} without a score, {fate})")
+    print(f"rule {rule.label}: {sel.how}")
+    print(f"cleaned shards -> {result.out_dir}  (rejected: {result.rejected_path})")
+    if not args.no_report:
+        path = write_report(args.scores, args.shards, os.path.join(result.out_dir, "report.html"), selection=sel)
+        print(f"report -> {path}")
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from dede_core.sql import connect, format_table, run_query, write_result
+
+    conn = connect(args.scores, rejected=args.rejected, manifest=args.shards)
+    try:
+        table = run_query(conn, args.query)
+    finally:
+        conn.close()
+    if args.out:
+        print(f"{table.num_rows} rows -> {write_result(table, args.out)}")
+    else:
+        print(format_table(table, max_rows=args.max_rows))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from dede_core.checkpoint import load_checkpoint
 
@@ -133,7 +256,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extra_commands: Sequence[Callable[[Any], None]] = ()) -> argparse.ArgumentParser:
+    """The `dede` parser; each of extra_commands gets the subparsers object and adds one more command."""
     parser = argparse.ArgumentParser(prog="dede", description="Find and remove backdoor-trigger samples in "
                                      "image corpora with the DeDe detector.", epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -148,6 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pad", type=int, default=32, help="centre-pad 28x28 images to this size (0: keep 28)")
     p.set_defaults(func=cmd_data)
 
+    p = sub.add_parser("shard", help="pack a corpus into WebDataset shards with a manifest",
+                       description="SRC: an image folder (a subfolder name is the class label), WebDataset "
+                       "shards, or a Parquet file with an image-bytes column. Writes OUT/000000.tar, ... with "
+                       "the original bytes under stable keys, and OUT/manifest.json. Rerunning is a no-op.")
+    p.add_argument("src", help="image folder, .tar shard(s), or .parquet file (local path or fsspec URL)")
+    p.add_argument("--out", required=True, help="shards folder to write")
+    p.add_argument("--samples-per-shard", type=int, default=10_000, help="default 10000")
+    p.add_argument("--image-column", default=None, help="Parquet: column of image bytes (default: detected)")
+    p.add_argument("--key-column", default=None, help="Parquet: column of sample keys (default: row numbers)")
+    p.add_argument("--label-column", default=None, help="Parquet: column of labels (default: 'label' if any)")
+    p.set_defaults(func=cmd_shard)
+
     p = sub.add_parser("train", help="fit a DeDe detector for a victim encoder", epilog=EPILOG,
                        description="Train the decoder on auxiliary images (a folder, or WebDataset shards). "
                        "Saves OUT/detector.pt every epoch; rerunning the same command resumes.")
@@ -161,29 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=1e-6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-images", type=int, default=None, help="use only the first N samples")
-    p.add_argument("--img-size", type=int, help="override the preset's image side")
-    p.add_argument("--in-chans", type=int, choices=[1, 3], help="override the preset's channels")
-    p.add_argument("--patch-size", type=int, help="override the preset's patch side")
-    p.add_argument("--fit", choices=["resize", "pad"], help="how images reach img-size (default resize)")
-    p.add_argument("--train-visible", type=int, help="visible patches per image while training")
-    p.add_argument("--score-visible", type=int, help="visible patches per image while scoring")
-    p.add_argument("--no-global", action="store_true", help="ablation: no victim embedding (a plain MAE)")
+    add_detector_options(p)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     p.add_argument("--workers", type=int, default=_default_workers(), help="decoding processes")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("shard", help="pack a corpus into WebDataset shards with a manifest",
-                       description="SRC: an image folder (a subfolder name is the class label), WebDataset "
-                       "shards, or a Parquet file with an image-bytes column. Writes OUT/000000.tar, ... with "
-                       "the original bytes under stable keys, and OUT/manifest.json. Rerunning is a no-op.")
-    p.add_argument("src", help="image folder, .tar shard(s), or .parquet file (local path or fsspec URL)")
-    p.add_argument("--out", required=True, help="shards folder to write")
-    p.add_argument("--samples-per-shard", type=int, default=10_000, help="default 10000")
-    p.add_argument("--image-column", default=None, help="Parquet: column of image bytes (default: detected)")
-    p.add_argument("--key-column", default=None, help="Parquet: column of sample keys (default: row numbers)")
-    p.add_argument("--label-column", default=None, help="Parquet: column of labels (default: 'label' if any)")
-    p.set_defaults(func=cmd_shard)
 
     p = sub.add_parser("score", help="score every sample of a shards folder into Parquet, one file per shard",
                        description="Per-sample DeDe scores (sum of squared error over hidden pixels, mean over "
@@ -197,14 +315,36 @@ def build_parser() -> argparse.ArgumentParser:
     add_score_options(p)
     p.set_defaults(func=cmd_score)
 
+    p = sub.add_parser("clean", help="write the cleaned corpus: the shards minus the samples one rule drops",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description=CLEAN_HELP)
+    p.add_argument("shards", help="shards folder written by `dede shard` (read only)")
+    p.add_argument("--scores", required=True, help="scores folder written by `dede score` for these shards")
+    p.add_argument("--out", required=True, help="new (or empty) folder for the cleaned shards")
+    add_rule_options(p)
+    p.add_argument("--no-report", action="store_true", help="do not write OUT/report.html")
+    p.set_defaults(func=cmd_clean)
+
+    p = sub.add_parser("sql", help="run one read-only SQL query over a scores folder (DuckDB)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description=SQL_HELP)
+    p.add_argument("scores", help="scores folder written by `dede score`")
+    p.add_argument("query", help='one SELECT statement, e.g. "SELECT * FROM scores ORDER BY score DESC LIMIT 10"')
+    p.add_argument("--out", help="write the whole result to this .csv or .parquet file instead of printing it")
+    p.add_argument("--rejected", help="a clean folder (or its rejected.parquet): adds the view `rejected`")
+    p.add_argument("--shards", help="a shards folder (or its manifest.json): adds the view `manifest`")
+    p.add_argument("--max-rows", type=int, default=50, help="rows printed (default 50; --out writes them all)")
+    p.set_defaults(func=cmd_sql)
+
     p = sub.add_parser("info", help="show what a detector checkpoint holds")
     p.add_argument("checkpoint")
     p.set_defaults(func=cmd_info)
+    for add_command in extra_commands:
+        add_command(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, parser: argparse.ArgumentParser | None = None) -> int:
+    """Run one command; a ValueError/FileNotFoundError/ImportError is printed as `dede CMD: error: ...` (exit 2)."""
+    args = (parser or build_parser()).parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

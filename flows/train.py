@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, task
+from prefect.cache_policies import NONE
 
 from dede_core.config import preset
 from dede_core.encoders import load_encoder
@@ -12,20 +14,24 @@ from dede_core.sources import open_source
 from dede_core.train import TrainConfig, data_id, train_detector
 
 
-@task(name="train-detector")
-def train_task(data: str, encoder_spec: str, out: str, preset_name: str, train: TrainConfig, device: str,
-               workers: int) -> str:
+@task(name="train-detector", cache_policy=NONE)
+def train_task(data: str, encoder_spec: str, out: str, preset_name: str, overrides: dict[str, Any],
+               train: TrainConfig, device: str, workers: int) -> str:
     source = open_source(data)
     keys = source.keys()[: train.max_images] if train.max_images else source.keys()
     path = train_detector(source=source, data_id=data_id(data, keys), encoder=load_encoder(encoder_spec),
-                          config=preset(preset_name), train=train, out_dir=out, device=device, workers=workers)
+                          config=preset(preset_name, **overrides), train=train, out_dir=out, device=device,
+                          workers=workers)
     return str(path)
 
 
 @flow(name="dede-train")
 def train_flow(data: str, encoder: str, out: str, preset_name: str = "cpu", epochs: int = 20,
                batch_size: int = 256, seed: int = 0, max_images: int | None = None, device: str = "cpu",
-               workers: int = 0) -> str:
-    """Train (or resume) a detector into OUT/detector.pt and return its path."""
+               workers: int = 0, overrides: dict[str, Any] | None = None) -> str:
+    """Train (or resume) a detector into OUT/detector.pt and return its path.
+
+    overrides: DetectorConfig fields that replace the preset's (e.g. {"in_chans": 1, "fit": "pad"}).
+    """
     train = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, max_images=max_images)
-    return train_task(data, encoder, str(Path(out)), preset_name, train, device, workers)
+    return train_task(data, encoder, str(Path(out)), preset_name, dict(overrides or {}), train, device, workers)

@@ -1,0 +1,88 @@
+"""The `dede` console script: dede_core's commands plus `dede sanitize`, which runs the dede-sanitize flow.
+
+Prefect is imported only when `sanitize` runs, so every other command (and --help) starts as fast as before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dede_core import cli
+
+SANITIZE_HELP = """\
+Run the whole pipeline as the Prefect flow dede-sanitize, into one RUN folder:
+
+  RUN/shards/               SRC as WebDataset shards + manifest.json      (as dede shard)
+  RUN/detector/detector.pt  the detector, trained on --aux, else on the
+                            corpus itself; not made when --detector given (as dede train)
+  RUN/scores/               scores, one Parquet file per shard             (as dede score)
+  RUN/clean/                cleaned shards, rejected.parquet, summary.json (as dede clean)
+  RUN/report.html           histogram, counts, thumbnails of the selection
+  RUN/sanitize.json         config, package versions, detector hash, counts, seconds per stage
+
+Rerunning the same command resumes an interrupted run; on a finished run it does no new work.
+Without PREFECT_API_URL the flow runs on a temporary local Prefect server; with it, it reports
+to that server.
+"""
+
+
+def add_sanitize(sub) -> None:
+    p = sub.add_parser("sanitize", help="shard, train, score, clean and report in one go (Prefect flow)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description=SANITIZE_HELP,
+                       epilog=cli.EPILOG)
+    p.add_argument("src", help="corpus: image folder, .tar shard(s), or a .parquet file of image bytes")
+    p.add_argument("--encoder", required=True, help="victim encoder spec: the encoder trained on this corpus")
+    p.add_argument("--out", required=True, help="run folder RUN to write (or to resume)")
+    p.add_argument("--detector", help="use this detector checkpoint instead of training one")
+    p.add_argument("--aux", help="clean auxiliary images to train the detector on (default: the corpus itself)")
+    p.add_argument("--preset", choices=["cpu", "paper"], default="cpu", help="detector size (default cpu)")
+    p.add_argument("--epochs", type=int, default=20, help="training epochs (default 20; reference 200)")
+    p.add_argument("--train-batch-size", type=int, default=256, help="training batch (default 256)")
+    p.add_argument("--samples-per-shard", type=int, default=10_000, help="default 10000")
+    p.add_argument("--group-size", type=int, default=1, help="shards per scoring task (default 1)")
+    p.add_argument("--max-parallel", type=int, default=1, help="scoring tasks at a time (default 1)")
+    cli.add_detector_options(p)
+    cli.add_rule_options(p)
+    g = p.add_argument_group("scoring")
+    cli.add_score_options(g)
+    p.set_defaults(func=cmd_sanitize)
+
+
+def cmd_sanitize(args: argparse.Namespace) -> int:
+    from flows.sanitize import sanitize_flow
+    from flows.score import ShardsFailed
+
+    rule = cli.rule_from_args(args)
+    try:
+        result = sanitize_flow(
+            args.src, args.encoder, args.out, detector=args.detector, aux=args.aux, preset=args.preset,
+            detector_overrides=cli.detector_overrides(args), epochs=args.epochs,
+            train_batch_size=args.train_batch_size, samples_per_shard=args.samples_per_shard, rule=rule.to_dict(),
+            keep_unscored=args.keep_unscored, seed=args.seed, draws=args.draws, visible=args.visible,
+            chunk=args.chunk, knn_k=args.knn_k, with_embedding=args.with_embedding, batch_size=args.batch_size,
+            device=cli._device(args.device), workers=args.workers, group_size=args.group_size,
+            max_parallel=args.max_parallel)
+    except ShardsFailed as exc:
+        print(f"dede sanitize: {exc}", file=sys.stderr)
+        return 1
+    clean = result["counts"]["clean"]
+    print(f"kept {clean['kept']} of {clean['total']} samples, dropped {clean['dropped']}; {result['how']}")
+    for name in ("clean", "rejected", "report", "manifest"):
+        print(f"{name:9s} {result['paths'][name]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.build_parser(extra_commands=(add_sanitize,))
+    parser.epilog = ("The whole pipeline in one command: dede sanitize SRC --encoder SPEC --out RUN. "
+                     + cli.EPILOG)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(argv, parser=build_parser())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
