@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import sys
 import time
@@ -28,6 +27,7 @@ from dede_core.model import DeDe
 from dede_core.progress import Progress, format_seconds
 from dede_core.scoring import autocast_for
 from dede_core.sources import Source
+from schemas.manifest import differences
 
 CHECKPOINT_NAME = "detector.pt"
 CACHE_NAME = "aux_cache.pt"
@@ -139,17 +139,6 @@ def run_identity(*, config: DetectorConfig, train: TrainConfig, encoder: FrozenE
             "encoder_fingerprint": encoder.fingerprint, "data": data_id}
 
 
-def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _differences(a, b, f"{prefix}{key}.")
-        elif json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
-            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return diffs
-
-
 def _load_cache(path: Path, data_id: str, encoder: FrozenEncoder) -> AuxData | None:
     if not path.is_file():
         return None
@@ -176,7 +165,7 @@ def train_detector(*, source: Source, data_id: str, encoder: FrozenEncoder, conf
     previous: Checkpoint | None = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
     if previous is not None:
         old = previous.meta.get("identity", {})
-        diffs = _differences(old, identity)
+        diffs = differences(old, identity)
         if diffs:
             raise ValueError(f"{out_dir} holds a run with other settings; use another --out or the same "
                              f"settings. Differences: " + "; ".join(diffs))
