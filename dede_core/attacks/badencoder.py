@@ -43,7 +43,8 @@ class BackdoorConfig:
     lr: float = 1e-4  # Adam
     clean_weight: float = 1.0  # weight of -cos(f'(x), f(x)): keep clean embeddings in place
     drupe: bool = False  # add the distribution-preserving terms
-    drupe_weight: float = 1.0
+    drupe_weight: float = 0.1  # weight of the distribution terms
+    drupe_spread: float = 0.1  # share of the pairwise-similarity penalty inside them
     seed: int = 0
 
     def digest(self, clean_fingerprint: str) -> str:
@@ -102,7 +103,7 @@ def backdoor_encoder(clean: nn.Module, *, normalize: Callable[[Tensor], Tensor],
                     - config.clean_weight * (s_clean * clean_emb).sum(1).mean())
             if config.drupe:
                 spread = (s_trig @ s_trig.T).fill_diagonal_(0).sum() / (len(x) * (len(x) - 1))
-                loss = loss + config.drupe_weight * (_moments_gap(s_trig, clean_emb) * 10 + spread)
+                loss = loss + config.drupe_weight * (_moments_gap(s_trig, clean_emb) + config.drupe_spread * spread)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
