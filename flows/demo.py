@@ -47,7 +47,8 @@ def run_demo(out: str = "runs/demo", cache: str = "cache", *, corpus_size: int =
         write_poisoned_corpus(corpus, images[:corpus_size], labels[:corpus_size], rate=poison_rate,
                               trigger=DEMO_RECIPE.backdoor.trigger, target=DEMO_RECIPE.backdoor.target)
     planted = json.loads(planted_file.read_text())
-    run = out_dir / "run"
+    # One run folder per victim: a rebuilt encoder never meets a run folder made with another one.
+    run = out_dir / f"run-{bad.stem.rsplit('-', 1)[-1]}"
     result = sanitize_flow(str(corpus), victim_spec(bad, DEMO_RECIPE.simclr.width), str(run), epochs=epochs,
                            samples_per_shard=1000, workers=workers)
     rejected = pq.read_table(run / "clean" / "rejected.parquet").column("key").to_pylist()

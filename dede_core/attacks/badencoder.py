@@ -48,7 +48,10 @@ class BackdoorConfig:
     seed: int = 0
 
     def digest(self, clean_fingerprint: str) -> str:
-        payload = json.dumps([dataclasses.asdict(self), clean_fingerprint], sort_keys=True)
+        settings = dataclasses.asdict(self)
+        if not self.drupe:  # DRUPE's own knobs do not change a plain BadEncoder: keep its cache entry
+            settings = {k: v for k, v in settings.items() if not k.startswith("drupe_")}
+        payload = json.dumps([settings, clean_fingerprint], sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
