@@ -21,6 +21,8 @@ from dede_core.hashing import tensor_digest
 from dede_core.model import DeDe
 
 FORMAT = "dede-detector/1"
+# Encoder kinds whose spec names Python code to import and call: never run because a checkpoint says so.
+CODE_KINDS = ("callable",)
 
 
 class CheckpointError(ValueError):
@@ -156,11 +158,17 @@ def load_detector(path: str | Path, *, encoder_spec: str | None = None):
     """Checkpoint -> (DeDe, FrozenEncoder, Checkpoint), with the encoder it was trained for.
 
     encoder_spec overrides where the encoder's weights are found (say, another path to the same file); the
-    weights must still be the ones the detector was trained on, or loading is refused.
+    weights must still be the ones the detector was trained on, or loading is refused. A `callable:` encoder
+    runs code, so it is loaded only when the caller names it here, never from the checkpoint's own spec.
     """
-    from dede_core.encoders import load_encoder  # encoders pull in optional libraries: load them lazily
+    from dede_core.encoders import load_encoder, parse_spec  # optional libraries: load them lazily
 
     ckpt = load_checkpoint(path)
+    if encoder_spec is None and parse_spec(ckpt.encoder_spec).kind in CODE_KINDS:
+        raise CheckpointError(
+            f"the detector {path} names the encoder {ckpt.encoder_spec!r}, which imports and runs Python code; "
+            f"dede does not run code named inside a checkpoint: give that encoder spec yourself (dede score "
+            f"--encoder SPEC) if you trust the code")
     encoder = load_encoder(encoder_spec or ckpt.encoder_spec)
     if encoder.fingerprint != ckpt.encoder_fingerprint:
         raise CheckpointError(

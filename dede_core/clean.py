@@ -192,7 +192,8 @@ def _claim(out_dir: str, identity: dict[str, Any], paths: dict[str, str]) -> Non
             raise ValueError(f"{out_dir} was cleaned with other settings ({'; '.join(diffs)}); clean into a new "
                              f"folder, or delete {out_dir} first")
         return
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
+    # A run killed while writing clean_config.json leaves only its temporary file: that folder is still ours.
+    if os.path.isdir(out_dir) and [n for n in os.listdir(out_dir) if not n.startswith(f".{CONFIG_NAME}.")]:
         raise ValueError(f"{out_dir} is not empty and holds no dede clean run (no {CONFIG_NAME}); "
                          f"choose a new or empty folder")
     os.makedirs(out_dir, exist_ok=True)

@@ -191,7 +191,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     result = score_shards(args.shards, detector=args.detector, out_dir=args.out, score=score_config(args),
                           knn_k=args.knn_k, with_embedding=args.with_embedding, batch_size=args.batch_size,
-                          workers=args.workers, device=_device(args.device), shards=args.only or None)
+                          workers=args.workers, device=_device(args.device), shards=args.only or None,
+                          encoder=args.encoder)
     if result.failed:
         print(f"{len(result.failed)} shards could not be read: {sorted(result.failed)}; see {args.out}/_failed/",
               file=sys.stderr)
@@ -322,6 +323,8 @@ def build_parser(extra_commands: Sequence[Callable[[Any], None]] = ()) -> argpar
     p.add_argument("--detector", required=True, help="detector checkpoint (RUN/detector.pt)")
     p.add_argument("--out", required=True, help="scores folder to write")
     p.add_argument("--only", nargs="*", default=None, help="score only these shards (e.g. 000003 000004)")
+    p.add_argument("--encoder", default=None, help="victim encoder spec (default: the detector's); needed for a "
+                   "callable: encoder, whose code dede never runs on a checkpoint's word")
     add_score_options(p)
     p.set_defaults(func=cmd_score)
 

@@ -316,17 +316,18 @@ def _stderr(text: str) -> None:
 def score_shards(shards_dir: str, *, detector: str, out_dir: str, score: ScoreConfig = ScoreConfig(),
                  knn_k: int = 10, with_embedding: bool = False, batch_size: int = 256, workers: int = 2,
                  device: str = "cpu", shards: list[str] | None = None, progress: bool = True,
-                 log: Callable[[str], None] | None = None) -> ScoreStageResult:
+                 log: Callable[[str], None] | None = None, encoder: str | None = None) -> ScoreStageResult:
     """Score every sample of a shards folder (or the named `shards` of it) into OUT/<shard>.parquet.
 
     Rerunning skips finished shards, retries failed ones, and refuses if the detector or settings changed.
     `shards=[]` scores no shard but writes OUT/run.json and OUT/calibration.parquet (a flow's first task).
+    `encoder`: the victim's spec, when the detector's own must not be trusted to run code (checkpoint.load_detector).
     """
     log, started = log or _stderr, time.perf_counter()
     shards_dir, out_dir = os.fspath(shards_dir), os.fspath(out_dir)
     manifest = read_manifest(shards_dir)
     entries = _select(manifest.shards, shards)
-    model, encoder, ckpt = load_detector(detector)
+    model, encoder, ckpt = load_detector(detector, encoder_spec=encoder)
     _check_args(knn_k, batch_size, workers, device, ckpt)
     scorer = Scorer(detector=model, encoder=encoder, config=score, device=device)
     listing = json.dumps([[e.name, e.sha256] for e in manifest.shards]).encode()

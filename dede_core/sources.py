@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import operator
 import os
+import re
 import tarfile
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -45,9 +46,19 @@ class Source(Protocol):
     def keys(self) -> list[str]: ...
 
 
+# Lone surrogates: what Python makes of name bytes that are not UTF-8 (os.walk, tarfile use surrogateescape).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escape_surrogate(match: re.Match) -> str:
+    code = ord(match.group())
+    return f"%{code - 0xDC00:02X}" if 0xDC80 <= code <= 0xDCFF else f"%u{code:04X}"
+
+
 def clean_key(name: str) -> str:
-    """Keys contain no dots (webdataset splits a member name at its first dot)."""
-    return str(name).replace(".", "_")
+    """Keys contain no dots (webdataset splits a member name at its first dot) and are valid UTF-8: a name
+    byte that is not UTF-8 becomes %XX, since Parquet, hashing and JSON readers refuse lone surrogates."""
+    return _SURROGATE.sub(_escape_surrogate, str(name).replace(".", "_"))
 
 
 def _index(i: int, n: int) -> int:

@@ -74,7 +74,8 @@ def connect(
     rejected = _optional_file(rejected, REJECTED_NAME, "rejected table")
     manifest = _optional_file(manifest, MANIFEST_NAME, "shards manifest")
 
-    conn = duckdb.connect(":memory:", config=dict(views.CONNECT_CONFIG))
+    # No temp directory: DuckDB adds it (default ./.tmp) to the paths a locked connection may still read and write.
+    conn = duckdb.connect(":memory:", config=dict(views.CONNECT_CONFIG) | {"temp_directory": ""})
     try:
         conn.execute(views.SCORES_VIEW.format(files=views.literal_list(files)))
         for template, file in ((views.CALIBRATION_VIEW, calibration), (views.REJECTED_VIEW, rejected),
@@ -95,6 +96,25 @@ def has_view(conn: duckdb.DuckDBPyConnection, name: str) -> bool:
     return bool(conn.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = ?", [name]).fetchall()[0][0])
 
 
+def _explained_kind(sql: str) -> duckdb.StatementType | None:
+    """The type of the statement an EXPLAIN [ANALYZE] [(options)] statement explains; None if unclear."""
+    tokens = duckdb.tokenize(sql)
+    ends = [pos for pos, _ in tokens[1:]] + [len(sql)]
+    words = [(pos, sql[pos:end].strip().upper()) for (pos, kind), end in zip(tokens, ends)
+             if kind != duckdb.token_type.comment][1:]  # [0] is EXPLAIN
+    if words and words[0][1] in ("ANALYZE", "ANALYSE"):
+        words = words[1:]
+    depth = 0
+    while words and (depth or words[0][1].startswith("(")):
+        depth += words[0][1].count("(") - words[0][1].count(")")
+        words = words[1:]
+    try:
+        inner = duckdb.extract_statements(sql[words[0][0]:]) if words else []
+    except duckdb.Error:
+        inner = []
+    return inner[0].type if len(inner) == 1 and inner[0].type != duckdb.StatementType.EXPLAIN else None
+
+
 def run_query(conn: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
     """The result of one read-only statement; ValueError (with DuckDB's message) for anything else."""
     if not isinstance(sql, str) or not sql.strip():
@@ -106,9 +126,12 @@ def run_query(conn: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
     if len(statements) != 1:
         raise ValueError(f"give exactly one statement, got {len(statements)}; split them into separate queries")
     kind = statements[0].type
+    if kind == duckdb.StatementType.EXPLAIN:  # EXPLAIN ANALYZE runs the statement: it must read too
+        kind = _explained_kind(statements[0].query)
     if kind not in READ_STATEMENTS:
+        what = f"a {kind.name} statement" if kind else "an EXPLAIN of no single statement"
         raise ValueError(f"only queries that read are allowed (SELECT, WITH, FROM, DESCRIBE, SUMMARIZE, EXPLAIN), "
-                         f"got a {kind.name} statement; write results with --out instead of COPY")
+                         f"got {what}; write results with --out instead of COPY")
     try:
         return conn.sql(sql).to_arrow_table()
     except duckdb.Error as e:
