@@ -79,7 +79,7 @@ def sanitize_flow(src: str, encoder: str, out: str, *, detector: str | None = No
         scored = score_flow(paths["shards"], paths["detector"], paths["scores"], seed=seed, draws=draws,
                             visible=visible, chunk=chunk, knn_k=knn_k, with_embedding=with_embedding,
                             batch_size=batch_size, workers=workers, device=device, group_size=group_size,
-                            max_parallel=max_parallel)
+                            max_parallel=max_parallel, encoder=encoder)
     work["score"] = {"scored": len(scored["scored"]), "already_done": len(scored["skipped"])}
     with timer.stage("clean"):
         cleaned = clean_flow(paths["shards"], paths["scores"], paths["clean"], rule=rule,

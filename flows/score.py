@@ -41,19 +41,19 @@ def _label(group: list[str]) -> str:
 
 @task(name="prepare-scores", cache_policy=NONE)
 def prepare_task(shards: str, detector: str, out: str, score: ScoreConfig, knn_k: int, with_embedding: bool,
-                 batch_size: int, device: str) -> None:
+                 batch_size: int, device: str, encoder: str | None) -> None:
     """OUT/run.json and OUT/calibration.parquet; checks the detector and settings before any shard is scored."""
     score_shards(shards, detector=detector, out_dir=out, score=score, knn_k=knn_k, with_embedding=with_embedding,
-                 batch_size=batch_size, workers=0, device=device, shards=[])
+                 batch_size=batch_size, workers=0, device=device, shards=[], encoder=encoder)
 
 
 # Retried only for transient errors (a flaky file system); a ValueError fails the same way every time.
 @task(name="score-shards", cache_policy=NONE, retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
 def score_task(shards: str, names: list[str], detector: str, out: str, score: ScoreConfig, knn_k: int,
-               with_embedding: bool, batch_size: int, workers: int, device: str) -> dict:
+               with_embedding: bool, batch_size: int, workers: int, device: str, encoder: str | None) -> dict:
     result = score_shards(shards, detector=detector, out_dir=out, score=score, knn_k=knn_k,
                           with_embedding=with_embedding, batch_size=batch_size, workers=workers, device=device,
-                          shards=names)
+                          shards=names, encoder=encoder)
     get_run_logger().info(f"{_label(names)}: scored {len(result.scored)}, already done "
                           f"{len(result.skipped)}, unreadable {len(result.failed)}; {result.samples} samples at "
                           f"{result.images_per_s:.1f} img/s")
@@ -63,7 +63,8 @@ def score_task(shards: str, names: list[str], detector: str, out: str, score: Sc
 @flow(name="dede-score")
 def score_flow(shards: str, detector: str, out: str, *, seed: int = 0, draws: int = 1, visible: int | None = None,
                chunk: int = 64, knn_k: int = 10, with_embedding: bool = False, batch_size: int = 256,
-               workers: int = 0, device: str = "cpu", group_size: int = 1, max_parallel: int = 1) -> dict:
+               workers: int = 0, device: str = "cpu", group_size: int = 1, max_parallel: int = 1,
+               encoder: str | None = None) -> dict:
     """Score every shard of SHARDS into OUT/<shard>.parquet; finished shards are skipped.
 
     group_size shards per task; max_parallel tasks at a time (threads; 1 suits a CPU, whose cores the torch
@@ -74,7 +75,7 @@ def score_flow(shards: str, detector: str, out: str, *, seed: int = 0, draws: in
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     common = dict(detector=detector, out=out, score=ScoreConfig(seed=seed, draws=draws, visible=visible, chunk=chunk),
-                  knn_k=knn_k, with_embedding=with_embedding, batch_size=batch_size, device=device)
+                  knn_k=knn_k, with_embedding=with_embedding, batch_size=batch_size, device=device, encoder=encoder)
     prepare_task(shards, **common)
     names = [entry.name for entry in list_shards(shards)]
     groups = [names[i:i + group_size] for i in range(0, len(names), group_size)]
