@@ -1,7 +1,8 @@
 """One DRUPE-style fine-tune of the cached benchmark encoder: its ASR and a k-NN AUROC (docs/results/detection-summary.md)."""
 import torch
 from pathlib import Path
-from dede_core.victims import *
+from dede_core.attacks import apply_trigger
+from dede_core.victims import evaluate_victim, fashion_mnist_32
 from dede_core.victims import _load_backbone, _normalize
 from dede_core.attacks.badencoder import BackdoorConfig, backdoor_encoder
 from dede_core import baselines, metrics
