@@ -19,14 +19,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dede_core.progress import Progress
 from dede_core.select import DEFAULT_RULE, Counts, Rule, Selection, select
-from dede_core.sources import clean_key, split_member  # the scorer's key rule, so keys match the scores
+from dede_core.sources import clean_key, group_members  # the scorer's key rule, so keys match the scores
 from dede_core.sql import CALIBRATION_NAME, scores_files
 from schemas.manifest import Manifest, ShardEntry, differences, read_manifest, write_json_atomic, write_manifest
 from schemas.tables import REJECTED, with_metadata
@@ -59,32 +59,25 @@ def _member_end(m: tarfile.TarInfo) -> int:
 
 
 def index_tar(path: str) -> TarIndex:
-    """Samples of a WebDataset tar as byte spans; members group while consecutive, as in webdataset."""
-    index, key, exts, spans, prev_end = TarIndex(), None, set(), [], 0
+    """Samples of a WebDataset tar as byte spans, grouped as the scorer's source groups them."""
+    index = TarIndex()
 
-    def flush() -> None:
-        if key is not None:
-            index.samples.append(TarSample(clean_key(key), spans))
+    def tracked(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+        """Every member, noting the archive-level blocks between them (pax global headers) as gaps."""
+        prev_end = 0
+        for m in tar:
+            if m.offset > prev_end:
+                index.gaps.append((prev_end, m.offset))
+            prev_end = _member_end(m)
+            yield m
+
+    def skip(m: tarfile.TarInfo, why: str) -> None:
+        index.others.append((clean_key(m.name), f"not a sample: member {m.name!r} {why}"))
 
     try:
         with tarfile.open(path, mode="r:") as tar:
-            for m in tar:
-                if m.offset > prev_end:
-                    index.gaps.append((prev_end, m.offset))
-                prev_end = _member_end(m)
-                if m.isdir():
-                    continue
-                parsed = split_member(m.name)
-                if not m.isreg() or parsed is None:
-                    why = "is not a regular file" if not m.isreg() else "is not named <key>.<ext>"
-                    index.others.append((clean_key(m.name), f"not a sample: member {m.name!r} {why}"))
-                    continue
-                if parsed[0] != key or parsed[1] in exts:
-                    flush()
-                    key, exts, spans = parsed[0], set(), []
-                exts.add(parsed[1])
-                spans.append((m.offset, prev_end))
-            flush()
+            for key, group in group_members(tracked(tar), skip):
+                index.samples.append(TarSample(clean_key(key), [(m.offset, _member_end(m)) for m in group.values()]))
     except (tarfile.TarError, EOFError) as e:
         raise ValueError(f"{path} is not a readable uncompressed tar shard: {e}") from None
     return index

@@ -13,7 +13,7 @@ import os
 import re
 import tarfile
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Callable, Iterable, Iterator, Protocol, runtime_checkable
 
 from braceexpand import braceexpand
 
@@ -151,6 +151,31 @@ def split_member(name: str) -> tuple[str, str] | None:
     return (f"{dirname}/{stem}" if dirname else stem), ext.lower()
 
 
+def group_members(members: Iterable[tarfile.TarInfo],
+                  skip: Callable[[tarfile.TarInfo, str], None]) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
+    """WebDataset's grouping: (raw key, {ext: member} in member order) per sample.
+
+    Regular members named <key>.<ext> group while consecutive; a repeated extension starts a new sample.
+    Directories are passed over; any other member goes to skip(member, why). Every reader of shards (the
+    scorer's source, clean, the report) must group alike so that keys match from ingest to cleaned output.
+    """
+    key, group = None, {}
+    for member in members:
+        if member.isdir():
+            continue
+        parsed = split_member(member.name)
+        if not member.isreg() or parsed is None:
+            skip(member, "not a regular file" if not member.isreg() else "name is not <key>.<ext>")
+            continue
+        if parsed[0] != key or parsed[1] in group:
+            if key is not None:
+                yield key, group
+            key, group = parsed[0], {}
+        group[parsed[1]] = member
+    if key is not None:
+        yield key, group
+
+
 class TarShardSource:
     """WebDataset tar shards, indexed once; random access seeks straight to each image member."""
 
@@ -169,21 +194,11 @@ class TarShardSource:
     def _index_shard(self, shard: str) -> None:
         try:
             with tarfile.open(shard, mode="r:") as tar:
-                key, group = None, {}
-                for member in tar:
-                    if member.isdir():
-                        continue
-                    parsed = split_member(member.name)
-                    if not member.isreg() or parsed is None:
-                        why = "not a regular file" if not member.isreg() else "name is not <key>.<ext>"
-                        self.skipped.append((clean_key(member.name), f"{shard}: member {member.name!r} {why}"))
-                        continue
-                    # Members group while consecutive, as in webdataset; a repeated ext starts a new sample.
-                    if parsed[0] != key or parsed[1] in group:
-                        self._add(tar, shard, key, group)
-                        key, group = parsed[0], {}
-                    group[parsed[1]] = member
-                self._add(tar, shard, key, group)
+                def skip(member: tarfile.TarInfo, why: str) -> None:
+                    self.skipped.append((clean_key(member.name), f"{shard}: member {member.name!r} {why}"))
+
+                for key, group in group_members(tar, skip):
+                    self._add(tar, shard, key, group)
                 end = tar.offset
         except (tarfile.TarError, EOFError) as e:
             raise ValueError(f"{shard} is not a readable uncompressed tar shard: {e}") from None
@@ -192,9 +207,7 @@ class TarShardSource:
         if _read_range(shard, end, tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
             raise ValueError(f"{shard} is truncated (no end-of-archive block after offset {end}); rewrite it")
 
-    def _add(self, tar: tarfile.TarFile, shard: str, key: str | None, group: dict) -> None:
-        if key is None:
-            return
+    def _add(self, tar: tarfile.TarFile, shard: str, key: str, group: dict) -> None:
         key = clean_key(key)
         image_ext = next((ext for ext in TAR_IMAGE_EXTENSIONS if ext in group), None)
         reason = None
