@@ -6,13 +6,16 @@ A checkpoint is a torch zip file holding only tensors, numbers, strings, lists a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
+import signal
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -58,9 +61,34 @@ def detector_hash(state_dict: dict[str, torch.Tensor], config: DetectorConfig, e
     return tensor_digest(tensors, extra=identity)
 
 
+@contextlib.contextmanager
+def _ctrl_c_after() -> Iterator[None]:
+    """Hold a Ctrl-C back until the block ends. torch.save interrupted by KeyboardInterrupt raises a RuntimeError
+    from its zip writer instead, which would turn a clean "rerun to resume" stop into a crash."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield  # not ours to manage: another thread, or a handler (or SIG_IGN) somebody else installed
+        return
+    received: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary name in the same folder, then rename: never a partial file at `path`."""
+    """torch.save to a temporary name in the same folder, then rename: never a partial file at `path`.
+
+    A Ctrl-C during the write takes effect once the file is in place."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    with _ctrl_c_after():
+        _write_then_rename(obj, path)
+
+
+def _write_then_rename(obj: Any, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:

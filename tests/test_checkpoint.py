@@ -77,3 +77,24 @@ def test_not_a_checkpoint(tmp_path):
     torch.save({"format": "something-else"}, junk)
     with pytest.raises(CheckpointError, match="not a dede detector"):
         load_checkpoint(junk)
+
+
+def test_ctrl_c_during_a_checkpoint_write_lands_after_the_file_is_complete(tmp_path, monkeypatch):
+    """A SIGINT that arrives inside torch.save is held back: the file is written whole, then KeyboardInterrupt."""
+    import signal
+
+    from dede_core.checkpoint import atomic_torch_save
+
+    real_save = torch.save
+
+    def save_interrupted(obj, handle):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives mid-write
+        real_save(obj, handle)
+
+    monkeypatch.setattr(torch, "save", save_interrupted)
+    path = tmp_path / "state.pt"
+    with pytest.raises(KeyboardInterrupt):
+        atomic_torch_save({"x": torch.arange(3)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.arange(3))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
