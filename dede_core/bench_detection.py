@@ -25,24 +25,35 @@ from PIL import Image
 from torch import Tensor
 
 from dede_core import baselines, metrics
-from dede_core.attacks import apply_trigger
+from dede_core.attacks import apply_trigger, trigger_mask
 from dede_core.attacks.badencoder import BackdoorConfig
 from dede_core.checkpoint import load_detector
 from dede_core.config import DetectorConfig, cpu
 from dede_core.datasets import load_mnist_digits
+from dede_core.downstream import DownstreamConfig, evaluate_filtering
 from dede_core.encoders import load_encoder
 from dede_core.scoring import ScoreConfig, Scorer
 from dede_core.sources import Sample
 from dede_core.ssl import SimCLRConfig
 from dede_core.train import TrainConfig, train_detector
-from dede_core.victims import VictimRecipe, build_victim, evaluate_victim, fashion_mnist_32, victim_spec
+from dede_core.victims import VictimRecipe, build_victim, evaluate_victim, fashion_mnist_32
 
-ATTACKS: dict[str, dict[str, Any]] = {
-    "badencoder": {"trigger": "patch"},
-    "drupe": {"trigger": "patch", "drupe": True},
-    "blend": {"trigger": "blend"},
-    "wanet": {"trigger": "wanet"},
-    "ctrl": {"trigger": "ctrl"},
+@dataclass(frozen=True)
+class Attack:
+    """A trigger, its keyword arguments, and what the fine-tune does differently from the bench's backdoor."""
+
+    trigger: str
+    args: dict = dataclasses.field(default_factory=dict)
+    backdoor: dict = dataclasses.field(default_factory=dict)  # BackdoorConfig overrides
+    pretrained: str | None = None  # a packaged encoder backdoored instead of the SimCLR one (VictimRecipe)
+
+
+ATTACKS: dict[str, Attack] = {
+    "badencoder": Attack("patch"),
+    "drupe": Attack("patch", backdoor={"drupe": True}),
+    "blend": Attack("blend"),
+    "wanet": Attack("wanet"),
+    "ctrl": Attack("ctrl"),
 }
 
 
@@ -60,6 +71,7 @@ class BenchConfig:
     ood_images: int  # MNIST digits as out-of-distribution auxiliary data
     test_images: int  # Fashion-MNIST test images before removing the target class
     score_settings: tuple[tuple[int, int], ...] = ((0, 1), (6, 4))  # (visible patches, mask draws)
+    downstream: DownstreamConfig = DownstreamConfig()
     min_asr: float = 0.8  # an attack below this success rate does not judge detectors
     eval_train: int = 10_000  # probe / kNN training images for the victim's accuracy
     knn_k: int = 10
@@ -81,7 +93,7 @@ def tiny() -> BenchConfig:
         attacks=("badencoder",), detector=cpu(**small), train=TrainConfig(epochs=1, batch_size=64, holdout=32,
                                                                           knn_bank=256),
         aux_images=256, aux_poison=0.02, ood_images=256, test_images=96, score_settings=((0, 1), (6, 2)),
-        min_asr=0.0, eval_train=256)
+        min_asr=0.0, eval_train=256, downstream=DownstreamConfig(train_images=256, rate=0.04))
 
 
 class ArraySource:
@@ -121,13 +133,26 @@ def _fit(cache: Path, name: str, images: Tensor, spec: str, config: DetectorConf
                           train=train, out_dir=out, log=log)
 
 
-def _score(path: Path, images: Tensor, visible: int, draws: int) -> tuple[np.ndarray, np.ndarray]:
-    """DeDe scores of images and of the checkpoint's held-out calibration images."""
+def _score(path: Path, images: Tensor, visible: int, draws: int,
+           cache: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """DeDe scores of images and of the checkpoint's held-out calibration images (kept in `cache` if given)."""
+    if cache is not None:
+        key = _digest(hashlib.sha256(path.read_bytes()).hexdigest(),
+                      hashlib.sha256(images.numpy().tobytes()).hexdigest(), visible, draws)
+        stored = cache / "scores" / f"{key}.npz"
+        if stored.is_file():
+            with np.load(stored) as saved:
+                return saved["scores"], saved["calib"]
     model, encoder, ckpt = load_detector(path)
     scorer = Scorer(detector=model, encoder=encoder, config=ScoreConfig(visible=visible, draws=draws))
     keys = [f"eval_{i:06d}" for i in range(len(images))]
     scores = scorer.score(images, keys).score.double().numpy()
     calib = scorer.score(ckpt.calibration_images, ckpt.calibration_keys).score.double().numpy()
+    if cache is not None:
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        partial = stored.with_suffix(".partial.npz")
+        np.savez(partial, scores=scores, calib=calib)
+        partial.replace(stored)
     return scores, calib
 
 
@@ -141,32 +166,64 @@ def _row(neg: np.ndarray, pos: np.ndarray, calib: np.ndarray | None) -> dict[str
     return row
 
 
+def _outside_scores(path: Path, images: Tensor, region: Tensor) -> np.ndarray:
+    """Diagnostic: squared error summed over the patches that miss `region` (bool H x W), all patches hidden."""
+    model, encoder, _ = load_detector(path)
+    p = model.config.patch_size
+    g = region.shape[0] // p
+    keep = ~region.reshape(g, p, g, p).any(dim=3).any(dim=1).flatten()  # patchify's row-major order
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), 256):
+            x01 = images[i:i + 256].float() / 255
+            x = model.normalize(x01)
+            noise = torch.zeros(len(x), model.config.num_patches)
+            latent, _, ids_restore = model.forward_encoder(x, encoder(x01), noise, 0)
+            err = (model.forward_decoder(latent, ids_restore).float() - model.patchify(x)).pow(2).sum(-1)
+            out.append((err * keep).sum(1))
+    return torch.cat(out).double().numpy()
+
+
+def _embed(spec: str) -> Callable[[Tensor], Tensor]:
+    encoder = load_encoder(spec)
+
+    def embed(images: Tensor) -> Tensor:
+        with torch.no_grad():
+            return torch.cat([encoder(_rgb(images[i:i + 256]).float() / 255) for i in range(0, len(images), 256)])
+
+    return embed
+
+
 def run_attack(name: str, bench: BenchConfig, cache: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    """Backdoor, evaluate the victim, then every detector on the same evaluation set."""
-    backdoor = dataclasses.replace(bench.backdoor, **{k: v for k, v in ATTACKS[name].items()})
-    recipe = VictimRecipe(simclr=bench.simclr, backdoor=backdoor)
+    """Backdoor, evaluate the victim, then every detector on the same evaluation set, then the downstream probe."""
+    attack = ATTACKS[name]
+    backdoor = dataclasses.replace(bench.backdoor, trigger=attack.trigger, **attack.backdoor)
+    recipe = VictimRecipe(simclr=bench.simclr, backdoor=backdoor, trigger_args=attack.args,
+                          pretrained=attack.pretrained)
     _, bad = build_victim(recipe, cache, log=log)
-    width, target, trigger = bench.simclr.width, backdoor.target, backdoor.trigger
-    result: dict[str, Any] = {"attack": name, "trigger": trigger, "victim": evaluate_victim(
-        bad, width, trigger=trigger, target=target, train_images=bench.eval_train)}
+    spec, target, trigger, args = recipe.spec(bad), backdoor.target, attack.trigger, attack.args
+    result: dict[str, Any] = {"attack": name, "trigger": trigger, "trigger_args": args,
+                              "encoder": attack.pretrained or f"SimCLR cifar-resnet18 width {bench.simclr.width}",
+                              "backdoor": dataclasses.asdict(backdoor), "victim": evaluate_victim(
+                                  spec, trigger=trigger, target=target, trigger_args=args,
+                                  train_images=bench.eval_train)}
     asr = result["victim"]["attack_success_rate"]
     result["works"] = asr >= bench.min_asr
     if not result["works"]:
         log(f"{name}: ASR {asr:.2f} below {bench.min_asr}: not used to judge detectors")
         return result
-    spec = victim_spec(bad, width)
     train_x, _ = fashion_mnist_32("train")
     test_x, test_y = fashion_mnist_32("test")
     test_x, test_y = test_x[: bench.test_images], test_y[: bench.test_images]
     clean_eval = _rgb(test_x[test_y != target])
-    triggered_eval = _rgb(apply_trigger(trigger, clean_eval))
+    triggered_eval = _rgb(apply_trigger(trigger, clean_eval, **args))
     eval_images = torch.cat([clean_eval, triggered_eval])
     n_neg = len(clean_eval)
 
     aux = _rgb(train_x[50_000: 50_000 + bench.aux_images]).clone()
     poisoned = torch.randperm(len(aux), generator=torch.Generator().manual_seed(1))[
         : int(round(bench.aux_poison * len(aux)))]
-    aux[poisoned] = _rgb(apply_trigger(trigger, aux[poisoned]))
+    aux[poisoned] = _rgb(apply_trigger(trigger, aux[poisoned], **args))
     digits, _ = load_mnist_digits()
     ood = _rgb(torch.from_numpy(np.pad(digits[: bench.ood_images], ((0, 0), (2, 2), (2, 2))))[:, None])
 
@@ -179,15 +236,19 @@ def run_attack(name: str, bench: BenchConfig, cache: Path, log: Callable[[str], 
     rows, curves = {}, {}
     for det_name, path in detectors.items():
         for visible, draws in bench.score_settings:
-            scores, calib = _score(path, eval_images, visible, draws)
+            scores, calib = _score(path, eval_images, visible, draws, cache)
             label = f"{det_name} v{visible} k{draws}"
             rows[label] = _row(scores[:n_neg], scores[n_neg:], calib)
             if (visible, draws) == bench.score_settings[0]:
                 curves[label] = scores
-    encoder = load_encoder(spec)
-    with torch.no_grad():
-        bank = torch.cat([encoder(aux[i:i + 256].float() / 255) for i in range(0, len(aux), 256)])
-        emb = torch.cat([encoder(eval_images[i:i + 256].float() / 255) for i in range(0, len(eval_images), 256)])
+    region = trigger_mask(trigger, bench.detector.img_size, **args)
+    if not region.all():  # a localised trigger: does the error outside it still separate?
+        for det_name in ("dede_id", "mae_ablation"):
+            outside = _outside_scores(detectors[det_name], eval_images, region)
+            rows[f"{det_name} v0 k1, error outside the trigger (diagnostic)"] = _row(
+                outside[:n_neg], outside[n_neg:], None)
+    embed = _embed(spec)
+    bank, emb = embed(aux), embed(eval_images)
     knn = baselines.knn_distance(bank, emb, k=bench.knn_k)
     bank_knn = baselines.knn_distance(bank, bank, k=bench.knn_k, exclude_self=True)
     rows["knn_distance"] = _row(knn[:n_neg], knn[n_neg:], bank_knn)
@@ -201,7 +262,33 @@ def run_attack(name: str, bench: BenchConfig, cache: Path, log: Callable[[str], 
     result.update(rows=rows, eval_negatives=n_neg, eval_positives=len(triggered_eval),
                   curves={k: (v[:n_neg].tolist(), v[n_neg:].tolist()) for k, v in
                           {**curves, "knn_distance": knn}.items()})
+    result["downstream"] = _downstream(detectors["dede_id"], spec, bench, trigger, target, args, log)
     return result
+
+
+def _downstream(path: Path, spec: str, bench: BenchConfig, trigger: str, target: int, args: dict,
+                log: Callable[[str], None]) -> dict[str, Any]:
+    """The probe before and after removing what dede_id flags at its label-free 5% threshold (first setting)."""
+    visible, draws = bench.score_settings[0]
+    model, encoder, ckpt = load_detector(path)
+    scorer = Scorer(detector=model, encoder=encoder, config=ScoreConfig(visible=visible, draws=draws))
+    calib = scorer.score(ckpt.calibration_images, ckpt.calibration_keys).score.double().numpy()
+    threshold = metrics.label_free_threshold(calib, 0.05)
+
+    def score(images: Tensor, prefix: str) -> np.ndarray:
+        keys = [f"{prefix}_{i:06d}" for i in range(len(images))]
+        return scorer.score(_rgb(images), keys).score.double().numpy()
+
+    n = bench.downstream.train_images
+    train_x, train_y = fashion_mnist_32("train")
+    test_x, test_y = fashion_mnist_32("test")
+    log(f"downstream: probe on {bench.downstream.train_images} labelled images, "
+        f"{bench.downstream.rate:.0%} triggered and relabelled")
+    result = evaluate_filtering(
+        embed=_embed(spec), score=score, threshold=threshold, train=(_rgb(train_x[:n]), train_y[:n]),
+        test=(_rgb(test_x[: bench.test_images]), test_y[: bench.test_images]), trigger=trigger, target=target,
+        trigger_args=args, config=bench.downstream)
+    return {"detector": f"dede_id v{visible} k{draws}", "threshold": threshold, **result}
 
 
 def run_bench(bench: BenchConfig, cache_dir: str | Path, out_dir: str | Path, *, name: str = "detection",
@@ -237,11 +324,15 @@ def render_markdown(report: dict[str, Any], name: str) -> str:
     lines = [f"# Detection benchmark ({name})", "",
              f"Date {report['date']}; machine: {report['machine']}; wall time {report['wall_s'] / 60:.1f} min "
              "(cached steps reused).", "", "## Victims", "",
-             "| attack | trigger | kNN acc | probe clean acc | ASR | used |", "| --- | --- | --- | --- | --- | --- |"]
+             "| attack | encoder | trigger | fine-tune | kNN acc | probe clean acc | ASR | used |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["results"]:
         v = r["victim"]
-        lines.append(f"| {r['attack']} | {r['trigger']} | {v['knn_accuracy']:.3f} | {v['clean_accuracy']:.3f} | "
-                     f"{v['attack_success_rate']:.3f} | {'yes' if r['works'] else 'no (ASR < threshold)'} |")
+        trigger = r["trigger"] + "".join(f" {k}={x}" for k, x in r.get("trigger_args", {}).items())
+        tune = r.get("backdoor", {})
+        tune = f"{tune.get('epochs', '?')} ep" + (" + DRUPE terms" if tune.get("drupe") else "")
+        lines.append(f"| {r['attack']} | {r.get('encoder', '')} | {trigger} | {tune} | {v['knn_accuracy']:.3f} | {v['clean_accuracy']:.3f} "
+                     f"| {v['attack_success_rate']:.3f} | {'yes' if r['works'] else 'no (ASR < threshold)'} |")
     lines += ["", "## Detectors (AUROC; TPR at 1% / 5% FPR; FPR and TPR at the label-free 5% threshold)", ""]
     for r in report["results"]:
         if not r.get("rows"):
@@ -257,4 +348,23 @@ def render_markdown(report: dict[str, Any], name: str) -> str:
             lines.append(f"| {label}{mark} | {row['auroc']:.3f} | {row['tpr_at_1']:.3f} | {row['tpr_at_5']:.3f} "
                          f"| {lf} |")
         lines.append("")
+    lines += _downstream_markdown(report)
     return "\n".join(lines) + "\n"
+
+
+def _downstream_markdown(report: dict[str, Any]) -> list[str]:
+    done = [r for r in report["results"] if r.get("downstream")]
+    if not done:
+        return []
+    lines = ["## Downstream: linear probe on a training set with triggered, relabelled samples", "",
+             "Removal at dede_id's label-free 5% threshold; 'screened' = the same detector also rejects test "
+             "inputs above it (a triggered input succeeds only if accepted and classified as the target).", "",
+             "| attack | planted / train | removed (planted, clean) | clean acc before -> after | "
+             "ASR before -> after | screened: ASR, clean rejected |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in done:
+        d = r["downstream"]
+        lines.append(f"| {r['attack']} | {d['planted']} / {d['train_images']} | {d['removed']} ({d['removed_planted']}"
+                     f", {d['removed_clean']}) | {d['clean_accuracy_before']:.3f} -> {d['clean_accuracy_after']:.3f} "
+                     f"| {d['asr_before']:.3f} -> {d['asr_after']:.3f} | {d['screen_asr']:.3f}, "
+                     f"{d['screen_clean_rejected']:.3f} |")
+    return lines + [""]

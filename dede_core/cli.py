@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -261,6 +262,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from dede_core import bench_detection
 
     bench = bench_detection.tiny() if args.tiny else bench_detection.full()
+    if args.attacks:
+        unknown = sorted(set(args.attacks.split(",")) - set(bench_detection.ATTACKS))
+        if unknown:
+            raise ValueError(f"unknown attack(s) {unknown}; choose from {sorted(bench_detection.ATTACKS)}")
+        bench = dataclasses.replace(bench, attacks=tuple(args.attacks.split(",")))
     name = "detection-tiny" if args.tiny else "detection"
     report = bench_detection.run_bench(bench, args.cache, args.out, name=name)
     print(f"wrote {args.out}/{name}.md, {name}.json and ROC plots ({report['wall_s'] / 60:.1f} min)")
@@ -355,6 +361,7 @@ def build_parser(extra_commands: Sequence[Callable[[Any], None]] = ()) -> argpar
                        "baselines. Every encoder and decoder is cached by config hash: rerunning resumes.")
     p.add_argument("which", choices=["detection"])
     p.add_argument("--tiny", action="store_true", help="a minutes-long run that only checks the machinery")
+    p.add_argument("--attacks", help="comma-separated subset of badencoder,drupe,blend,wanet,ctrl (default: all)")
     p.add_argument("--cache", default="cache", help="artifact cache (default cache)")
     p.add_argument("--out", default="docs/results", help="where the table, JSON and plots go")
     p.set_defaults(func=cmd_bench)

@@ -162,6 +162,7 @@ def knn_accuracy(train_emb: Tensor, train_labels: Tensor, test_emb: Tensor, test
                  k: int = 200, temperature: float = 0.1, classes: int = 10) -> float:
     """Weighted cosine k-NN accuracy (the usual SimCLR monitor: k=200, weights exp(sim / 0.1))."""
     bank, queries = F.normalize(train_emb, dim=1), F.normalize(test_emb, dim=1)
+    k = min(k, len(bank))
     correct = 0
     for i in range(0, len(queries), 1024):
         sim, idx = (queries[i:i + 1024] @ bank.T).topk(k, dim=1)

@@ -16,12 +16,13 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from dede_core.attacks import apply_trigger
 from dede_core.attacks.badencoder import BackdoorConfig, backdoor_encoder, cached_backdoor
 from dede_core.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
-from dede_core.encoders import cifar_resnet18
+from dede_core.encoders import cifar_resnet18, load_encoder
 from dede_core.ssl import CIFAR_MEAN, CIFAR_STD, SimCLRConfig, embed_all, knn_accuracy, linear_probe, train_simclr
 
 
@@ -38,12 +39,21 @@ def _normalize(x: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class VictimRecipe:
-    """A clean SimCLR encoder and the backdoor planted in it."""
+    """A clean encoder (SimCLR trained here, or a packaged pretrained one) and the backdoor planted in it."""
 
     simclr: SimCLRConfig = SimCLRConfig(width=16, epochs=2, train_images=10_000)
     backdoor: BackdoorConfig = BackdoorConfig(trigger="patch", target=0, references=10, shadow_images=2000,
                                               epochs=4, batch_size=64, lr=1e-3)
     trigger_args: dict = field(default_factory=dict)  # keyword arguments of the trigger function
+    # An encoder spec with packaged weights, e.g. "efficientnet-lite0?size=64", backdoored instead of the SimCLR
+    # encoder (simclr is then unused). Its kind must take `weights=` for the fine-tuned copy.
+    pretrained: str | None = None
+
+    def spec(self, weights: Path) -> str:
+        """The spec under which the pipeline loads this recipe's (backdoored) encoder saved at `weights`."""
+        if self.pretrained is None:
+            return victim_spec(weights, self.simclr.width)
+        return f"{self.pretrained}{'&' if '?' in self.pretrained else '?'}weights={weights}"
 
 
 def _load_backbone(path: Path, width: int) -> torch.nn.Module:
@@ -52,17 +62,38 @@ def _load_backbone(path: Path, width: int) -> torch.nn.Module:
     return model.eval()
 
 
+def _pretrained(spec: str) -> tuple[torch.nn.Module, Callable[[Tensor], Tensor], str]:
+    """(model, its input preparation for [0, 1] RGB tensors, weight fingerprint) of a packaged encoder."""
+    encoder = load_encoder(spec)
+    size = encoder.input_size
+    mean, std = torch.tensor(encoder.mean).view(1, -1, 1, 1), torch.tensor(encoder.std).view(1, -1, 1, 1)
+
+    def prepare(x: Tensor) -> Tensor:  # what FrozenEncoder does, but differentiable
+        if x.shape[-1] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        return (x - mean) / std
+
+    return encoder.model, prepare, encoder.fingerprint
+
+
 def build_victim(recipe: VictimRecipe, cache_dir: str | Path,
-                 log: Callable[[str], None] | None = None) -> tuple[Path, Path]:
-    """(clean encoder weights, backdoored encoder weights), built once and then read from the cache."""
+                 log: Callable[[str], None] | None = None) -> tuple[Path | None, Path]:
+    """(clean encoder weights, backdoored encoder weights), built once and then read from the cache.
+
+    The clean weights are None for a pretrained recipe: they come from their package.
+    """
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
     cache = Path(cache_dir)
     train_x, train_y = fashion_mnist_32("train")
-    clean_path = train_simclr(train_x, recipe.simclr, cache, log=log)
-    clean = _load_backbone(clean_path, recipe.simclr.width)
-    from dede_core.hashing import tensor_digest
+    if recipe.pretrained is None:
+        clean_path = train_simclr(train_x, recipe.simclr, cache, log=log)
+        clean, normalize = _load_backbone(clean_path, recipe.simclr.width), _normalize
+        from dede_core.hashing import tensor_digest
 
-    fingerprint = tensor_digest(clean.state_dict())
+        fingerprint = tensor_digest(clean.state_dict())
+    else:
+        clean_path = None
+        clean, normalize, fingerprint = _pretrained(recipe.pretrained)
     cfg = recipe.backdoor
     # Shadow images come from the half of the training set SimCLR did not use; references from the target class.
     pool_x, pool_y = train_x[30_000:], train_y[30_000:]
@@ -73,7 +104,7 @@ def build_victim(recipe: VictimRecipe, cache_dir: str | Path,
 
     def build() -> torch.nn.Module:
         log(f"backdooring the clean encoder ({cfg.trigger} trigger, target {FASHION_MNIST_CLASSES[cfg.target]})")
-        return backdoor_encoder(clean, normalize=_normalize, shadow_u8=pool_x[5000:], reference_u8=refs,
+        return backdoor_encoder(clean, normalize=normalize, shadow_u8=pool_x[5000:], reference_u8=refs,
                                 trigger=trigger, config=cfg, log=log)
 
     bad_path = cached_backdoor(cache, fingerprint + json.dumps(recipe.trigger_args, sort_keys=True), cfg, build)
@@ -81,13 +112,10 @@ def build_victim(recipe: VictimRecipe, cache_dir: str | Path,
 
 
 @torch.no_grad()
-def evaluate_victim(weights: Path, width: int, *, trigger: str, target: int, trigger_args: dict | None = None,
+def evaluate_victim(spec: str, *, trigger: str, target: int, trigger_args: dict | None = None,
                     train_images: int = 10_000, test_images: int = 2000) -> dict[str, float]:
     """kNN accuracy, linear-probe clean accuracy and attack success rate on Fashion-MNIST test."""
-    model = _load_backbone(weights, width)
-
-    def encode(x: Tensor) -> Tensor:
-        return model(_normalize(x))
+    encode = load_encoder(spec)
 
     train_x, train_y = fashion_mnist_32("train")
     test_x, test_y = fashion_mnist_32("test")

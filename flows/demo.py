@@ -15,8 +15,7 @@ import pyarrow.parquet as pq
 
 from dede_core.metrics import precision_recall
 from dede_core.sql import connect, format_table, run_query
-from dede_core.victims import VictimRecipe, build_victim, evaluate_victim, fashion_mnist_32, victim_spec, \
-    write_poisoned_corpus
+from dede_core.victims import VictimRecipe, build_victim, evaluate_victim, fashion_mnist_32, write_poisoned_corpus
 from flows.sanitize import sanitize_flow
 
 DEMO_RECIPE = VictimRecipe()  # SimCLR width 16, 2 epochs on 10k images; BadEncoder patch trigger, target 0
@@ -27,7 +26,7 @@ DEMO_QUERY = ("SELECT key, label, round(score, 1) AS score, round(knn_score, 2) 
 def _victim_metrics(weights: Path, recipe: VictimRecipe) -> dict:
     cached = weights.with_suffix(".metrics.json")
     if not cached.is_file():
-        metrics = evaluate_victim(weights, recipe.simclr.width, trigger=recipe.backdoor.trigger,
+        metrics = evaluate_victim(recipe.spec(weights), trigger=recipe.backdoor.trigger,
                                   target=recipe.backdoor.target)
         cached.write_text(json.dumps(metrics, indent=1))
     return json.loads(cached.read_text())
@@ -49,7 +48,7 @@ def run_demo(out: str = "runs/demo", cache: str = "cache", *, corpus_size: int =
     planted = json.loads(planted_file.read_text())
     # One run folder per victim: a rebuilt encoder never meets a run folder made with another one.
     run = out_dir / f"run-{bad.stem.rsplit('-', 1)[-1]}"
-    result = sanitize_flow(str(corpus), victim_spec(bad, DEMO_RECIPE.simclr.width), str(run), epochs=epochs,
+    result = sanitize_flow(str(corpus), DEMO_RECIPE.spec(bad), str(run), epochs=epochs,
                            samples_per_shard=1000, workers=workers)
     rejected = pq.read_table(run / "clean" / "rejected.parquet").column("key").to_pylist()
     quality = precision_recall(rejected, planted)

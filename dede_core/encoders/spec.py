@@ -42,7 +42,8 @@ KINDS: dict[str, _Kind] = {
                       "callable:my_pkg.models:build_encoder?size=32"),
     "cifar-resnet18": _Kind(None, {"width": 64, "weights": None, "size": 32, "chans": 3,
                                    "norm": "cifar10", **_NORM_OPTS}, "cifar-resnet18?weights=simclr.pt"),
-    "efficientnet-lite0": _Kind(None, {"size": 224, "norm": "inception", **_NORM_OPTS}, "efficientnet-lite0"),
+    "efficientnet-lite0": _Kind(None, {"size": 224, "weights": None, "norm": "inception", **_NORM_OPTS},
+                                "efficientnet-lite0"),
     "open-clip": _Kind("ARCH", {"pretrained": None, "size": None, "norm": "clip", **_NORM_OPTS},
                        "open-clip:RN50?pretrained=RN50.pt"),
 }
