@@ -22,8 +22,10 @@ from datetime import datetime, timezone
 from typing import Any, BinaryIO, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dede_core import storage
 from dede_core.progress import Progress
 from dede_core.select import DEFAULT_RULE, Counts, Rule, Selection, select
 from dede_core.sources import clean_key, group_members  # the scorer's key rule, so keys match the scores
@@ -157,13 +159,14 @@ def _stem(name: str) -> str:
 def _scores_fingerprint(scores_dir: str) -> str:
     """sha256 over each scores file's name, size, rows and run config: changes when anything is rescored."""
     paths = scores_files(scores_dir)
-    calibration = os.path.join(scores_dir, CALIBRATION_NAME)
-    paths += [calibration] if os.path.isfile(calibration) else []
+    calibration = storage.join(scores_dir, CALIBRATION_NAME)
+    paths += [calibration] if storage.isfile(calibration) else []
     digest = hashlib.sha256()
     for path in paths:
-        meta = pq.read_metadata(path)
+        with storage.open_read(path) as f:
+            meta = pq.read_metadata(f)
         config = (meta.metadata or {}).get(b"dede.config", b"").decode("utf-8", "replace")
-        digest.update(json.dumps([os.path.basename(path), os.path.getsize(path), meta.num_rows, config]).encode())
+        digest.update(json.dumps([storage.basename(path), storage.getsize(path), meta.num_rows, config]).encode())
     return digest.hexdigest()
 
 
@@ -177,19 +180,18 @@ def _identity(sel: Selection, manifest: Manifest, scores_dir: str) -> dict[str, 
 
 def _claim(out_dir: str, identity: dict[str, Any], paths: dict[str, str]) -> None:
     """Make OUT ours: new or empty, or holding a clean run with the same identity."""
-    config_path = os.path.join(out_dir, CONFIG_NAME)
-    if os.path.isfile(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            diffs = differences(json.load(f).get("identity", {}), identity)
+    config_path = storage.join(out_dir, CONFIG_NAME)
+    if storage.isfile(config_path):
+        diffs = differences(storage.read_json(config_path).get("identity", {}), identity)
         if diffs:
             raise ValueError(f"{out_dir} was cleaned with other settings ({'; '.join(diffs)}); clean into a new "
                              f"folder, or delete {out_dir} first")
         return
     # A run killed while writing clean_config.json leaves only its temporary file: that folder is still ours.
-    if os.path.isdir(out_dir) and [n for n in os.listdir(out_dir) if not n.startswith(f".{CONFIG_NAME}.")]:
+    if storage.isdir(out_dir) and [n for n in storage.listdir(out_dir) if not n.startswith(f".{CONFIG_NAME}.")]:
         raise ValueError(f"{out_dir} is not empty and holds no dede clean run (no {CONFIG_NAME}); "
                          f"choose a new or empty folder")
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     write_json_atomic(config_path, {"identity": identity, "paths": paths})
 
 
@@ -200,22 +202,26 @@ def _check_coverage(manifest: Manifest, sel: Selection, shards_dir: str, scores_
         raise ValueError(f"{scores_dir} scores shard(s) {', '.join(foreign[:5])} that {shards_dir}/manifest.json "
                          f"does not list: these scores belong to another corpus")
     missing = [e.name for e in manifest.shards
-               if not os.path.isfile(os.path.join(scores_dir, _stem(e.name) + ".parquet"))]
+               if not storage.isfile(storage.join(scores_dir, _stem(e.name) + ".parquet"))]
     if missing:
         failed = []  # the scorer records shards it could not read in _failed/
-        for path in (os.path.join(scores_dir, "_failed", _stem(n) + ".json") for n in missing):
-            if os.path.isfile(path):
-                with open(path, encoding="utf-8") as f:
-                    failed.append(json.load(f).get("error", ""))
+        for path in (storage.join(scores_dir, "_failed", _stem(n) + ".json") for n in missing):
+            if storage.isfile(path):
+                failed.append(storage.read_json(path).get("error", ""))
         why = f"; the scorer could not read {len(failed)} of them, e.g. {failed[0]}" if failed else ""
         raise ValueError(f"no scores for {len(missing)} shard(s) ({', '.join(missing[:5])}): expected "
                          f"{scores_dir}/<stem>.parquet for each{why}; finish scoring (rerun `dede score`) first")
 
 
 def _write_parquet(table: pa.Table, path: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
+    """Temporary name, then rename; at a URL, written locally and uploaded in one piece."""
+    if storage.is_url(path):
+        fd, tmp = tempfile.mkstemp(suffix=".parquet.tmp")
+        os.close(fd)
+    else:
+        tmp = f"{path}.{os.getpid()}.tmp"
     pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    storage.publish(tmp, path)
 
 
 def _rejected_table(rows: list[tuple[str, str, float | None, str]]) -> pa.Table:
@@ -224,21 +230,35 @@ def _rejected_table(rows: list[tuple[str, str, float | None, str]]) -> pa.Table:
 
 
 def _scored_keys(scores_dir: str, name: str) -> set[str]:
-    path = os.path.join(scores_dir, _stem(name) + ".parquet")
-    table = pq.read_table(path, columns=["key", "shard"])
+    path = storage.join(scores_dir, _stem(name) + ".parquet")
+    with storage.open_read(path) as f:
+        table = pq.read_table(f, columns=["key", "shard"])
     others = set(table.column("shard").to_pylist()) - {name}
     if others:
         raise ValueError(f"{path} holds rows of shard(s) {sorted(others)[:3]}, not only {name}; rescore")
     return set(table.column("key").to_pylist())
 
 
-def _clean_shard(entry: ShardEntry, shards_dir: str, out_dir: str, *, scored: set[str],
-                 dropped: dict[str, tuple[float | None, str]], keep_unscored: bool, seen: dict[str, str],
-                 unscored: int) -> dict[str, Any]:
-    """Write OUT/<name> holding the kept samples; return the marker (counts, bytes, sha256, rejected rows)."""
-    name, src = entry.name, os.path.join(shards_dir, entry.name)
-    if not os.path.isfile(src) or os.path.getsize(src) != entry.bytes:
-        raise ValueError(f"{src} is missing or not the {entry.bytes} bytes its manifest says; reshard")
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything one shard's cleaning needs: small and picklable, so it can go to another process."""
+
+    entry: ShardEntry
+    shards_dir: str
+    scores_dir: str
+    out_dir: str
+    dropped: dict[str, tuple[float | None, str]]  # key -> (score, reason) of this shard's dropped samples
+    keep_unscored: bool
+    unscored: int  # unscored rows of this shard in the scores table
+    identity_sha: str  # the marker's claim that it belongs to this clean run
+
+
+def _clean_shard(job: ShardJob, src: str, scratch: str | None, *, scored: set[str],
+                 seen: dict[str, str]) -> dict[str, Any]:
+    """Write OUT/<name> holding the kept samples; return the marker (counts, bytes, sha256, rejected rows).
+    src is a local copy of the shard; the new shard is written in scratch when OUT is a URL, else in OUT."""
+    entry, out_dir, unscored = job.entry, job.out_dir, job.unscored
+    name = entry.name
     index = index_tar(src)
     kept, rows = [], []
     for s in index.samples:
@@ -246,9 +266,9 @@ def _clean_shard(entry: ShardEntry, shards_dir: str, out_dir: str, *, scored: se
             rows.append((s.key, name, None, f"duplicate key (first seen in {seen[s.key]})"))
             continue
         seen[s.key] = name
-        if s.key in dropped:
-            rows.append((s.key, name, *dropped[s.key]))
-        elif s.key in scored or keep_unscored:
+        if s.key in job.dropped:
+            rows.append((s.key, name, *job.dropped[s.key]))
+        elif s.key in scored or job.keep_unscored:
             kept.append(s)
             unscored += s.key not in scored
         else:
@@ -261,7 +281,7 @@ def _clean_shard(entry: ShardEntry, shards_dir: str, out_dir: str, *, scored: se
                          f"{sorted(stray)[:3]}): the scores belong to another corpus; rescore these shards")
 
     spans = _merge(index.gaps + [span for s in kept for span in s.spans])
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=scratch or out_dir)
     try:
         with os.fdopen(fd, "wb") as f:
             src_sha, size, sha = _copy_spans(src, entry.bytes, spans, f)
@@ -270,46 +290,171 @@ def _clean_shard(entry: ShardEntry, shards_dir: str, out_dir: str, *, scored: se
         if src_sha != entry.sha256:
             raise ValueError(f"{src} does not match the sha256 in its manifest; the shard changed: reshard")
         os.chmod(tmp, 0o644)  # mkstemp makes it private; a corpus is meant to be read by others
-        os.replace(tmp, os.path.join(out_dir, name))
+        storage.publish(tmp, storage.join(out_dir, name))
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    _write_parquet(_rejected_table(rows), os.path.join(out_dir, DONE_DIR, _stem(name) + ".rejected.parquet"))
+    _write_parquet(_rejected_table(rows), storage.join(out_dir, DONE_DIR, _stem(name) + ".rejected.parquet"))
     counts = Counts(total=len(kept) + len(rows), kept=len(kept), dropped=len(rows), unscored=unscored)
     return {"shard": name, "bytes": size, "sha256": sha, "samples": len(kept), "counts": counts.to_dict(),
             "first_key": kept[0].key if kept else "", "last_key": kept[-1].key if kept else ""}
 
 
+def clean_shard(job: ShardJob, seen: dict[str, str] | None = None) -> dict[str, Any]:
+    """Clean one shard of a plan: OUT/<name>, then _done/<stem>.rejected.parquet, then the marker
+    _done/<stem>.json last; returns the marker. seen: key -> first shard, for the keys of this shard that an
+    earlier shard (manifest order) already holds (they are dropped as duplicates); it is updated in place."""
+    entry, out_dir = job.entry, job.out_dir
+    src = storage.join(job.shards_dir, entry.name)
+    if not storage.isfile(src) or storage.getsize(src) != entry.bytes:
+        raise ValueError(f"{src} is missing or not the {entry.bytes} bytes its manifest says; reshard")
+    if not storage.is_url(out_dir):
+        for stale in glob.glob(os.path.join(glob.escape(out_dir), f".{glob.escape(entry.name)}.*.tmp")):
+            os.unlink(stale)  # left by a killed run
+    scratch = storage.scratch(job.shards_dir) or storage.scratch(out_dir)
+    try:
+        where = scratch.name if scratch else None
+        marker = _clean_shard(job, storage.local_copy(src, where or ""), where if storage.is_url(out_dir) else None,
+                              scored=_scored_keys(job.scores_dir, entry.name), seen={} if seen is None else seen)
+    finally:
+        if scratch:
+            scratch.cleanup()
+    marker["identity"] = job.identity_sha
+    write_json_atomic(storage.join(out_dir, DONE_DIR, _stem(entry.name) + ".json"), marker)
+    return marker
+
+
 def _marker(out_dir: str, name: str, identity_sha: str) -> dict[str, Any] | None:
     """The marker of a finished shard of this run, or None when the shard must be (re)written."""
-    path = os.path.join(out_dir, DONE_DIR, _stem(name) + ".json")
+    path = storage.join(out_dir, DONE_DIR, _stem(name) + ".json")
     try:
-        with open(path, encoding="utf-8") as f:
-            marker = json.load(f)
+        marker = storage.read_json(path)
     except (OSError, ValueError):
         return None
-    out = os.path.join(out_dir, name)
-    part = os.path.join(out_dir, DONE_DIR, _stem(name) + ".rejected.parquet")
-    ok = (marker.get("identity") == identity_sha and os.path.isfile(part) and os.path.isfile(out)
-          and os.path.getsize(out) == marker.get("bytes"))
+    out = storage.join(out_dir, name)
+    part = storage.join(out_dir, DONE_DIR, _stem(name) + ".rejected.parquet")
+    ok = (marker.get("identity") == identity_sha and storage.isfile(part) and storage.isfile(out)
+          and storage.getsize(out) == marker.get("bytes"))
     return marker if ok else None
+
+
+@dataclass(frozen=True)
+class CleanPlan:
+    """A clean run fixed before any shard is written: the selection, the claimed OUT, what is left to do."""
+
+    shards_dir: str
+    scores_dir: str
+    out_dir: str
+    selection: Selection
+    manifest: Manifest
+    config: dict[str, Any]  # identity and paths, as in clean_config.json
+    identity_sha: str
+    markers: dict[str, dict[str, Any] | None]  # shard -> marker of an earlier finished shard, None if pending
+
+    @property
+    def pending(self) -> list[str]:
+        return [e.name for e in self.manifest.shards if self.markers[e.name] is None]
+
+    def job(self, name: str) -> ShardJob:
+        entry = next(e for e in self.manifest.shards if e.name == name)
+        dropped = self.selection.dropped.filter(pc.equal(self.selection.dropped.column("shard"), name))
+        rows = zip(*(dropped.column(c).to_pylist() for c in ("key", "score", "reason")))
+        return ShardJob(entry=entry, shards_dir=self.shards_dir, scores_dir=self.scores_dir, out_dir=self.out_dir,
+                        dropped={key: (score, reason) for key, score, reason in rows},
+                        keep_unscored=self.selection.keep_unscored,
+                        unscored=self.selection.by_shard.get(name, Counts()).unscored, identity_sha=self.identity_sha)
+
+
+def plan_clean(shards_dir: str | os.PathLike, scores_dir: str | os.PathLike, out_dir: str | os.PathLike,
+               rule: Rule = DEFAULT_RULE, *, keep_unscored: bool = False) -> CleanPlan:
+    """Select, check the scores cover the shards, claim OUT (refusing other settings) and find the shards
+    still to clean. Folders may be local paths or fsspec URLs."""
+    shards_dir, scores_dir, out_dir = (storage.absolute(p) for p in (shards_dir, scores_dir, out_dir))
+    if out_dir in (shards_dir, scores_dir) or (
+            not storage.is_url(out_dir) and os.path.realpath(out_dir) in (os.path.realpath(shards_dir),
+                                                                          os.path.realpath(scores_dir))):
+        raise ValueError(f"--out {out_dir} is the shards or scores folder; give a new folder for the cleaned shards")
+    manifest = read_manifest(shards_dir)
+    sel = select(scores_dir, rule, keep_unscored=keep_unscored)
+    _check_coverage(manifest, sel, shards_dir, scores_dir)
+    identity = _identity(sel, manifest, scores_dir)
+    config = {"identity": identity, "paths": {"shards_dir": shards_dir, "scores_dir": scores_dir}}
+    _claim(out_dir, identity, config["paths"])
+    storage.makedirs(storage.join(out_dir, DONE_DIR))
+    identity_sha = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    markers = {e.name: _marker(out_dir, e.name, identity_sha) for e in manifest.shards}
+    return CleanPlan(shards_dir=shards_dir, scores_dir=scores_dir, out_dir=out_dir, selection=sel,
+                     manifest=manifest, config=config, identity_sha=identity_sha, markers=markers)
+
+
+def _finals(out_dir: str) -> list[str]:
+    return [storage.join(out_dir, n) for n in (REJECTED_NAME, SUMMARY_NAME, MANIFEST_NAME)]
+
+
+def start_clean(plan: CleanPlan) -> bool:
+    """True when shards or final files are left to write; then OUT/manifest.json is removed first, since the
+    folder is incomplete until every shard is done again."""
+    if not plan.pending and all(storage.isfile(p) for p in _finals(plan.out_dir)):
+        return False
+    if storage.isfile(_finals(plan.out_dir)[2]):
+        storage.unlink(_finals(plan.out_dir)[2])
+    return True
+
+
+def sample_keys(shards_dir: str, name: str) -> list[str]:
+    """The sample keys of one shard, in order (the duplicate-key check across shards needs them)."""
+    path = storage.join(shards_dir, name)
+    scratch = storage.scratch(shards_dir)
+    try:
+        return [s.key for s in index_tar(storage.local_copy(path, scratch.name if scratch else "")).samples]
+    finally:
+        if scratch:
+            scratch.cleanup()
+
+
+def earlier_keys(plan: CleanPlan, keys: dict[str, list[str]]) -> dict[str, dict[str, str]]:
+    """For each pending shard, its keys that an earlier shard (manifest order) already holds -> that shard:
+    what a sequential clean would have in `seen` for it. keys: every shard's sample_keys."""
+    first: dict[str, str] = {}
+    out: dict[str, dict[str, str]] = {}
+    for entry in plan.manifest.shards:
+        if plan.markers[entry.name] is None:
+            out[entry.name] = {k: first[k] for k in keys[entry.name] if k in first}
+        for key in keys[entry.name]:
+            first.setdefault(key, entry.name)
+    return out
+
+
+def finish_clean(plan: CleanPlan, markers: dict[str, dict[str, Any]]) -> CleanResult:
+    """rejected.parquet, summary.json, then manifest.json last (a folder with a manifest is complete); markers:
+    shard -> marker of every shard cleaned since the plan was made."""
+    written = [e.name for e in plan.manifest.shards if plan.markers[e.name] is None]
+    done = {e.name: plan.markers[e.name] or markers[e.name] for e in plan.manifest.shards}
+    if written or not all(storage.isfile(p) for p in _finals(plan.out_dir)):
+        _finish(plan.out_dir, plan.selection, plan.manifest, [done[e.name] for e in plan.manifest.shards],
+                plan.config)
+    by_shard = {name: Counts(**m["counts"]) for name, m in done.items()}
+    return CleanResult(out_dir=plan.out_dir, selection=plan.selection, counts=sum(by_shard.values(), Counts()),
+                       by_shard=by_shard, written=written,
+                       skipped=[e.name for e in plan.manifest.shards if e.name not in set(written)])
 
 
 def _finish(out_dir: str, sel: Selection, manifest: Manifest, markers: list[dict[str, Any]],
             config: dict[str, Any]) -> None:
-    """rejected.parquet, summary.json, then manifest.json last: a folder with a manifest is complete."""
-    parts = [pq.read_table(os.path.join(out_dir, DONE_DIR, _stem(m["shard"]) + ".rejected.parquet"))
-             for m in markers]
+    parts = []
+    for m in markers:
+        with storage.open_read(storage.join(out_dir, DONE_DIR, _stem(m["shard"]) + ".rejected.parquet")) as f:
+            parts.append(pq.read_table(f))
     meta = with_metadata(REJECTED, "rejected", json.dumps(config, sort_keys=True)).metadata
     meta.update({b"dede.rule": sel.rule.label.encode(), b"dede.threshold": json.dumps(sel.threshold).encode()})
     rejected = pa.concat_tables(parts).cast(REJECTED) if parts else _rejected_table([])
-    _write_parquet(rejected.replace_schema_metadata(meta), os.path.join(out_dir, REJECTED_NAME))
+    _write_parquet(rejected.replace_schema_metadata(meta), storage.join(out_dir, REJECTED_NAME))
     by_shard = {m["shard"]: m["counts"] for m in markers}
     total = sum((Counts(**c) for c in by_shard.values()), Counts())
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     summary = {"format": "dede-clean-summary/1", "created": now, **sel.to_dict(), "counts": total.to_dict(),
                "shards": by_shard, **config["paths"]}
-    write_json_atomic(os.path.join(out_dir, SUMMARY_NAME), summary)
+    write_json_atomic(storage.join(out_dir, SUMMARY_NAME), summary)
     entries = [ShardEntry(name=m["shard"], samples=m["samples"], bytes=m["bytes"], sha256=m["sha256"],
                           first_key=m["first_key"], last_key=m["last_key"]) for m in markers]
     write_manifest(out_dir, Manifest(
@@ -320,56 +465,28 @@ def _finish(out_dir: str, sel: Selection, manifest: Manifest, markers: list[dict
 
 def clean(shards_dir: str | os.PathLike, scores_dir: str | os.PathLike, out_dir: str | os.PathLike,
           rule: Rule = DEFAULT_RULE, *, keep_unscored: bool = False, progress: bool = True) -> CleanResult:
-    """Write OUT/<shard>.tar with the samples the rule keeps, OUT/rejected.parquet, summary.json, manifest.json.
-    Rerunning the same command resumes or does nothing; other settings into the same OUT are refused."""
-    shards_dir, scores_dir, out_dir = (os.path.abspath(os.fspath(p)) for p in (shards_dir, scores_dir, out_dir))
-    if os.path.realpath(out_dir) in (os.path.realpath(shards_dir), os.path.realpath(scores_dir)):
-        raise ValueError(f"--out {out_dir} is the shards or scores folder; give a new folder for the cleaned shards")
-    manifest = read_manifest(shards_dir)
-    sel = select(scores_dir, rule, keep_unscored=keep_unscored)
-    _check_coverage(manifest, sel, shards_dir, scores_dir)
-    identity = _identity(sel, manifest, scores_dir)
-    config = {"identity": identity, "paths": {"shards_dir": shards_dir, "scores_dir": scores_dir}}
-    _claim(out_dir, identity, config["paths"])
-    os.makedirs(os.path.join(out_dir, DONE_DIR), exist_ok=True)
-    identity_sha = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-
-    markers = {e.name: _marker(out_dir, e.name, identity_sha) for e in manifest.shards}
-    pending = [e.name for e in manifest.shards if markers[e.name] is None]
-    finals = [os.path.join(out_dir, n) for n in (REJECTED_NAME, SUMMARY_NAME, MANIFEST_NAME)]
-    if pending or not all(os.path.isfile(p) for p in finals):
-        if os.path.exists(finals[2]):
-            os.unlink(finals[2])  # the folder is incomplete until every shard is done again
-        if pending:
-            _run(manifest, set(pending), markers, shards_dir, scores_dir, out_dir, sel, identity_sha, progress)
-        _finish(out_dir, sel, manifest, [markers[e.name] for e in manifest.shards], config)
-    by_shard = {name: Counts(**m["counts"]) for name, m in markers.items()}
-    return CleanResult(out_dir=out_dir, selection=sel, counts=sum(by_shard.values(), Counts()), by_shard=by_shard,
-                       written=pending, skipped=[e.name for e in manifest.shards if e.name not in set(pending)])
+    """Write OUT/<shard>.tar with the samples the rule keeps, OUT/rejected.parquet, summary.json, manifest.json,
+    one shard after the other. Rerunning the same command resumes or does nothing; other settings into the
+    same OUT are refused. The dede-clean flow runs the same steps with shards in parallel."""
+    plan = plan_clean(shards_dir, scores_dir, out_dir, rule, keep_unscored=keep_unscored)
+    markers: dict[str, dict[str, Any]] = {}
+    if start_clean(plan) and plan.pending:
+        markers = _run(plan, progress)
+    return finish_clean(plan, markers)
 
 
-def _run(manifest: Manifest, pending: set[str], markers: dict[str, Any], shards_dir: str, scores_dir: str,
-         out_dir: str, sel: Selection, identity_sha: str, progress: bool) -> None:
-    dropped: dict[str, dict[str, tuple[float | None, str]]] = {}
-    for key, shard, score, reason in zip(*(sel.dropped.column(c).to_pylist() for c in REJECTED.names)):
-        dropped.setdefault(shard, {})[key] = (score, reason)
+def _run(plan: CleanPlan, progress: bool) -> dict[str, dict[str, Any]]:
+    pending, markers = set(plan.pending), {}
     bar = Progress(len(pending), desc="cleaning", unit="shards", stream=None if progress else io.StringIO())
     start, read = time.perf_counter(), 0
     seen: dict[str, str] = {}
-    for entry in manifest.shards:
+    for entry in plan.manifest.shards:
         if entry.name not in pending:  # finished earlier: only its keys matter, to spot duplicates later on
-            for s in index_tar(os.path.join(shards_dir, entry.name)).samples:
-                seen.setdefault(s.key, entry.name)
+            for key in sample_keys(plan.shards_dir, entry.name):
+                seen.setdefault(key, entry.name)
             continue
-        for stale in glob.glob(os.path.join(glob.escape(out_dir), f".{glob.escape(entry.name)}.*.tmp")):
-            os.unlink(stale)  # left by a killed run
-        by = sel.by_shard.get(entry.name, Counts())
-        marker = _clean_shard(entry, shards_dir, out_dir, scored=_scored_keys(scores_dir, entry.name),
-                              dropped=dropped.get(entry.name, {}), keep_unscored=sel.keep_unscored, seen=seen,
-                              unscored=by.unscored)
-        marker["identity"] = identity_sha
-        write_json_atomic(os.path.join(out_dir, DONE_DIR, _stem(entry.name) + ".json"), marker)
-        markers[entry.name] = marker
+        markers[entry.name] = clean_shard(plan.job(entry.name), seen)
         read += entry.bytes
         bar.update(1, f"{read / 1e6 / max(time.perf_counter() - start, 1e-9):.1f} MB/s")
     bar.close(f"{read / 1e6:.1f} MB read")
+    return markers

@@ -13,12 +13,14 @@ import io
 import math
 import os
 import tarfile
+import tempfile
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from dede_core import storage
 from dede_core.select import Selection, format_number, hit_sql, scored_sql
 from dede_core.sources import TAR_IMAGE_EXTENSIONS, clean_key, split_member
 from dede_core.sql import connect, has_view
@@ -68,11 +70,11 @@ def read_images(shards_dir: str, wanted: dict[str, set[str]]) -> dict[str, bytes
     """{key: image bytes} for the wanted keys of each shard, read member by member until all are found."""
     found: dict[str, bytes] = {}
     for shard, keys in wanted.items():
-        path = os.path.join(shards_dir, shard)
-        if not os.path.isfile(path):
+        path = storage.join(shards_dir, shard)
+        if not storage.isfile(path):
             continue
         left = set(keys)
-        with tarfile.open(path, mode="r:") as tar:
+        with storage.open_read(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
                 parsed = split_member(member.name) if member.isreg() else None
                 if parsed is None or parsed[1] not in TAR_IMAGE_EXTENSIONS:
@@ -162,7 +164,7 @@ def write_report(scores_dir: str | os.PathLike, shards_dir: str | os.PathLike, o
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8"><title>dede selection report</title>',
         f"<style>{_CSS}</style></head><body>", "<h1>dede selection report</h1>",
-        f"<p>scores <code>{e(os.path.abspath(scores_dir))}</code>, shards <code>{e(os.path.abspath(shards_dir))}"
+        f"<p>scores <code>{e(storage.absolute(scores_dir))}</code>, shards <code>{e(storage.absolute(shards_dir))}"
         f"</code><br>detector <code>{e(str(selection.detector_hash))}</code>, encoder "
         f"<code>{e(str(selection.encoder_id))}</code></p>",
         "<h2>How the threshold was chosen</h2>", f"<p>{e(selection.how)}</p>",
@@ -179,10 +181,11 @@ def write_report(scores_dir: str | os.PathLike, shards_dir: str | os.PathLike, o
         "<h2>Reasons for dropping</h2>", _table(["reason", "samples"], [[r, n] for r, n in top_reasons]),
         "</body></html>",
     ]
-    folder = os.path.dirname(os.path.abspath(out_html))
+    remote = storage.is_url(out_html)  # then written locally and uploaded in one piece
+    folder = tempfile.gettempdir() if remote else os.path.dirname(os.path.abspath(out_html))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(out_html)}.{os.getpid()}.tmp")
+    tmp = os.path.join(folder, f".{storage.basename(out_html)}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write("\n".join(parts) + "\n")
-    os.replace(tmp, out_html)
+    storage.publish(tmp, out_html)
     return out_html

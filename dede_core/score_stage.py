@@ -27,9 +27,10 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dede_core import __version__
+from dede_core import __version__, storage
 from dede_core.checkpoint import Checkpoint, load_detector
 from dede_core.config import DetectorConfig
+from dede_core.detector_cache import load_detector_once
 from dede_core.images import ImageDecodeError, decode_image, image_size
 from dede_core.progress import Progress
 from dede_core.scoring import ScoreConfig, Scorer
@@ -88,9 +89,18 @@ def run_config(ckpt: Checkpoint, score: ScoreConfig, *, knn_k: int, with_embeddi
 
 
 def _claim_run(out_dir: str, config: dict[str, Any]) -> None:
-    """Write OUT/run.json if absent (atomically, first writer wins), else refuse when settings differ."""
-    path = os.path.join(out_dir, RUN_NAME)
-    if not os.path.exists(path):
+    """Write OUT/run.json if absent (atomically, first writer wins), else refuse when settings differ.
+
+    At a URL the record is one put and the last writer wins: the dede-score flow writes it in its first task,
+    before the parallel ones start."""
+    path = storage.join(out_dir, RUN_NAME)
+    if storage.is_url(out_dir):
+        if not storage.isfile(path):
+            if storage.listdir(storage.join(out_dir, DONE_DIR)):
+                raise ValueError(f"{out_dir} holds finished shards but no {RUN_NAME}: it cannot be told what "
+                                 f"made them; score into a new folder, or delete {out_dir}")
+            write_json_atomic(path, config)
+    elif not os.path.exists(path):
         if os.listdir(os.path.join(out_dir, DONE_DIR)):
             raise ValueError(f"{out_dir} holds finished shards but no {RUN_NAME}: it cannot be told what made "
                              f"them; score into a new folder, or delete {out_dir}")
@@ -104,8 +114,7 @@ def _claim_run(out_dir: str, config: dict[str, Any]) -> None:
             pass
         finally:
             os.unlink(tmp)
-    with open(path) as f:
-        old = json.load(f)
+    old = storage.read_json(path)
     strip = lambda d: {k: v for k, v in d.items() if k not in IGNORED_ON_RERUN}  # noqa: E731
     diffs = differences(strip(old), strip(config))
     if diffs:
@@ -179,24 +188,26 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def _open_part(shards_dir: str, entry: ShardEntry) -> _ShardRows:
-    """Index one shard; ValueError/OSError when it is missing, cut short or not a tar (the shard fails)."""
-    path = os.path.join(shards_dir, entry.name)
-    size = os.path.getsize(path)
+def _open_part(shards_dir: str, entry: ShardEntry, scratch: str | None) -> _ShardRows:
+    """Index one shard; ValueError/OSError when it is missing, cut short or not a tar (the shard fails).
+    A shard at a URL is downloaded into `scratch` first: the reader needs random access."""
+    path = storage.join(shards_dir, entry.name)
+    size = storage.getsize(path)
     if size != entry.bytes:
         raise ValueError(f"{path} is {size} bytes but the manifest says {entry.bytes}: it changed or was cut "
                          f"short since sharding; reshard or restore it")
-    return _ShardRows(entry, TarShardSource([path]))
+    return _ShardRows(entry, TarShardSource([storage.local_copy(path, scratch or "")]))
 
 
 def _write_parquet(table: pa.Table, path: str) -> None:
+    """Temporary name next to `path`, then rename; at a URL, written locally and uploaded in one piece."""
     folder, name = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=None if storage.is_url(path) else folder)
     os.close(fd)
     try:
         pq.write_table(table, tmp)
         os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        storage.publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -230,16 +241,16 @@ class _Run:
         columns |= {"shard": [part.entry.name] * len(part.rows), "position": list(range(len(part.rows)))}
         columns |= {name: [value] * len(part.rows) for name, value in self.constant.items()}
         _write_parquet(pa.Table.from_pydict(columns, schema=self.schema),
-                       os.path.join(self.out_dir, f"{part.stem}.parquet"))
+                       storage.join(self.out_dir, f"{part.stem}.parquet"))
         counts = Counter(columns["status"])
         elapsed = 0.0 if part.started is None else time.perf_counter() - part.started
-        write_json_atomic(os.path.join(self.out_dir, DONE_DIR, f"{part.stem}.json"),
+        write_json_atomic(storage.join(self.out_dir, DONE_DIR, f"{part.stem}.json"),
                           {"shard": part.entry.name, "rows": len(part.rows), "counts": counts,
                            "elapsed_s": round(elapsed, 3), "sha256": part.entry.sha256,
                            "detector_hash": self.ckpt.content_hash})
-        failed = os.path.join(self.out_dir, FAILED_DIR, f"{part.stem}.json")
-        if os.path.exists(failed):
-            os.unlink(failed)  # an earlier failure is resolved
+        failed = storage.join(self.out_dir, FAILED_DIR, f"{part.stem}.json")
+        if storage.isfile(failed):
+            storage.unlink(failed)  # an earlier failure is resolved
         return counts
 
     def write_calibration(self, batch_size: int) -> None:
@@ -252,7 +263,7 @@ class _Run:
             knn += k  # None when the detector carries no k-NN bank
         table = pa.Table.from_pydict({"key": keys[:len(scores)], "score": scores, "knn_score": knn},
                                      schema=self.calibration_schema)
-        _write_parquet(table, os.path.join(self.out_dir, CALIBRATION_NAME))
+        _write_parquet(table, storage.join(self.out_dir, CALIBRATION_NAME))
 
 
 def _route(batch: dict[str, Any], parts: list[_ShardRows], run: _Run) -> list[_ShardRows]:
@@ -290,21 +301,21 @@ def _check_args(knn_k: int, batch_size: int, workers: int, device: str, ckpt: Ch
 
 def _is_done(out_dir: str, entry: ShardEntry) -> bool:
     stem = os.path.splitext(entry.name)[0]
-    return (os.path.isfile(os.path.join(out_dir, DONE_DIR, f"{stem}.json"))
-            and os.path.isfile(os.path.join(out_dir, f"{stem}.parquet")))
+    return (storage.isfile(storage.join(out_dir, DONE_DIR, f"{stem}.json"))
+            and storage.isfile(storage.join(out_dir, f"{stem}.parquet")))
 
 
-def _open_parts(shards_dir: str, out_dir: str, todo: list[ShardEntry], log: Callable[[str], None]
-                ) -> tuple[list[_ShardRows], dict[str, str]]:
+def _open_parts(shards_dir: str, out_dir: str, todo: list[ShardEntry], log: Callable[[str], None],
+                scratch: str | None = None) -> tuple[list[_ShardRows], dict[str, str]]:
     """Index the pending shards; a broken one is recorded in _failed/ and left out, the others go on."""
     parts, failed = [], {}
     for entry in todo:
         try:
-            parts.append(_open_part(shards_dir, entry))
+            parts.append(_open_part(shards_dir, entry, scratch))
         except (OSError, ValueError) as exc:
             failed[entry.name] = f"{type(exc).__name__}: {exc}"
             log(f"warning: shard {entry.name} cannot be read and is not scored: {failed[entry.name]}")
-            write_json_atomic(os.path.join(out_dir, FAILED_DIR, f"{os.path.splitext(entry.name)[0]}.json"),
+            write_json_atomic(storage.join(out_dir, FAILED_DIR, f"{os.path.splitext(entry.name)[0]}.json"),
                               {"shard": entry.name, "error": failed[entry.name]})
     return parts, failed
 
@@ -316,32 +327,42 @@ def _stderr(text: str) -> None:
 def score_shards(shards_dir: str, *, detector: str, out_dir: str, score: ScoreConfig = ScoreConfig(),
                  knn_k: int = 10, with_embedding: bool = False, batch_size: int = 256, workers: int = 2,
                  device: str = "cpu", shards: list[str] | None = None, progress: bool = True,
-                 log: Callable[[str], None] | None = None, encoder: str | None = None) -> ScoreStageResult:
+                 log: Callable[[str], None] | None = None, encoder: str | None = None,
+                 reuse_detector: bool = False) -> ScoreStageResult:
     """Score every sample of a shards folder (or the named `shards` of it) into OUT/<shard>.parquet.
 
     Rerunning skips finished shards, retries failed ones, and refuses if the detector or settings changed.
     `shards=[]` scores no shard but writes OUT/run.json and OUT/calibration.parquet (a flow's first task).
     `encoder`: the victim's spec, when the detector's own must not be trusted to run code (checkpoint.load_detector).
+    `reuse_detector`: keep the loaded detector for the next call in this process (a worker's later tasks).
+    SHARDS and OUT may be fsspec URLs (dede_core.storage): shards are then downloaded one call at a time.
     """
     log, started = log or _stderr, time.perf_counter()
     shards_dir, out_dir = os.fspath(shards_dir), os.fspath(out_dir)
     manifest = read_manifest(shards_dir)
     entries = _select(manifest.shards, shards)
-    model, encoder, ckpt = load_detector(detector, encoder_spec=encoder)
+    load = load_detector_once if reuse_detector else load_detector
+    model, encoder, ckpt = load(detector, encoder_spec=encoder)
     _check_args(knn_k, batch_size, workers, device, ckpt)
     scorer = Scorer(detector=model, encoder=encoder, config=score, device=device)
     listing = json.dumps([[e.name, e.sha256] for e in manifest.shards]).encode()
     shards_id = f"{len(manifest.shards)} shards, sha256 {hashlib.sha256(listing).hexdigest()[:16]}"
     config = run_config(ckpt, score, knn_k=knn_k, with_embedding=with_embedding, device=device, shards_id=shards_id)
     for sub in (DONE_DIR, FAILED_DIR):
-        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+        storage.makedirs(storage.join(out_dir, sub))
     _claim_run(out_dir, config)
     run = _Run(out_dir, scorer, ckpt, config)
-    if not os.path.isfile(os.path.join(out_dir, CALIBRATION_NAME)):
+    if not storage.isfile(storage.join(out_dir, CALIBRATION_NAME)):
         run.write_calibration(batch_size)
     skipped = [e.name for e in entries if _is_done(out_dir, e)]
-    parts, failed = _open_parts(shards_dir, out_dir, [e for e in entries if e.name not in skipped], log)
-    counts = _score_parts(parts, run, batch_size=batch_size, workers=workers, progress=progress)
+    scratch = storage.scratch(shards_dir)  # downloaded shards, when SHARDS is a URL
+    try:
+        parts, failed = _open_parts(shards_dir, out_dir, [e for e in entries if e.name not in skipped], log,
+                                    scratch.name if scratch else None)
+        counts = _score_parts(parts, run, batch_size=batch_size, workers=workers, progress=progress)
+    finally:
+        if scratch:
+            scratch.cleanup()
     elapsed = time.perf_counter() - started
     rows = sum(counts.values())
     result = ScoreStageResult(scored=[p.entry.name for p in parts], skipped=skipped, failed=failed, samples=rows,

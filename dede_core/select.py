@@ -17,6 +17,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from dede_core import storage
 from dede_core.sql import connect, has_view
 from schemas.sql import literal
 from schemas.tables import REJECTED, STATUS_OK
@@ -277,7 +278,7 @@ def select(scores_dir: str | os.PathLike, rule: Rule = DEFAULT_RULE, *, keep_uns
     """Apply one rule to every row of SCORES/*.parquet; the dropped rows come back with their reasons."""
     if not isinstance(rule, Rule):
         raise ValueError(f"rule must be a Rule (Rule.fpr(0.05), ...), got {type(rule).__name__}")
-    scores_dir = os.path.abspath(os.fspath(scores_dir))
+    scores_dir = storage.absolute(scores_dir)  # a local path or a URL
     conn = connect(scores_dir)
     try:
         detector, encoder = _check_one_detector(conn, scores_dir)

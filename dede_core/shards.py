@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
+from dede_core import storage
 from dede_core.progress import Progress
 from dede_core.sources import TAR_IMAGE_EXTENSIONS, Sample, Source, TarShardSource, clean_key, open_source
 from schemas.manifest import Manifest, ShardEntry, differences, manifest_path, read_manifest, write_manifest
@@ -79,12 +80,15 @@ class _HashingFile:
 
 
 class _ShardFile:
-    """One shard being written: a temporary file that becomes OUT/<index>.tar on finish()."""
+    """One shard being written: a temporary file that becomes OUT/<index>.tar on finish().
 
-    def __init__(self, out_dir: str, index: int) -> None:
+    The temporary file sits in tmp_dir: OUT itself when local (the rename stays on one file system), a local
+    scratch folder when OUT is a URL (the finished file is then uploaded in one piece)."""
+
+    def __init__(self, out_dir: str, index: int, tmp_dir: str) -> None:
         self.name = f"{index:06d}.tar"
-        self.path = os.path.join(out_dir, self.name)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.name}.", suffix=".tmp", dir=out_dir)
+        self.path = storage.join(out_dir, self.name)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.name}.", suffix=".tmp", dir=tmp_dir)
         self.handle = os.fdopen(fd, "wb")
         self.file = _HashingFile(self.handle)
         self.writer = wds.TarWriter(self.file, encoder=False, mtime=MEMBER_MTIME)
@@ -103,7 +107,7 @@ class _ShardFile:
         os.fsync(self.handle.fileno())
         self.handle.close()
         os.chmod(self.tmp, 0o644)  # mkstemp makes 0600; shards are shared data
-        os.replace(self.tmp, self.path)
+        storage.publish(self.tmp, self.path)
         return ShardEntry(name=self.name, samples=len(self.keys), bytes=self.file.bytes,
                           sha256=self.file.sha256.hexdigest(), first_key=self.keys[0], last_key=self.keys[-1])
 
@@ -114,13 +118,13 @@ class _ShardFile:
 
 
 def _write_all(samples: Iterator[Sample], out_dir: str, per_shard: int, classes: list[str] | None,
-               progress: Progress, unread: Counter) -> list[ShardEntry]:
+               progress: Progress, unread: Counter, tmp_dir: str) -> list[ShardEntry]:
     """Stream samples into shards of per_shard; counts in `unread` the extensions dede's tar reader skips."""
     entries: list[ShardEntry] = []
     current: _ShardFile | None = None
     try:
         for sample in samples:
-            current = current or _ShardFile(out_dir, len(entries))
+            current = current or _ShardFile(out_dir, len(entries), tmp_dir)
             ext = current.add(sample, classes)
             if ext not in TAR_IMAGE_EXTENSIONS:
                 unread[ext] += 1
@@ -262,7 +266,7 @@ def _open(src: str, options: dict[str, Any]) -> Source | ParquetRows:
 
 def _reusable(out_dir: str, wanted: dict[str, Any], log: Callable[[str], None]) -> Manifest | None:
     """The existing manifest when it was made the same way and its shards are intact; None to (re)write."""
-    if not os.path.isfile(manifest_path(out_dir)):
+    if not storage.isfile(manifest_path(out_dir)):
         return None
     old = read_manifest(out_dir)
     had = {"source": old.source, "samples_per_shard": old.samples_per_shard, "options": old.options}
@@ -271,8 +275,8 @@ def _reusable(out_dir: str, wanted: dict[str, Any], log: Callable[[str], None]) 
         raise ValueError(f"{out_dir} already holds shards made another way ({'; '.join(diffs)}); "
                          f"shard into a new folder, or delete {out_dir} first")
     for entry in old.shards:
-        path = os.path.join(out_dir, entry.name)
-        if not os.path.isfile(path) or os.path.getsize(path) != entry.bytes:
+        path = storage.join(out_dir, entry.name)
+        if not storage.isfile(path) or storage.getsize(path) != entry.bytes:
             log(f"{path} is missing or changed since {manifest_path(out_dir)} was written: resharding")
             return None
     return old
@@ -281,9 +285,9 @@ def _reusable(out_dir: str, wanted: dict[str, Any], log: Callable[[str], None]) 
 def _remove_stale(out_dir: str, entries: list[ShardEntry]) -> None:
     """Drop shards numbered past the new last one and temp files of crashed runs: only the manifest's remain."""
     keep = {e.name for e in entries}
-    for name in os.listdir(out_dir):
+    for name in storage.listdir(out_dir):
         if (re.fullmatch(r"\d{6}\.tar", name) and name not in keep) or re.fullmatch(r"\.\d{6}\.tar\..*\.tmp", name):
-            os.unlink(os.path.join(out_dir, name))
+            storage.unlink(storage.join(out_dir, name))
 
 
 def _stderr(text: str) -> None:
@@ -299,12 +303,12 @@ def write_shards(src: str, out_dir: str, *, samples_per_shard: int = 10_000, ima
     if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be a positive int (e.g. 10000), got {samples_per_shard!r}")
     src, out_dir = os.fspath(src), os.fspath(out_dir)
-    if "://" not in src and os.path.realpath(src) == os.path.realpath(out_dir):
+    if not storage.is_url(src) and not storage.is_url(out_dir) and os.path.realpath(src) == os.path.realpath(out_dir):
         raise ValueError(f"--out {out_dir} is the source folder itself; shard into a new folder")
     options = {"image_column": image_column, "key_column": key_column, "label_column": label_column}
     options = options if _is_parquet(src) else {k: v for k, v in options.items() if v is not None}
     wanted = {"source": _source_id(src), "samples_per_shard": samples_per_shard, "options": options}
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     done = _reusable(out_dir, wanted, log)
     if done is not None:
         log(f"{out_dir} already sharded: {done.samples} samples in {len(done.shards)} shards; nothing to do")
@@ -313,12 +317,18 @@ def write_shards(src: str, out_dir: str, *, samples_per_shard: int = 10_000, ima
     _check_unique(source)
     if len(source) == 0:
         raise ValueError(f"no samples in {src} (skipped: {source.skipped[:3]})")
-    if os.path.exists(manifest_path(out_dir)):
-        os.unlink(manifest_path(out_dir))  # the shards are about to change: the folder is incomplete until done
+    if storage.isfile(manifest_path(out_dir)):
+        storage.unlink(manifest_path(out_dir))  # the shards are about to change: incomplete until done
     bar = Progress(len(source), desc="sharding", stream=None if progress else io.StringIO())
     samples = iter(source) if hasattr(source, "__iter__") else (source[i] for i in range(len(source)))
     unread: Counter = Counter()
-    entries = _write_all(samples, out_dir, samples_per_shard, source.classes, bar, unread)
+    scratch = storage.scratch(out_dir)
+    try:
+        entries = _write_all(samples, out_dir, samples_per_shard, source.classes, bar, unread,
+                             scratch.name if scratch else out_dir)
+    finally:
+        if scratch:
+            scratch.cleanup()
     bar.close(f"{len(entries)} shards")
     if not entries:
         raise ValueError(f"no readable samples in {src} (skipped: {source.skipped[:3]})")

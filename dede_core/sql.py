@@ -3,6 +3,8 @@
 After the views exist, the connection may read only their own files: no COPY/EXPORT to disk, no ATTACH, no
 INSTALL/LOAD, no other file, and the settings are locked so a query cannot turn this back on. `run_query` also
 accepts only one statement that reads. Output files (`--out`) are written here, by Python, never by the SQL.
+A scores folder at a URL (s3://...) is read through its fsspec file system, registered with DuckDB; the same
+lock applies (only the views' own objects are readable).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from dede_core import storage
 from schemas import sql as views
 
 CALIBRATION_NAME = "calibration.parquet"
@@ -25,7 +28,7 @@ _GLOB_CHARS = set("*?[]{}")
 
 
 def _path(path: str | os.PathLike) -> str:
-    path = os.path.abspath(os.fspath(path))
+    path = storage.absolute(path)
     # read_parquet expands glob characters even in a list of files, so such a path would read other files.
     if _GLOB_CHARS & set(path):
         raise ValueError(f"{path} contains one of {''.join(sorted(_GLOB_CHARS))}; rename the folder or file")
@@ -35,15 +38,15 @@ def _path(path: str | os.PathLike) -> str:
 def scores_files(scores_dir: str | os.PathLike) -> list[str]:
     """The per-shard scores files of a folder, sorted: *.parquet except calibration, rejected and temp files."""
     folder = os.fspath(scores_dir)
-    if not os.path.isdir(folder):
+    if not storage.isdir(folder):
         raise ValueError(f"scores folder {folder} does not exist; run `dede score SHARDS --out {folder}` first")
     names = sorted(
-        n for n in os.listdir(folder)
+        n for n in storage.listdir(folder)
         if n.endswith(".parquet") and n not in (CALIBRATION_NAME, REJECTED_NAME) and not n.startswith((".", "_"))
     )
     if not names:
         raise ValueError(f"no scores files (*.parquet) in {folder}; run `dede score SHARDS --out {folder}` first")
-    return [_path(os.path.join(folder, n)) for n in names]
+    return [_path(storage.join(folder, n)) for n in names]
 
 
 def _optional_file(path: str | os.PathLike | None, default_name: str, what: str) -> str | None:
@@ -51,8 +54,8 @@ def _optional_file(path: str | os.PathLike | None, default_name: str, what: str)
     if path is None:
         return None
     path = os.fspath(path)
-    candidate = os.path.join(path, default_name) if os.path.isdir(path) else path
-    if not os.path.isfile(candidate):
+    candidate = storage.join(path, default_name) if storage.isdir(path) else path
+    if not storage.isfile(candidate):
         raise ValueError(f"no {what} at {candidate}; give the folder that holds {default_name}, or the file")
     return _path(candidate)
 
@@ -67,9 +70,9 @@ def connect(
     `rejected` (a clean folder or its rejected.parquet; SCORES/rejected.parquet is used when present) and
     `manifest` (a shards folder or its manifest.json, when given)."""
     files = scores_files(scores_dir)
-    calibration = os.path.join(os.fspath(scores_dir), CALIBRATION_NAME)
-    calibration = _path(calibration) if os.path.isfile(calibration) else None
-    if rejected is None and os.path.isfile(os.path.join(os.fspath(scores_dir), REJECTED_NAME)):
+    calibration = storage.join(os.fspath(scores_dir), CALIBRATION_NAME)
+    calibration = _path(calibration) if storage.isfile(calibration) else None
+    if rejected is None and storage.isfile(storage.join(os.fspath(scores_dir), REJECTED_NAME)):
         rejected = scores_dir
     rejected = _optional_file(rejected, REJECTED_NAME, "rejected table")
     manifest = _optional_file(manifest, MANIFEST_NAME, "shards manifest")
@@ -77,6 +80,10 @@ def connect(
     # No temp directory: DuckDB adds it (default ./.tmp) to the paths a locked connection may still read and write.
     conn = duckdb.connect(":memory:", config=dict(views.CONNECT_CONFIG) | {"temp_directory": ""})
     try:
+        remote = [storage.filesystem(f)[0] for f in files + [calibration, rejected, manifest]
+                  if f is not None and storage.is_url(f)]
+        for fs in {str(fs.protocol): fs for fs in remote}.values():  # one registration per protocol
+            conn.register_filesystem(fs)
         conn.execute(views.SCORES_VIEW.format(files=views.literal_list(files)))
         for template, file in ((views.CALIBRATION_VIEW, calibration), (views.REJECTED_VIEW, rejected),
                                (views.MANIFEST_VIEW, manifest)):

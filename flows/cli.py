@@ -26,6 +26,20 @@ Without PREFECT_API_URL the flow runs on a temporary local Prefect server; with 
 to that server.
 """
 
+RUNNER_HELP = ("where the shard tasks run: local (threads in this process; default), dask (a Dask cluster "
+               "started here: one process per GPU, pinned to it, or --dask-workers CPU processes), or "
+               "dask://HOST:PORT (an existing Dask scheduler; its workers need dede and PREFECT_API_URL). "
+               "Any runner writes the same bytes")
+
+
+def add_runner_options(p: argparse.ArgumentParser) -> None:
+    """--runner and --dask-workers, shared by score, clean and sanitize."""
+    g = p.add_argument_group("scale-out (see README, Scaling out)")
+    g.add_argument("--runner", default="local", metavar="local|dask|dask://HOST:PORT", help=RUNNER_HELP)
+    g.add_argument("--dask-workers", type=int, default=None, metavar="N",
+                   help="CPU worker processes of the cluster --runner dask starts (default 2; with GPUs: one "
+                   "per GPU)")
+
 
 def add_sanitize(sub) -> None:
     p = sub.add_parser("sanitize", help="shard, train, score, clean and report in one go (Prefect flow)",
@@ -42,6 +56,7 @@ def add_sanitize(sub) -> None:
     p.add_argument("--samples-per-shard", type=int, default=10_000, help="default 10000")
     p.add_argument("--group-size", type=int, default=1, help="shards per scoring task (default 1)")
     p.add_argument("--max-parallel", type=int, default=1, help="scoring tasks at a time (default 1)")
+    add_runner_options(p)
     cli.add_detector_options(p)
     cli.add_rule_options(p)
     g = p.add_argument_group("scoring")
@@ -62,7 +77,7 @@ def cmd_sanitize(args: argparse.Namespace) -> int:
             keep_unscored=args.keep_unscored, seed=args.seed, draws=args.draws, visible=args.visible,
             chunk=args.chunk, knn_k=args.knn_k, with_embedding=args.with_embedding, batch_size=args.batch_size,
             device=cli._device(args.device), workers=args.workers, group_size=args.group_size,
-            max_parallel=args.max_parallel)
+            max_parallel=args.max_parallel, runner=args.runner, dask_workers=args.dask_workers)
     except ShardsFailed as exc:
         print(f"dede sanitize: {exc}", file=sys.stderr)
         return 1
@@ -70,6 +85,53 @@ def cmd_sanitize(args: argparse.Namespace) -> int:
     print(f"kept {clean['kept']} of {clean['total']} samples, dropped {clean['dropped']}; {result['how']}")
     for name in ("clean", "rejected", "report", "manifest"):
         print(f"{name:9s} {result['paths'][name]}")
+    return 0
+
+
+def add_runners(sub) -> None:
+    """`dede score` and `dede clean` take --runner: local keeps the plain library call, dask runs the flow."""
+    for name, func in (("score", cmd_score), ("clean", cmd_clean)):
+        p = sub.choices[name]
+        add_runner_options(p)
+        p.set_defaults(func=func, local_func=p.get_default("func"))
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from flows.runners import parse_runner
+    from flows.score import ShardsFailed, score_flow
+
+    if parse_runner(args.runner, workers=args.dask_workers).kind == "local":
+        return args.local_func(args)
+    if args.only:
+        raise ValueError("--only applies to --runner local; a Dask run scores every pending shard")
+    try:
+        summary = score_flow(args.shards, args.detector, args.out, seed=args.seed, draws=args.draws,
+                             visible=args.visible, chunk=args.chunk, knn_k=args.knn_k,
+                             with_embedding=args.with_embedding, batch_size=args.batch_size, workers=args.workers,
+                             device=cli._device(args.device), encoder=args.encoder, runner=args.runner,
+                             dask_workers=args.dask_workers)
+    except ShardsFailed as exc:
+        print(f"dede score: {exc}", file=sys.stderr)
+        return 1
+    print(f"scored {len(summary['scored'])} shards ({summary['samples']} samples) on "
+          f"{len(set(summary['workers'].values()))} worker processes; {len(summary['skipped'])} already done")
+    return 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    from flows.clean import clean_flow
+    from flows.runners import parse_runner
+
+    if parse_runner(args.runner, workers=args.dask_workers).kind == "local":
+        return args.local_func(args)
+    result = clean_flow(args.shards, args.scores, args.out, rule=cli.rule_from_args(args).to_dict(),
+                        keep_unscored=args.keep_unscored, report=not args.no_report, runner=args.runner,
+                        dask_workers=args.dask_workers)
+    c = result["counts"]
+    print(f"kept {c['kept']} of {c['total']} samples, dropped {c['dropped']}; {result['how']}")
+    print(f"cleaned shards -> {result['out']}  (rejected: {result['rejected']})")
+    if result["report"]:
+        print(f"report -> {result['report']}")
     return 0
 
 
@@ -98,7 +160,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = cli.build_parser(extra_commands=(add_sanitize, add_demo))
+    parser = cli.build_parser(extra_commands=(add_sanitize, add_demo, add_runners))
     parser.epilog = ("The whole pipeline in one command: dede sanitize SRC --encoder SPEC --out RUN. "
                      + cli.EPILOG)
     return parser

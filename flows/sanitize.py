@@ -54,9 +54,10 @@ def sanitize_flow(src: str, encoder: str, out: str, *, detector: str | None = No
                   rule: dict[str, Any] | None = None, keep_unscored: bool = False, seed: int = 0, draws: int = 1,
                   visible: int | None = None, chunk: int = 64, knn_k: int = 10, with_embedding: bool = False,
                   batch_size: int = 256, device: str = "cpu", workers: int = 0, group_size: int = 1,
-                  max_parallel: int = 1) -> dict:
+                  max_parallel: int = 1, runner: str = "local", dask_workers: int | None = None) -> dict:
     """Shard SRC, train a detector for ENCODER (unless `detector` is given), score, clean with `rule`
-    (Rule.to_dict(); default fpr 0.05) and report, all under OUT. device: cpu or cuda[:N].
+    (Rule.to_dict(); default fpr 0.05) and report, all under OUT. device: cpu or cuda[:N]. runner: where the
+    score and clean stages run their shard tasks (local, dask, dask://HOST:PORT; flows/runners.py).
 
     Returns {run, paths, counts, threshold, how}; RUN/sanitize.json holds the full record.
     """
@@ -79,11 +80,12 @@ def sanitize_flow(src: str, encoder: str, out: str, *, detector: str | None = No
         scored = score_flow(paths["shards"], paths["detector"], paths["scores"], seed=seed, draws=draws,
                             visible=visible, chunk=chunk, knn_k=knn_k, with_embedding=with_embedding,
                             batch_size=batch_size, workers=workers, device=device, group_size=group_size,
-                            max_parallel=max_parallel, encoder=encoder)
+                            max_parallel=max_parallel, encoder=encoder, runner=runner, dask_workers=dask_workers)
     work["score"] = {"scored": len(scored["scored"]), "already_done": len(scored["skipped"])}
     with timer.stage("clean"):
         cleaned = clean_flow(paths["shards"], paths["scores"], paths["clean"], rule=rule,
-                             keep_unscored=keep_unscored, report_path=paths["report"])
+                             keep_unscored=keep_unscored, report_path=paths["report"], runner=runner,
+                             dask_workers=dask_workers)
     work["clean"] = {"written": len(cleaned["written"]), "already_done": len(cleaned["skipped"])}
 
     record = record_task(config, paths, timer.seconds, work)

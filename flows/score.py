@@ -1,8 +1,9 @@
 """Flow: score a shards folder, one task per group of shards (each task: dede_core.score_stage.score_shards).
 
 The first task scores no shard (`shards=[]`): it pins the settings in OUT/run.json and writes
-OUT/calibration.parquet, so the group tasks that follow, in parallel threads, all write into one folder that
-refuses other settings. A group that fails does not stop the others; the failures are raised at the end.
+OUT/calibration.parquet, so the group tasks that follow, in parallel threads or on Dask workers
+(flows/runners.py), all write into one folder that refuses other settings. A group that fails does not stop the
+others; the failures are raised at the end.
 """
 
 from __future__ import annotations
@@ -11,13 +12,12 @@ import dataclasses
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
-from prefect.futures import wait
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from dede_core.score_stage import score_shards
 from dede_core.scoring import ScoreConfig
 from dede_core.shards import list_shards
 from flows import retry_transient
+from flows.runners import ShardRunner, parse_runner, worker_identity
 
 COUNTS = ("samples", "ok", "decode_errors", "read_errors")
 
@@ -44,7 +44,7 @@ def prepare_task(shards: str, detector: str, out: str, score: ScoreConfig, knn_k
                  batch_size: int, device: str, encoder: str | None) -> None:
     """OUT/run.json and OUT/calibration.parquet; checks the detector and settings before any shard is scored."""
     score_shards(shards, detector=detector, out_dir=out, score=score, knn_k=knn_k, with_embedding=with_embedding,
-                 batch_size=batch_size, workers=0, device=device, shards=[], encoder=encoder)
+                 batch_size=batch_size, workers=0, device=device, shards=[], encoder=encoder, reuse_detector=True)
 
 
 # Retried only for transient errors (a flaky file system); a ValueError fails the same way every time.
@@ -53,45 +53,51 @@ def score_task(shards: str, names: list[str], detector: str, out: str, score: Sc
                with_embedding: bool, batch_size: int, workers: int, device: str, encoder: str | None) -> dict:
     result = score_shards(shards, detector=detector, out_dir=out, score=score, knn_k=knn_k,
                           with_embedding=with_embedding, batch_size=batch_size, workers=workers, device=device,
-                          shards=names, encoder=encoder)
+                          shards=names, encoder=encoder, reuse_detector=True)
+    worker = worker_identity()
     get_run_logger().info(f"{_label(names)}: scored {len(result.scored)}, already done "
                           f"{len(result.skipped)}, unreadable {len(result.failed)}; {result.samples} samples at "
-                          f"{result.images_per_s:.1f} img/s")
-    return dataclasses.asdict(result)
+                          f"{result.images_per_s:.1f} img/s on {worker['host']} pid {worker['pid']}")
+    return dataclasses.asdict(result) | {"worker": worker}
 
 
 @flow(name="dede-score")
 def score_flow(shards: str, detector: str, out: str, *, seed: int = 0, draws: int = 1, visible: int | None = None,
                chunk: int = 64, knn_k: int = 10, with_embedding: bool = False, batch_size: int = 256,
                workers: int = 0, device: str = "cpu", group_size: int = 1, max_parallel: int = 1,
-               encoder: str | None = None) -> dict:
+               encoder: str | None = None, runner: str = "local", dask_workers: int | None = None) -> dict:
     """Score every shard of SHARDS into OUT/<shard>.parquet; finished shards are skipped.
 
-    group_size shards per task; max_parallel tasks at a time (threads; 1 suits a CPU, whose cores the torch
-    ops of one task already use). Returns counts over this run's groups: scored, skipped, failed (shard -> why),
-    samples, ok, decode_errors, read_errors. Raises ShardsFailed after all groups finished if any shard failed.
+    group_size shards per task. runner (flows/runners.py): local runs max_parallel tasks at a time in threads
+    (1 suits a CPU, whose cores the torch ops of one task already use); dask runs them on a Dask cluster
+    started here (dask_workers CPU processes, or one per GPU) or at dask://HOST:PORT. Returns counts over this
+    run's groups: scored, skipped, failed (shard -> why), samples, ok, decode_errors, read_errors, and workers
+    (shard -> "host:pid" of the process that scored it). Raises ShardsFailed after all groups finished if any
+    shard failed.
     """
     for name, value in (("group_size", group_size), ("max_parallel", max_parallel)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     common = dict(detector=detector, out=out, score=ScoreConfig(seed=seed, draws=draws, visible=visible, chunk=chunk),
                   knn_k=knn_k, with_embedding=with_embedding, batch_size=batch_size, device=device, encoder=encoder)
+    where = parse_runner(runner, workers=dask_workers)
     prepare_task(shards, **common)
     names = [entry.name for entry in list_shards(shards)]
     groups = [names[i:i + group_size] for i in range(0, len(names), group_size)]
-    with ThreadPoolTaskRunner(max_workers=max_parallel) as runner:
-        futures = [runner.submit(score_task.with_options(task_run_name=f"score-{_label(g)}"),
-                                 {"shards": shards, "names": g, "workers": workers, **common}) for g in groups]
-        wait(futures)
+    with ShardRunner(where, max_parallel=max_parallel, gpu=device.startswith("cuda")) as pool:
+        decoders = workers if pool.decode_limit is None else min(workers, pool.decode_limit)
+        results = pool.run([(score_task.with_options(task_run_name=f"score-{_label(g)}"),
+                             {"shards": shards, "names": g, "workers": decoders, **common}) for g in groups])
 
-    summary: dict = {"scored": [], "skipped": [], "failed": {}} | {k: 0 for k in COUNTS}
-    for group, future in zip(groups, futures):
-        result = future.result(raise_on_failure=False)
+    summary: dict = {"scored": [], "skipped": [], "failed": {}, "workers": {}} | {k: 0 for k in COUNTS}
+    for group, result in zip(groups, results):
         if isinstance(result, BaseException):  # the whole group failed (after any retries)
             summary["failed"].update({n: f"{type(result).__name__}: {result}" for n in group})
             continue
         for key in ("scored", "skipped"):
             summary[key] += result[key]
+        summary["workers"].update({n: f"{result['worker']['host']}:{result['worker']['pid']}"
+                                   for n in result["scored"]})
         summary["failed"].update(result["failed"])
         for key in COUNTS:
             summary[key] += result[key]

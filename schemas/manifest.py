@@ -13,6 +13,8 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
+
 FORMAT = "dede-shards/1"
 MANIFEST_NAME = "manifest.json"
 
@@ -50,7 +52,8 @@ class Manifest:
 
 
 def manifest_path(directory: str | os.PathLike) -> str:
-    return os.path.join(os.fspath(directory), MANIFEST_NAME)
+    directory = os.fspath(directory)
+    return f"{directory.rstrip('/')}/{MANIFEST_NAME}" if "://" in directory else os.path.join(directory, MANIFEST_NAME)
 
 
 def _parse(data: Any) -> Manifest:
@@ -72,11 +75,12 @@ def _parse(data: Any) -> Manifest:
 def read_manifest(directory: str | os.PathLike) -> Manifest:
     """The manifest of a shards folder; ValueError when it is missing or not a valid dede-shards/1 file."""
     path = manifest_path(directory)
-    if not os.path.isfile(path):
+    fs, inner = fsspec.core.url_to_fs(path)  # a local path or a URL (s3://...)
+    if not fs.isfile(inner):
         raise ValueError(f"no {MANIFEST_NAME} in {os.fspath(directory)}: not a finished shards folder; "
                          f"run `dede shard SRC --out {os.fspath(directory)}` (again) to complete it")
     try:
-        with open(path, encoding="utf-8") as f:
+        with fs.open(inner, "r", encoding="utf-8") as f:
             return _parse(json.load(f))
     except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
         raise ValueError(f"{path} is not a valid {FORMAT} manifest ({type(exc).__name__}: {exc}); "
@@ -84,8 +88,13 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """json to a temporary name in the same folder, fsync, rename: readers never see half a file."""
+    """json to a temporary name in the same folder, fsync, rename: readers never see half a file. At a URL
+    (an object store, no rename) the object is written in one put, so it too appears whole."""
     path = os.fspath(path)
+    if "://" in path:
+        fs, inner = fsspec.core.url_to_fs(path)
+        fs.pipe_file(inner, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+        return
     folder, name = os.path.split(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder or ".")
     try:

@@ -83,3 +83,17 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_detector(tmp_path_factory, image_folder, encoder) -> str:
+    """A one-epoch detector with a 1-block ViT, trained on image_folder (for stage and scale-out tests)."""
+    from dede_core.config import cpu
+    from dede_core.sources import open_source
+    from dede_core.train import TrainConfig, train_detector
+
+    tiny = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    path = train_detector(source=open_source(str(image_folder)), data_id="tiny", encoder=encoder,
+                          config=cpu(**tiny), train=TrainConfig(epochs=1, batch_size=16, holdout=6, knn_bank=30),
+                          out_dir=tmp_path_factory.mktemp("tiny-detector"), log=lambda _: None)
+    return str(path)
