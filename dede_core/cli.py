@@ -355,13 +355,16 @@ def build_parser(extra_commands: Sequence[Callable[[Any], None]] = ()) -> argpar
 
     p = sub.add_parser("bench", help="benchmarks: `dede bench detection` (attacks x detectors)",
                        description="detection: trains a SimCLR victim on Fashion-MNIST, backdoors it with each "
-                       "attack (BadEncoder, DRUPE-style, blend, WaNet, CTRL), reports clean accuracy and attack "
-                       "success rate, then AUROC / TPR at 1%% and 5%% FPR / label-free threshold rates for DeDe "
-                       "(in- and out-of-distribution auxiliary data, no-embedding ablation) and embedding "
-                       "baselines. Every encoder and decoder is cached by config hash: rerunning resumes.")
+                       "attack (BadEncoder, DRUPE-style, blend, WaNet, CTRL; BadEncoder also on EfficientNet-Lite0 "
+                       "with its ImageNet weights), reports clean accuracy and attack success rate, then AUROC / "
+                       "TPR at 1%% and 5%% FPR / label-free threshold rates for DeDe (in- and out-of-distribution "
+                       "auxiliary data, no-embedding ablation) and embedding baselines, and a downstream linear "
+                       "probe before and after filtering. Every encoder, decoder and score is cached by config "
+                       "hash: rerunning resumes.")
     p.add_argument("which", choices=["detection"])
     p.add_argument("--tiny", action="store_true", help="a minutes-long run that only checks the machinery")
-    p.add_argument("--attacks", help="comma-separated subset of badencoder,drupe,blend,wanet,ctrl (default: all)")
+    p.add_argument("--attacks", help="comma-separated subset of badencoder,drupe,blend,wanet,ctrl,"
+                   "effnet-badencoder (default: all)")
     p.add_argument("--cache", default="cache", help="artifact cache (default cache)")
     p.add_argument("--out", default="docs/results", help="where the table, JSON and plots go")
     p.set_defaults(func=cmd_bench)
