@@ -258,9 +258,32 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_throughput(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from dede_core import bench_throughput as bt
+
+    bench = bt.ThroughputConfig(preset=args.preset, image_size=args.image_size,
+                                patch_size=args.patch_size or (4 if args.image_size <= 64 else 16),
+                                encoder=args.encoder, images=args.images, limit_seconds=args.limit_seconds,
+                                batch_size=args.batch_size, workers=args.workers, chunk=args.chunk,
+                                device=_device(args.device))
+    with tempfile.TemporaryDirectory(prefix="dede-throughput-", dir=args.work) as work:
+        report = bt.run_bench(bench, work)
+    report["command"] = bt.command_line(bench)
+    md, js = bt.write_report(report, args.out)
+    for name, row in report["ratios"].items():
+        target = "" if row["target"] is None else f" (target {row['target']:g}: {'met' if row['met'] else 'MISSED'})"
+        print(f"{name}: {row['ratio']:.3f}{target}")
+    print(f"wrote {md} and {js} ({report['wall_s'] / 60:.1f} min)")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from dede_core import bench_detection
 
+    if args.which == "throughput":
+        return cmd_bench_throughput(args)
     bench = bench_detection.tiny() if args.tiny else bench_detection.full()
     if args.attacks:
         unknown = sorted(set(args.attacks.split(",")) - set(bench_detection.ATTACKS))
@@ -353,7 +376,8 @@ def build_parser(extra_commands: Sequence[Callable[[Any], None]] = ()) -> argpar
     p.add_argument("--max-rows", type=int, default=50, help="rows printed (default 50; --out writes them all)")
     p.set_defaults(func=cmd_sql)
 
-    p = sub.add_parser("bench", help="benchmarks: `dede bench detection` (attacks x detectors)",
+    p = sub.add_parser("bench", help="benchmarks: `dede bench detection` (attacks x detectors), `dede bench "
+                       "throughput` (score and clean speed)",
                        description="detection: trains a SimCLR victim on Fashion-MNIST, backdoors it with each "
                        "attack (BadEncoder, DRUPE-style, blend, WaNet, CTRL; BadEncoder also on EfficientNet-Lite0 "
                        "with its ImageNet weights), reports clean accuracy and attack success rate, then AUROC / "
@@ -361,12 +385,28 @@ def build_parser(extra_commands: Sequence[Callable[[Any], None]] = ()) -> argpar
                        "auxiliary data, no-embedding ablation) and embedding baselines, and a downstream linear "
                        "probe before and after filtering. Every encoder, decoder and score is cached by config "
                        "hash: rerunning resumes.")
-    p.add_argument("which", choices=["detection"])
+    p.add_argument("which", choices=["detection", "throughput"])
     p.add_argument("--tiny", action="store_true", help="a minutes-long run that only checks the machinery")
     p.add_argument("--attacks", help="comma-separated subset of badencoder,drupe,blend,wanet,ctrl,"
                    "effnet-badencoder (default: all)")
     p.add_argument("--cache", default="cache", help="artifact cache (default cache)")
     p.add_argument("--out", default="docs/results", help="where the table, JSON and plots go")
+    g = p.add_argument_group("throughput: images/s of the score stage against the in-memory forward limit and a "
+                             "naive reference-style loop, clean against a plain copy, peak RSS at two corpus sizes "
+                             "(docs/results/throughput.md)")
+    g.add_argument("--preset", choices=["cpu", "paper"], default="cpu", help="detector preset (default cpu)")
+    g.add_argument("--image-size", type=int, default=32, help="corpus and detector image side (default 32)")
+    g.add_argument("--patch-size", type=int, default=None, help="detector patch (default 4 up to 64 px, else 16)")
+    g.add_argument("--encoder", default="cifar-resnet18?width=64",
+                   help="victim spec (default cifar-resnet18?width=64 with seeded random weights; "
+                   "e.g. efficientnet-lite0 with --image-size 224)")
+    g.add_argument("--images", type=int, default=10_000, help="corpus size; peak RSS is also measured at 1/10")
+    g.add_argument("--limit-seconds", type=float, default=20.0, help="how long the in-memory limit runs")
+    g.add_argument("--batch-size", type=int, default=256, help="decoded images per batch (default 256)")
+    g.add_argument("--chunk", type=int, default=64, help="rows per forward pass (default 64)")
+    g.add_argument("--workers", type=int, default=_default_workers(), help="decoding processes of the stage")
+    g.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda[:N]")
+    g.add_argument("--work", default=None, help="scratch folder parent (default: the system temp folder)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("info", help="show what a detector checkpoint holds")
