@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: test demo install data clean
+.PHONY: test test-integration demo install data clean
 
 install: $(STAMP)
 
@@ -27,6 +27,11 @@ data:
 
 test: $(STAMP) data
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(PY) -m pytest -q
+
+# A real local Prefect server (loopback, temporary PREFECT_HOME): deploys infra/prefect.yaml, starts a process
+# worker, runs the scheduled sanitize deployment, then stops everything (about 2 minutes).
+test-integration: $(STAMP)
+	PREFECT_SERVER_ANALYTICS_ENABLED=false DEDE_INTEGRATION=1 $(PY) -m pytest -q tests/integration
 
 # The whole pipeline on real images: builds (once) a backdoored encoder, sanitizes a poisoned Fashion-MNIST corpus.
 demo: $(STAMP) data
