@@ -56,7 +56,7 @@ class WorkerPlan:
     """One Dask worker process of a cluster started here."""
 
     name: str
-    env: dict[str, str]  # CUDA_VISIBLE_DEVICES pins a GPU worker; OMP_NUM_THREADS sizes torch's CPU threads
+    env: dict[str, str]  # CUDA_VISIBLE_DEVICES pins a GPU worker to its GPU
     resources: dict[str, float] = field(default_factory=dict)  # {"GPU": 1} on a GPU worker
 
 
@@ -64,19 +64,19 @@ class WorkerPlan:
 class ClusterPlan:
     workers: list[WorkerPlan]
     decode_workers: int  # DataLoader processes per scoring task: the CPUs left over, shared by the workers
+    torch_threads: int  # torch CPU threads per worker process (OMP_NUM_THREADS)
 
 
 def plan_cluster(*, gpus: int, cpus: int, workers: int | None = None) -> ClusterPlan:
     """One process per GPU, each pinned to its GPU, with (cpus - gpus) // gpus decoding processes per task;
     without GPUs, `workers` (default 2) processes sharing the cores for torch and decoding in the process."""
     if gpus > 0:
-        plans = [WorkerPlan(name=f"gpu{i}", env={"CUDA_VISIBLE_DEVICES": str(i), "OMP_NUM_THREADS": "1"},
-                            resources={GPU: 1}) for i in range(gpus)]
-        return ClusterPlan(workers=plans, decode_workers=max(0, (cpus - gpus) // gpus))
+        plans = [WorkerPlan(name=f"gpu{i}", env={"CUDA_VISIBLE_DEVICES": str(i)}, resources={GPU: 1})
+                 for i in range(gpus)]
+        return ClusterPlan(workers=plans, decode_workers=max(0, (cpus - gpus) // gpus), torch_threads=1)
     n = workers or 2
-    threads = str(max(1, cpus // n))
-    return ClusterPlan(workers=[WorkerPlan(name=f"cpu{i}", env={"OMP_NUM_THREADS": threads}) for i in range(n)],
-                       decode_workers=0)
+    return ClusterPlan(workers=[WorkerPlan(name=f"cpu{i}", env={}) for i in range(n)], decode_workers=0,
+                       torch_threads=max(1, cpus // n))
 
 
 def start_cluster(plan: ClusterPlan):
@@ -88,9 +88,20 @@ def start_cluster(plan: ClusterPlan):
     specs = {w.name: {"cls": Nanny, "options": {"nthreads": 1, "host": "127.0.0.1", "env": dict(w.env),
                                                 "resources": dict(w.resources) or None}}
              for w in plan.workers}
-    # Non-daemonic workers may start DataLoader decoding processes of their own.
-    with dask.config.set({"distributed.worker.daemon": False}):
-        return SpecCluster(workers=specs, scheduler=scheduler, silence_logs=40, name="dede")
+    # Thread counts must be in a worker's environment before it starts (torch reads them once); Dask copies
+    # them from this process' environment when it spawns a worker, so they are set here while it does.
+    threads = {name: str(plan.torch_threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    saved = {name: os.environ.get(name) for name in threads}
+    os.environ.update(threads)
+    try:  # non-daemonic workers may start DataLoader decoding processes of their own
+        with dask.config.set({"distributed.worker.daemon": False}):
+            return SpecCluster(workers=specs, scheduler=scheduler, silence_logs=40, name="dede")
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def gpu_count() -> int:

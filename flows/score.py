@@ -17,7 +17,7 @@ from dede_core.score_stage import score_shards
 from dede_core.scoring import ScoreConfig
 from dede_core.shards import list_shards
 from flows import retry_transient
-from flows.runners import ShardRunner, parse_runner, worker_identity
+from flows.runners import LOCAL, ShardRunner, parse_runner, worker_identity
 
 COUNTS = ("samples", "ok", "decode_errors", "read_errors")
 
@@ -84,7 +84,10 @@ def score_flow(shards: str, detector: str, out: str, *, seed: int = 0, draws: in
     prepare_task(shards, **common)
     names = [entry.name for entry in list_shards(shards)]
     groups = [names[i:i + group_size] for i in range(0, len(names), group_size)]
-    with ShardRunner(where, max_parallel=max_parallel, gpu=device.startswith("cuda")) as pool:
+    gpu = device.startswith("cuda")
+    if gpu and where.kind != LOCAL:
+        common["device"] = "cuda"  # a Dask GPU worker sees only its own GPU, as cuda:0
+    with ShardRunner(where, max_parallel=max_parallel, gpu=gpu) as pool:
         decoders = workers if pool.decode_limit is None else min(workers, pool.decode_limit)
         results = pool.run([(score_task.with_options(task_run_name=f"score-{_label(g)}"),
                              {"shards": shards, "names": g, "workers": decoders, **common}) for g in groups])

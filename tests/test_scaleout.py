@@ -125,18 +125,35 @@ def test_gpu_plan_one_pinned_process_per_gpu():
     assert plan.decode_workers == 7  # (32 - 4) // 4 decoding processes per GPU task
     assert plan_cluster(gpus=2, cpus=2).decode_workers == 0
     cpu_plan = plan_cluster(gpus=0, cpus=8, workers=4)
-    assert len(cpu_plan.workers) == 4 and all(w.resources == {} and w.env["OMP_NUM_THREADS"] == "2"
-                                              for w in cpu_plan.workers)
+    assert len(cpu_plan.workers) == 4 and cpu_plan.torch_threads == 2
+    assert all(w.resources == {} and "CUDA_VISIBLE_DEVICES" not in w.env for w in cpu_plan.workers)
 
 
 def test_gpu_workers_see_only_their_gpu():
     from distributed import Client
 
+    def inside():
+        import multiprocessing
+
+        import torch
+
+        return (os.environ.get("CUDA_VISIBLE_DEVICES"), os.getpid(), torch.get_num_threads(),
+                multiprocessing.current_process().daemon)
+
     with start_cluster(plan_cluster(gpus=2, cpus=2)) as cluster, Client(cluster) as client:
-        seen = client.run(lambda: (os.environ.get("CUDA_VISIBLE_DEVICES"), os.getpid()))
+        seen = list(client.run(inside).values())
         resources = {w["name"]: w["resources"] for w in client.scheduler_info()["workers"].values()}
-    assert sorted(env for env, _ in seen.values()) == ["0", "1"] and len({pid for _, pid in seen.values()}) == 2
+    assert sorted(env for env, *_ in seen) == ["0", "1"] and len({pid for _, pid, *_ in seen}) == 2
     assert resources == {"gpu0": {"GPU": 1}, "gpu1": {"GPU": 1}}
+    assert all(threads == 1 and not daemon for *_, threads, daemon in seen)  # may start decoding processes
+
+
+def test_cpu_workers_share_the_cores():
+    from distributed import Client
+
+    with start_cluster(plan_cluster(gpus=0, cpus=4, workers=2)) as cluster, Client(cluster) as client:
+        threads = client.run(lambda: __import__("torch").get_num_threads())
+    assert sorted(threads.values()) == [2, 2]
 
 
 @task(cache_policy=NONE)
