@@ -64,6 +64,7 @@ class ThroughputConfig:
     samples_per_shard: int = 1000
     knn_bank: int = 5000  # k-NN bank rows in the checkpoint (TrainConfig's default)
     copies: int = 3  # clean and copy each run this often; the median counts
+    cpu_bf16: bool = True  # on the CPU, also measure the opt-in bf16 autocast (ScoreConfig.cpu_bf16): limit, end to end
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -116,10 +117,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_limit(detector: str, images: torch.Tensor, bench: ThroughputConfig) -> dict[str, float]:
+def measure_limit(detector: str, images: torch.Tensor, bench: ThroughputConfig, *, cpu_bf16: bool = False
+                  ) -> dict[str, float]:
     """(a) Scorer.score on pre-decoded uint8 images already in memory, repeated for limit_seconds."""
     model, encoder, _ = load_detector(detector)
-    scorer = Scorer(detector=model, encoder=encoder, config=ScoreConfig(chunk=bench.chunk), device=bench.device)
+    config = ScoreConfig(chunk=bench.chunk, cpu_bf16=cpu_bf16)
+    scorer = Scorer(detector=model, encoder=encoder, config=config, device=bench.device)
     keys = [f"k{i}" for i in range(len(images))]
     scorer.score(images[:bench.chunk], keys[:bench.chunk])  # warm-up: allocator, kernels, lazy inits
     device, done, start = torch.device(bench.device), 0, time.perf_counter()
@@ -161,9 +164,11 @@ def score_child() -> None:
                       "worker_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 
 
-def measure_stage(shards: str, detector: str, out: str, bench: ThroughputConfig) -> dict[str, float]:
+def measure_stage(shards: str, detector: str, out: str, bench: ThroughputConfig, *, cpu_bf16: bool = False
+                  ) -> dict[str, float]:
     """(b) the real score stage in a fresh interpreter that imports only dede_core, so its peak RSS is its own."""
-    args = {"shards_dir": shards, "detector": detector, "out_dir": out, "score": {"chunk": bench.chunk},
+    args = {"shards_dir": shards, "detector": detector, "out_dir": out,
+            "score": {"chunk": bench.chunk, "cpu_bf16": cpu_bf16},
             "batch_size": bench.batch_size, "workers": bench.workers, "device": bench.device,
             "threads": torch.get_num_threads()}
     code = "from dede_core.bench_throughput import score_child; score_child()"
@@ -284,6 +289,12 @@ def run_bench(bench: ThroughputConfig, work: str, *, log: Callable[[str], None] 
         f"peak RSS {results['end_to_end']['peak_rss_mib']:.0f} MiB")
     results["memory"] = {"small": measure_stage(small, detector, os.path.join(work, "scores-small"), bench)}
     log(f"end to end on {small_n} images: peak RSS {results['memory']['small']['peak_rss_mib']:.0f} MiB")
+    if bench.cpu_bf16 and torch.device(bench.device).type == "cpu":
+        results["limit_bf16"] = measure_limit(detector, pre_decoded, bench, cpu_bf16=True)
+        results["end_to_end_bf16"] = measure_stage(shards, detector, os.path.join(work, "scores-bf16"), bench,
+                                                   cpu_bf16=True)
+        log(f"opt-in bf16 on the CPU: limit {results['limit_bf16']['images_per_s']:.1f} img/s, end to end "
+            f"{results['end_to_end_bf16']['images_per_s']:.1f} img/s")
     results["naive"] = measure_naive(os.path.join(work, "corpus-png"), detector, bench)
     log(f"naive reference-style loop: {results['naive']['images_per_s']:.1f} img/s")
     results["clean"] = measure_clean(shards, os.path.join(work, "scores"), work, bench)
@@ -303,7 +314,7 @@ def command_line(bench: ThroughputConfig) -> str:
     return (f"dede bench throughput --preset {bench.preset} --image-size {bench.image_size} --patch-size "
             f"{bench.patch_size} --encoder '{bench.encoder}' --images {bench.images} --limit-seconds "
             f"{bench.limit_seconds:g} --batch-size {bench.batch_size} --chunk {bench.chunk} --workers {bench.workers} "
-            f"--device {bench.device}")
+            f"--device {bench.device}{'' if bench.cpu_bf16 else ' --no-bf16'}")
 
 
 def _row(what: str, value: str, how: str) -> str:
@@ -334,6 +345,10 @@ def _section(name: str, report: dict[str, Any]) -> list[str]:
              _row("(c) naive reference-style loop", rate("naive"),
                   f"PIL Dataset over the PNG files, default DataLoader, fp32, numpy masks, whole-batch forward; "
                   f"{r['naive']['images']:,} images, nothing written"),
+             *([_row("(a) limit, opt-in bf16 autocast (`dede score --bf16`)", rate("limit_bf16"), "as (a)"),
+                _row("(b) end to end, opt-in bf16 autocast", rate("end_to_end_bf16"),
+                     f"as (b); end to end / bf16 limit {r['end_to_end_bf16']['images_per_s'] / r['limit_bf16']['images_per_s']:.3f}")]
+               if "limit_bf16" in r else []),
              _row("decoding alone (tar read + PIL decode)", rate("decode"),
                   f"DataLoader with {cfg['workers']} workers, no model"),
              _row("(d) clean", f"{r['clean']['clean_mb_per_s']:,.1f} MB/s",

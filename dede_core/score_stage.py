@@ -9,7 +9,6 @@ OUT/run.json pins the detector, encoder and score settings, so one folder never 
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import hashlib
 import io
 import json
@@ -83,7 +82,7 @@ def run_config(ckpt: Checkpoint, score: ScoreConfig, *, knn_k: int, with_embeddi
     """Everything a score depends on; saved as OUT/run.json and in every Parquet file's metadata."""
     return {"detector_hash": ckpt.content_hash, "encoder_spec": ckpt.encoder_spec,
             "encoder_fingerprint": ckpt.encoder_fingerprint, "detector_config": ckpt.config.to_dict(),
-            "score": dataclasses.asdict(score), "knn_k": knn_k, "with_embedding": with_embedding,
+            "score": score.to_dict(), "knn_k": knn_k, "with_embedding": with_embedding,
             # bf16 autocast on CUDA gives other (close) numbers than the CPU: one folder holds one kind.
             "device_type": torch.device(device).type, "shards": shards_id, "dede_version": __version__}
 

@@ -9,7 +9,9 @@ same whatever batch it arrives in, its position, the batch size and the order.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,6 +29,9 @@ class ScoreConfig:
     draws: int = 1  # K mask draws per sample; the score is the mean of the K reference scores
     visible: int | None = None  # visible patches while scoring; None takes the detector's score_visible
     chunk: int = 64  # rows per forward pass; part of the result's identity (see module docstring)
+    # bf16 autocast on the CPU as well (CUDA always uses it). Opt-in: other (close) scores than fp32, still bitwise
+    # the same whatever the batch; faster only on CPUs with bf16 units (AMX, AVX512-BF16), see throughput.md.
+    cpu_bf16: bool = False
 
     def __post_init__(self) -> None:
         if self.draws < 1:
@@ -36,6 +41,13 @@ class ScoreConfig:
         if self.visible is not None and self.visible < 0:
             raise ValueError(f"visible must be >= 0, got {self.visible}")
 
+    def to_dict(self) -> dict[str, Any]:
+        """The fields, without cpu_bf16 when it is off: folders scored before the option existed still resume."""
+        fields = dataclasses.asdict(self)
+        if not self.cpu_bf16:
+            del fields["cpu_bf16"]
+        return fields
+
 
 @dataclass(frozen=True)
 class ScoreOutput:
@@ -43,10 +55,10 @@ class ScoreOutput:
     embedding: Tensor  # (N, D) float32: the victim's raw embedding
 
 
-def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA, nothing on the CPU (where bf16 is slower and changes results)."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+def autocast_for(device: torch.device, *, cpu_bf16: bool = False) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; on the CPU only when asked (it changes results, and is slower without bf16 units)."""
+    if device.type == "cuda" or (cpu_bf16 and device.type == "cpu"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -92,7 +104,7 @@ class Scorer:
         padded = torch.zeros((rows, *images.shape[1:]), dtype=torch.uint8)
         padded[:n] = images
         x01 = padded.to(self.device, non_blocking=True).float().div_(255)
-        with autocast_for(self.device):
+        with autocast_for(self.device, cpu_bf16=self.config.cpu_bf16):
             embedding = self.encoder(x01).float()
         x = self.detector.normalize(x01)
         # With no visible patch every draw hides everything: one pass gives the mean of K identical draws.
@@ -102,7 +114,7 @@ class Scorer:
         for draw in range(draws):
             noise = torch.zeros(rows, length)
             noise[:n] = mask_noise(keys, length, seed=self.config.seed, draw=draw)
-            with autocast_for(self.device):
+            with autocast_for(self.device, cpu_bf16=self.config.cpu_bf16):
                 latent, mask, ids_restore = self.detector.forward_encoder(
                     x, embedding, noise.to(self.device), self.visible)
                 pred = self.detector.forward_decoder(latent, ids_restore)

@@ -114,6 +114,9 @@ def test_other_settings_are_refused(scored, shards, detector):
                      knn_k=3, workers=0, progress=False)
     with pytest.raises(ValueError, match="knn_k: 3 -> 2"):
         score_shards(shards, detector=detector, out_dir=str(out), score=CONFIG, knn_k=2, workers=0, progress=False)
+    bf16 = ScoreConfig(draws=2, visible=4, chunk=8, cpu_bf16=True)  # other numerics: never mixed with fp32 scores
+    with pytest.raises(ValueError, match=r"score\.cpu_bf16: None -> True"):
+        score_shards(shards, detector=detector, out_dir=str(out), score=bf16, knn_k=3, workers=0, progress=False)
 
 
 def test_bad_image_and_truncated_shard_are_recorded(tmp_path, image_folder, detector):

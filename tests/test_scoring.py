@@ -28,10 +28,11 @@ def test_mask_noise_is_a_pure_function_of_key_seed_draw():
     assert sample_seed("x", 1, 0) == sample_seed("x", 1, 0) != sample_seed("x", 1, 1)
 
 
-@pytest.mark.parametrize("visible,draws", [(0, 1), (6, 3)])
-def test_scores_bitwise_identical_across_batch_sizes_and_order(detector, encoder, batch, visible, draws):
+@pytest.mark.parametrize("visible,draws,bf16", [(0, 1, False), (6, 3, False), (6, 3, True)])
+def test_scores_bitwise_identical_across_batch_sizes_and_order(detector, encoder, batch, visible, draws, bf16):
     images, keys = batch
-    scorer = Scorer(detector=detector, encoder=encoder, config=ScoreConfig(visible=visible, draws=draws, chunk=16))
+    config = ScoreConfig(visible=visible, draws=draws, chunk=16, cpu_bf16=bf16)
+    scorer = Scorer(detector=detector, encoder=encoder, config=config)
     reference = scorer.score(images, keys).score
     assert reference.shape == (64,) and torch.isfinite(reference).all()
     for size in (1, 7, 64):
@@ -85,3 +86,12 @@ def test_cuda_scores_match_cpu_closely(detector, encoder, batch):
     assert torch.equal(gpu_scores, gpu.score(images, keys).score)
     corr = torch.corrcoef(torch.stack([cpu_scores, gpu_scores]))[0, 1]
     assert corr > 0.99
+
+
+def test_cpu_bf16_is_opt_in_and_close(detector, encoder, batch):
+    images, keys = batch
+    fp32 = Scorer(detector=detector, encoder=encoder, config=ScoreConfig(chunk=16)).score(images, keys).score
+    bf16 = Scorer(detector=detector, encoder=encoder, config=ScoreConfig(chunk=16, cpu_bf16=True)).score(images, keys)
+    assert not torch.equal(bf16.score, fp32) and bf16.score.dtype == bf16.embedding.dtype == torch.float32
+    assert torch.corrcoef(torch.stack([bf16.score, fp32]))[0, 1] > 0.99
+    assert "cpu_bf16" not in ScoreConfig().to_dict() and ScoreConfig(cpu_bf16=True).to_dict()["cpu_bf16"] is True
