@@ -224,20 +224,26 @@ def measure_clean(shards: str, scores: str, work: str, bench: ThroughputConfig) 
     from dede_core.clean import clean
 
     tars, total = _tar_bytes(shards)
-    copy_s, clean_s = [], []
+    copy_s, synced_s, clean_s = [], [], []
     for i in range(bench.copies):
-        target = os.path.join(work, f"copy-{i}")
-        os.makedirs(target)
-        start = time.perf_counter()
-        for tar in tars:
-            shutil.copyfile(tar, os.path.join(target, os.path.basename(tar)))
-        copy_s.append(time.perf_counter() - start)
+        for synced, times in ((False, copy_s), (True, synced_s)):
+            target = os.path.join(work, f"copy-{i}-{'fsync' if synced else 'plain'}")
+            os.makedirs(target)
+            start = time.perf_counter()
+            for tar in tars:
+                shutil.copyfile(tar, os.path.join(target, os.path.basename(tar)))
+                if synced:  # clean makes each shard durable before its marker; a plain copy does not
+                    fd = os.open(os.path.join(target, os.path.basename(tar)), os.O_RDONLY)
+                    os.fsync(fd)
+                    os.close(fd)
+            times.append(time.perf_counter() - start)
         start = time.perf_counter()
         clean(shards, scores, os.path.join(work, f"clean-{i}"), Rule.quantile(0.95), progress=False)
         clean_s.append(time.perf_counter() - start)
-    copy, cleaned = statistics.median(copy_s), statistics.median(clean_s)
+    copy, synced, cleaned = (statistics.median(t) for t in (copy_s, synced_s, clean_s))
     return {"bytes": total, "shards": len(tars), "copy_seconds": copy, "clean_seconds": cleaned,
-            "copy_mb_per_s": total / 1e6 / copy, "clean_mb_per_s": total / 1e6 / cleaned}
+            "copy_mb_per_s": total / 1e6 / copy, "copy_fsync_mb_per_s": total / 1e6 / synced,
+            "clean_mb_per_s": total / 1e6 / cleaned}
 
 
 def _machine() -> dict[str, Any]:
@@ -356,6 +362,8 @@ def _section(name: str, report: dict[str, Any]) -> list[str]:
                   f"in {r['clean']['shards']} shards, median of {cfg['copies']}"),
              _row("(d) plain copy of the same shards", f"{r['clean']['copy_mb_per_s']:,.1f} MB/s",
                   "shutil.copyfile of each tar, median of the same runs"),
+             _row("plain copy + fsync of each tar (reference only)", f"{r['clean']['copy_fsync_mb_per_s']:,.1f} MB/s",
+                  "clean fsyncs each shard before its marker; the target compares with the plain copy"),
              _row("peak RSS of the score process", f"{small_n['peak_rss_mib']:.0f} MiB at {small_n['images']:,} images, "
                   f"{e2e['peak_rss_mib']:.0f} MiB at {e2e['images']:,}",
                   f"ru_maxrss; its largest decoding worker {small_n['worker_peak_rss_mib']:.0f} / "

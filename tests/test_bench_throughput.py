@@ -13,7 +13,8 @@ from dede_core.cli import main
 TINY = ["--images", "40", "--limit-seconds", "0.2", "--batch-size", "16", "--chunk", "8", "--workers", "1",
         "--encoder", "cifar-resnet18?width=8"]
 RATES = [("limit", "images_per_s"), ("decode", "images_per_s"), ("end_to_end", "images_per_s"),
-         ("naive", "images_per_s"), ("clean", "clean_mb_per_s"), ("clean", "copy_mb_per_s")]
+         ("naive", "images_per_s"), ("clean", "clean_mb_per_s"), ("clean", "copy_mb_per_s"),
+         ("clean", "copy_fsync_mb_per_s")]
 
 
 def check_report(report: dict, device: str) -> None:
