@@ -184,3 +184,28 @@ def test_gpu_tasks_never_share_a_gpu(prefect_harness):
     assert len({pid for *_, pid in gpu_spans}) == 1  # one worker process ran them all
     assert not _overlaps([(s, e) for s, e, _ in gpu_spans])
     assert _overlaps([(s, e) for s, e, _ in cpu_spans])  # the same worker does overlap tasks that need no GPU
+
+
+def test_dede_score_and_clean_commands_with_runner_dask(runs, corpus, tmp_path):
+    """The commands as a user runs them: `dede score` in a fresh process with no PREFECT_API_URL (a temporary
+    server the Dask workers must be told about), then `dede clean`; the bytes equal the local run's."""
+    import subprocess
+
+    from flows.cli import main
+
+    _, shards, detector = corpus
+    local = runs["local"][0]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "score", shards, "--detector", detector, "--out",
+                           str(tmp_path / "scores"), "--runner", "dask", "--dask-workers", "2", "--device", "cpu",
+                           "--workers", "0", "--knn-k", "3", "--batch-size", "8"],
+                          env=env | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "scored 6 shards (48 samples) on 2 worker processes" in done.stdout
+    for path in sorted((local / "scores").glob("*.parquet")):
+        assert sha(tmp_path / "scores" / path.name) == sha(path), path.name
+    assert main(["clean", shards, "--scores", str(tmp_path / "scores"), "--out", str(tmp_path / "clean"),
+                 "--quantile", "0.9", "--no-report", "--runner", "dask", "--dask-workers", "2"]) == 0
+    for path in sorted((local / "clean").glob("*.tar")):
+        assert sha(tmp_path / "clean" / path.name) == sha(path), path.name
