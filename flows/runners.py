@@ -67,12 +67,15 @@ class ClusterPlan:
     torch_threads: int  # torch CPU threads per worker process (OMP_NUM_THREADS)
 
 
-def plan_cluster(*, gpus: int, cpus: int, workers: int | None = None) -> ClusterPlan:
+def plan_cluster(*, gpus: int, cpus: int, workers: int | None = None,
+                 visible: list[str] | None = None) -> ClusterPlan:
     """One process per GPU, each pinned to its GPU, with (cpus - gpus) // gpus decoding processes per task;
-    without GPUs, `workers` (default 2) processes sharing the cores for torch and decoding in the process."""
+    without GPUs, `workers` (default 2) processes sharing the cores for torch and decoding in the process.
+    visible: this process' CUDA_VISIBLE_DEVICES entries, when set: worker i gets the i-th of them."""
     if gpus > 0:
-        plans = [WorkerPlan(name=f"gpu{i}", env={"CUDA_VISIBLE_DEVICES": str(i)}, resources={GPU: 1})
-                 for i in range(gpus)]
+        ids = visible[:gpus] if visible else [str(i) for i in range(gpus)]
+        plans = [WorkerPlan(name=f"gpu{i}", env={"CUDA_VISIBLE_DEVICES": device}, resources={GPU: 1})
+                 for i, device in enumerate(ids)]
         return ClusterPlan(workers=plans, decode_workers=max(0, (cpus - gpus) // gpus), torch_threads=1)
     n = workers or 2
     return ClusterPlan(workers=[WorkerPlan(name=f"cpu{i}", env={}) for i in range(n)], decode_workers=0,
@@ -157,7 +160,9 @@ class ShardRunner:
             gpus = gpu_count() if self.gpu else 0
             if self.gpu and not gpus:
                 raise ValueError("a CUDA device was asked for but no GPU is visible here; use --device cpu")
-            plan = plan_cluster(gpus=gpus, cpus=os.cpu_count() or 1, workers=self.runner.workers)
+            visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+            plan = plan_cluster(gpus=gpus, cpus=os.cpu_count() or 1, workers=self.runner.workers,
+                                visible=visible or None)
             cluster = self._stack.enter_context(start_cluster(plan))
             address, self.decode_limit = cluster.scheduler_address, plan.decode_workers
         self._stack.enter_context(_api_for_workers())

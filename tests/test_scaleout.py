@@ -124,6 +124,8 @@ def test_gpu_plan_one_pinned_process_per_gpu():
     assert all(w.resources == {"GPU": 1} for w in plan.workers)
     assert plan.decode_workers == 7  # (32 - 4) // 4 decoding processes per GPU task
     assert plan_cluster(gpus=2, cpus=2).decode_workers == 0
+    pinned = plan_cluster(gpus=2, cpus=8, visible=["5", "7"])  # this process may see only some GPUs itself
+    assert [w.env["CUDA_VISIBLE_DEVICES"] for w in pinned.workers] == ["5", "7"]
     cpu_plan = plan_cluster(gpus=0, cpus=8, workers=4)
     assert len(cpu_plan.workers) == 4 and cpu_plan.torch_threads == 2
     assert all(w.resources == {} and "CUDA_VISIBLE_DEVICES" not in w.env for w in cpu_plan.workers)
