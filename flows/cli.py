@@ -109,7 +109,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                              visible=args.visible, chunk=args.chunk, knn_k=args.knn_k,
                              with_embedding=args.with_embedding, batch_size=args.batch_size, workers=args.workers,
                              device=cli._device(args.device), encoder=args.encoder, runner=args.runner,
-                             dask_workers=args.dask_workers)
+                             dask_workers=args.dask_workers, cpu_bf16=args.bf16)
     except ShardsFailed as exc:
         print(f"dede score: {exc}", file=sys.stderr)
         return 1

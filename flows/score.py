@@ -65,12 +65,14 @@ def score_task(shards: str, names: list[str], detector: str, out: str, score: Sc
 def score_flow(shards: str, detector: str, out: str, *, seed: int = 0, draws: int = 1, visible: int | None = None,
                chunk: int = 64, knn_k: int = 10, with_embedding: bool = False, batch_size: int = 256,
                workers: int = 0, device: str = "cpu", group_size: int = 1, max_parallel: int = 1,
-               encoder: str | None = None, runner: str = "local", dask_workers: int | None = None) -> dict:
+               encoder: str | None = None, runner: str = "local", dask_workers: int | None = None,
+               cpu_bf16: bool = False) -> dict:
     """Score every shard of SHARDS into OUT/<shard>.parquet; finished shards are skipped.
 
-    group_size shards per task. runner (flows/runners.py): local runs max_parallel tasks at a time in threads
-    (1 suits a CPU, whose cores the torch ops of one task already use); dask runs them on a Dask cluster
-    started here (dask_workers CPU processes, or one per GPU) or at dask://HOST:PORT. Returns counts over this
+    cpu_bf16: bf16 autocast on the CPU too (ScoreConfig). group_size shards per task. runner
+    (flows/runners.py): local runs max_parallel tasks at a time in threads (1 suits a CPU, whose cores the torch
+    ops of one task already use); dask runs them on a Dask cluster started here (dask_workers CPU processes, or
+    one per GPU) or at dask://HOST:PORT. Returns counts over this
     run's groups: scored, skipped, failed (shard -> why), samples, ok, decode_errors, read_errors, and workers
     (shard -> "host:pid" of the process that scored it). Raises ShardsFailed after all groups finished if any
     shard failed.
@@ -78,8 +80,9 @@ def score_flow(shards: str, detector: str, out: str, *, seed: int = 0, draws: in
     for name, value in (("group_size", group_size), ("max_parallel", max_parallel)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    common = dict(detector=detector, out=out, score=ScoreConfig(seed=seed, draws=draws, visible=visible, chunk=chunk),
-                  knn_k=knn_k, with_embedding=with_embedding, batch_size=batch_size, device=device, encoder=encoder)
+    score = ScoreConfig(seed=seed, draws=draws, visible=visible, chunk=chunk, cpu_bf16=cpu_bf16)
+    common = dict(detector=detector, out=out, score=score, knn_k=knn_k, with_embedding=with_embedding,
+                  batch_size=batch_size, device=device, encoder=encoder)
     where = parse_runner(runner, workers=dask_workers)
     prepare_task(shards, **common)
     names = [entry.name for entry in list_shards(shards)]
