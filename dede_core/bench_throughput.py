@@ -56,7 +56,7 @@ class ThroughputConfig:
     patch_size: int = 4  # detector patch side (4 at 32x32 as in the reference; 16 at 224x224 as in MAE)
     encoder: str = "cifar-resnet18?width=64"  # victim spec; a cifar-resnet18 without weights= gets seeded ones
     images: int = 10_000  # corpus scored end to end and by the naive loop; the memory check also scores 1/10
-    limit_seconds: float = 20.0  # the in-memory limit repeats passes over the images for at least this long
+    limit_seconds: float = 10.0  # the in-memory limit runs this long before and again after the end-to-end run
     limit_images: int = 1024  # pre-decoded images held in memory for the limit
     batch_size: int = 256  # decoded images per batch, for the stage and the naive loop
     workers: int = 1  # decoding processes of the stage
@@ -119,7 +119,8 @@ def _sync(device: torch.device) -> None:
 
 def measure_limit(detector: str, images: torch.Tensor, bench: ThroughputConfig, *, cpu_bf16: bool = False
                   ) -> dict[str, float]:
-    """(a) Scorer.score on pre-decoded uint8 images already in memory, repeated for limit_seconds."""
+    """(a) Scorer.score, one batch_size slice at a time, on pre-decoded uint8 images already in memory, cycling
+    over them for limit_seconds."""
     model, encoder, _ = load_detector(detector)
     config = ScoreConfig(chunk=bench.chunk, cpu_bf16=cpu_bf16)
     scorer = Scorer(detector=model, encoder=encoder, config=config, device=bench.device)
@@ -127,9 +128,10 @@ def measure_limit(detector: str, images: torch.Tensor, bench: ThroughputConfig, 
     scorer.score(images[:bench.chunk], keys[:bench.chunk])  # warm-up: allocator, kernels, lazy inits
     device, done, start = torch.device(bench.device), 0, time.perf_counter()
     while True:
-        scorer.score(images, keys)
+        at = done % len(keys)
+        scorer.score(images[at:at + bench.batch_size], keys[at:at + bench.batch_size])
         _sync(device)
-        done += len(keys)
+        done += len(keys[at:at + bench.batch_size])
         elapsed = time.perf_counter() - start
         if elapsed >= bench.limit_seconds:
             return {"images": done, "seconds": elapsed, "images_per_s": done / elapsed}
@@ -148,31 +150,35 @@ def measure_decode(shards: str, bench: ThroughputConfig) -> dict[str, float]:
 
 
 def score_child() -> None:
-    """Entry of the scoring process: score_shards(**JSON from stdin), timed; prints JSON with its peak RSS."""
+    """Entry of the scoring process: score_shards for each run of the JSON on stdin, in order, each timed;
+    prints one JSON list with the process' peak RSS after each run (ru_maxrss only grows: run small corpora first)."""
     from dede_core.score_stage import score_shards
 
-    args = json.load(sys.stdin)
-    torch.set_num_threads(args.pop("threads"))
-    args["score"] = ScoreConfig(**args["score"])
-    start = time.perf_counter()
-    result = score_shards(progress=False, log=lambda _: None, **args)
-    elapsed = time.perf_counter() - start
-    # ru_maxrss is in KiB on Linux; RUSAGE_CHILDREN is the largest DataLoader worker (joined by now).
-    print(json.dumps({"images": result.samples, "ok": result.ok, "seconds": elapsed,
-                      "images_per_s": result.samples / elapsed,
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "worker_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+    job = json.load(sys.stdin)
+    torch.set_num_threads(job["threads"])
+    reports = []
+    for args in job["runs"]:
+        args["score"] = ScoreConfig(**args["score"])
+        start = time.perf_counter()
+        result = score_shards(progress=False, log=lambda _: None, **args)
+        elapsed = time.perf_counter() - start
+        # ru_maxrss is in KiB on Linux; RUSAGE_CHILDREN is the largest DataLoader worker (joined by now).
+        reports.append({"images": result.samples, "ok": result.ok, "seconds": elapsed,
+                        "images_per_s": result.samples / elapsed,
+                        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                        "worker_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024})
+    print(json.dumps(reports))
 
 
-def measure_stage(shards: str, detector: str, out: str, bench: ThroughputConfig, *, cpu_bf16: bool = False
-                  ) -> dict[str, float]:
-    """(b) the real score stage in a fresh interpreter that imports only dede_core, so its peak RSS is its own."""
-    args = {"shards_dir": shards, "detector": detector, "out_dir": out,
-            "score": {"chunk": bench.chunk, "cpu_bf16": cpu_bf16},
-            "batch_size": bench.batch_size, "workers": bench.workers, "device": bench.device,
-            "threads": torch.get_num_threads()}
+def measure_stage(detector: str, bench: ThroughputConfig, runs: list[tuple[str, str, bool]]) -> list[dict[str, float]]:
+    """(b) the real score stage, (shards, out, cpu_bf16) per run, one after the other in one fresh interpreter that
+    imports only dede_core, so the peak RSS is the stage's own (a process per run would pay the imports each time)."""
+    job = {"threads": torch.get_num_threads(), "runs": [
+        {"shards_dir": shards, "detector": detector, "out_dir": out, "score": {"chunk": bench.chunk, "cpu_bf16": bf16},
+         "batch_size": bench.batch_size, "workers": bench.workers, "device": bench.device}
+        for shards, out, bf16 in runs]}
     code = "from dede_core.bench_throughput import score_child; score_child()"
-    done = subprocess.run([sys.executable, "-c", code], input=json.dumps(args), capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code], input=json.dumps(job), capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"the scoring process exited with {done.returncode}: {done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -286,19 +292,24 @@ def run_bench(bench: ThroughputConfig, work: str, *, log: Callable[[str], None] 
     log(f"corpus: {bench.images} and {small_n} PNGs at {bench.image_size}x{bench.image_size}; device {bench.device}")
     pre_decoded = torch.from_numpy(images[:bench.limit_images])[:, None].expand(-1, 3, -1, -1).contiguous()
     results: dict[str, Any] = {}
-    results["limit"] = measure_limit(detector, pre_decoded, bench)
-    log(f"limit (forward on in-memory tensors): {results['limit']['images_per_s']:.1f} img/s")
+    before = measure_limit(detector, pre_decoded, bench)
+    log(f"limit (forward on in-memory tensors): {before['images_per_s']:.1f} img/s")
     results["decode"] = measure_decode(shards, bench)
     log(f"decode only ({bench.workers} workers): {results['decode']['images_per_s']:.1f} img/s")
-    results["end_to_end"] = measure_stage(shards, detector, os.path.join(work, "scores"), bench)
-    log(f"end to end (score_shards): {results['end_to_end']['images_per_s']:.1f} img/s, "
-        f"peak RSS {results['end_to_end']['peak_rss_mib']:.0f} MiB")
-    results["memory"] = {"small": measure_stage(small, detector, os.path.join(work, "scores-small"), bench)}
-    log(f"end to end on {small_n} images: peak RSS {results['memory']['small']['peak_rss_mib']:.0f} MiB")
-    if bench.cpu_bf16 and torch.device(bench.device).type == "cpu":
+    bf16 = bench.cpu_bf16 and torch.device(bench.device).type == "cpu"
+    runs = [(small, os.path.join(work, "scores-small"), False), (shards, os.path.join(work, "scores"), False)]
+    stages = measure_stage(detector, bench, runs + ([(shards, os.path.join(work, "scores-bf16"), True)] if bf16 else []))
+    results["memory"], results["end_to_end"] = {"small": stages[0]}, stages[1]
+    log(f"end to end (score_shards): {results['end_to_end']['images_per_s']:.1f} img/s; peak RSS "
+        f"{stages[0]['peak_rss_mib']:.0f} MiB after {small_n} images, {stages[1]['peak_rss_mib']:.0f} after {bench.images}")
+    after = measure_limit(detector, pre_decoded, bench)  # the limit brackets the stage: a drift in load shows
+    log(f"limit again: {after['images_per_s']:.1f} img/s")
+    done, seconds = before["images"] + after["images"], before["seconds"] + after["seconds"]
+    results["limit"] = {"images": done, "seconds": seconds, "images_per_s": done / seconds,
+                        "before_images_per_s": before["images_per_s"], "after_images_per_s": after["images_per_s"]}
+    if bf16:
+        results["end_to_end_bf16"] = stages[2]
         results["limit_bf16"] = measure_limit(detector, pre_decoded, bench, cpu_bf16=True)
-        results["end_to_end_bf16"] = measure_stage(shards, detector, os.path.join(work, "scores-bf16"), bench,
-                                                   cpu_bf16=True)
         log(f"opt-in bf16 on the CPU: limit {results['limit_bf16']['images_per_s']:.1f} img/s, end to end "
             f"{results['end_to_end_bf16']['images_per_s']:.1f} img/s")
     results["naive"] = measure_naive(os.path.join(work, "corpus-png"), detector, bench)
@@ -344,10 +355,11 @@ def _section(name: str, report: dict[str, Any]) -> list[str]:
              "| what | measured | how |", "| --- | --- | --- |",
              _row("(a) limit: encoder + detector forward, in memory", rate("limit"),
                   f"Scorer.score on {cfg['limit_images']} pre-decoded uint8 images, repeated for "
-                  f"{r['limit']['seconds']:.0f} s"),
+                  f"{r['limit']['seconds']:.0f} s in all, half before and half after (b): "
+                  f"{r['limit']['before_images_per_s']:,.1f} then {r['limit']['after_images_per_s']:,.1f} img/s"),
              _row("(b) end to end: score stage, tar shards in, Parquet out", rate("end_to_end"),
                   f"score_shards on {e2e['images']:,} PNG samples in {e2e['seconds']:.1f} s (detector load "
-                  f"included), fresh process"),
+                  f"included), in a fresh process right after the {small_n['images']:,}-image run"),
              _row("(c) naive reference-style loop", rate("naive"),
                   f"PIL Dataset over the PNG files, default DataLoader, fp32, numpy masks, whole-batch forward; "
                   f"{r['naive']['images']:,} images, nothing written"),

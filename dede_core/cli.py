@@ -404,7 +404,8 @@ def build_parser(extra_commands: Sequence[Callable[[Any], None]] = ()) -> argpar
                    help="victim spec (default cifar-resnet18?width=64 with seeded random weights; "
                    "e.g. efficientnet-lite0 with --image-size 224)")
     g.add_argument("--images", type=int, default=10_000, help="corpus size; peak RSS is also measured at 1/10")
-    g.add_argument("--limit-seconds", type=float, default=20.0, help="how long the in-memory limit runs")
+    g.add_argument("--limit-seconds", type=float, default=10.0,
+                   help="how long the in-memory limit runs, before and again after the end-to-end run (default 10)")
     g.add_argument("--batch-size", type=int, default=256, help="decoded images per batch (default 256)")
     g.add_argument("--chunk", type=int, default=64, help="rows per forward pass (default 64)")
     g.add_argument("--workers", type=int, default=_default_workers(), help="decoding processes of the stage")
