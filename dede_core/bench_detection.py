@@ -56,9 +56,9 @@ ATTACKS: dict[str, Attack] = {  # run in this order
     "badencoder": Attack("patch"),
     "drupe": Attack("patch", backdoor={"drupe": True}),
     "ctrl": Attack("ctrl", args={"magnitude": 100.0}, backdoor={"epochs": 8}),
-    "blend": Attack("blend"),
     "effnet-badencoder": Attack("patch", backdoor={"lr": 1e-4}, pretrained=EFFNET),
     "wanet": Attack("wanet", args={"strength": 2.0}, backdoor={"epochs": 8}),
+    "blend": Attack("blend"),
 }
 
 
