@@ -347,8 +347,8 @@ def _section(name: str, report: dict[str, Any]) -> list[str]:
     lines = [f"## {name}", "",
              f"Device {cfg['device']}{' (' + m['gpu'] + ')' if m['gpu'] else ''}; preset `{cfg['preset']}` (random "
              f"weights); images {cfg['image_size']}x{cfg['image_size']}, patch {cfg['patch_size']}; encoder "
-             f"`{cfg['encoder']}`; batch {cfg['batch_size']}, chunk {cfg['chunk']}, {cfg['workers']} decoding "
-             f"workers, {m['torch_threads']} torch threads. Date {report['date']}; machine: {m['cpu']}, "
+             f"`{cfg['encoder']}`; batch {cfg['batch_size']}, chunk {cfg['chunk']}, decoding workers "
+             f"{cfg['workers']}, torch threads {m['torch_threads']}. Date {report['date']}; machine: {m['cpu']}, "
              f"{m['cores']} cores, {m['memory_gib']} GiB, torch {m['torch']}; load average at the end "
              f"{', '.join(str(v) for v in m['load_average'])}; command `{report['command']}` "
              f"({report['wall_s'] / 60:.1f} min).", "",
@@ -368,7 +368,7 @@ def _section(name: str, report: dict[str, Any]) -> list[str]:
                      f"as (b); end to end / bf16 limit {r['end_to_end_bf16']['images_per_s'] / r['limit_bf16']['images_per_s']:.3f}")]
                if "limit_bf16" in r else []),
              _row("decoding alone (tar read + PIL decode)", rate("decode"),
-                  f"DataLoader with {cfg['workers']} workers, no model"),
+                  f"DataLoader, decoding workers {cfg['workers']}, no model"),
              _row("(d) clean", f"{r['clean']['clean_mb_per_s']:,.1f} MB/s",
                   f"dede_core.clean.clean dropping the top 5% (--quantile 0.95), {r['clean']['bytes'] / 1e6:.1f} MB "
                   f"in {r['clean']['shards']} shards, median of {cfg['copies']}"),
