@@ -38,3 +38,4 @@ def test_tiny_benchmark_writes_table_json_and_plots(tmp_path):
     # Everything is cached by config hash: a second run trains nothing and gives the same numbers.
     again = run_bench(tiny(), tmp_path / "cache", tmp_path / "out2", name="detection-tiny")
     assert again["results"][0]["rows"] == rows
+    assert [p.name.split("-")[0] for p in (tmp_path / "cache" / "results").glob("*.json")] == ["badencoder"]
