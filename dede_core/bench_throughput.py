@@ -149,38 +149,50 @@ def measure_decode(shards: str, bench: ThroughputConfig) -> dict[str, float]:
     return {"images": done, "seconds": elapsed, "images_per_s": done / elapsed}
 
 
-def score_child() -> None:
-    """Entry of the scoring process: score_shards for each run of the JSON on stdin, in order, each timed;
-    prints one JSON list with the process' peak RSS after each run (ru_maxrss only grows: run small corpora first)."""
+def child() -> None:
+    """Entry of the measuring process: the steps of the JSON job on stdin, in order, each timed; prints one JSON list.
+    A stage step also reports the process' peak RSS so far (ru_maxrss only grows: score small corpora first)."""
     from dede_core.score_stage import score_shards
 
     job = json.load(sys.stdin)
     torch.set_num_threads(job["threads"])
+    bench = ThroughputConfig(**job["bench"])
     reports = []
-    for args in job["runs"]:
-        args["score"] = ScoreConfig(**args["score"])
-        start = time.perf_counter()
-        result = score_shards(progress=False, log=lambda _: None, **args)
-        elapsed = time.perf_counter() - start
-        # ru_maxrss is in KiB on Linux; RUSAGE_CHILDREN is the largest DataLoader worker (joined by now).
-        reports.append({"images": result.samples, "ok": result.ok, "seconds": elapsed,
-                        "images_per_s": result.samples / elapsed,
-                        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                        "worker_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024})
+    for step in job["steps"]:
+        if step["kind"] == "limit":
+            images = torch.load(step["images"], weights_only=True)
+            reports.append(measure_limit(step["detector"], images, bench, cpu_bf16=step["cpu_bf16"]))
+        elif step["kind"] == "naive":
+            reports.append(measure_naive(step["png_root"], step["detector"], bench))
+        else:
+            args = {name: value for name, value in step.items() if name != "kind"}
+            args["score"] = ScoreConfig(**args["score"])
+            start = time.perf_counter()
+            result = score_shards(progress=False, log=lambda _: None, **args)
+            elapsed = time.perf_counter() - start
+            # ru_maxrss is in KiB on Linux; RUSAGE_CHILDREN is the largest DataLoader worker (joined by now).
+            reports.append({"images": result.samples, "ok": result.ok, "seconds": elapsed,
+                            "images_per_s": result.samples / elapsed,
+                            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                            "worker_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024})
     print(json.dumps(reports))
 
 
-def measure_stage(detector: str, bench: ThroughputConfig, runs: list[tuple[str, str, bool]]) -> list[dict[str, float]]:
-    """(b) the real score stage, (shards, out, cpu_bf16) per run, one after the other in one fresh interpreter that
-    imports only dede_core, so the peak RSS is the stage's own (a process per run would pay the imports each time)."""
-    job = {"threads": torch.get_num_threads(), "runs": [
-        {"shards_dir": shards, "detector": detector, "out_dir": out, "score": {"chunk": bench.chunk, "cpu_bf16": bf16},
-         "batch_size": bench.batch_size, "workers": bench.workers, "device": bench.device}
-        for shards, out, bf16 in runs]}
-    code = "from dede_core.bench_throughput import score_child; score_child()"
+def stage_step(shards: str, detector: str, out: str, bench: ThroughputConfig, *, cpu_bf16: bool) -> dict[str, Any]:
+    """(b) one score_shards call of the measuring process."""
+    return {"kind": "stage", "shards_dir": shards, "detector": detector, "out_dir": out,
+            "score": {"chunk": bench.chunk, "cpu_bf16": cpu_bf16}, "batch_size": bench.batch_size,
+            "workers": bench.workers, "device": bench.device}
+
+
+def measure_in_child(bench: ThroughputConfig, steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run the steps in one fresh interpreter that imports only dede_core: the limit, the stage and the naive loop
+    then share one process state (the CLI's own process also holds Prefect), and the peak RSS is the stage's own."""
+    job = {"threads": torch.get_num_threads(), "bench": asdict(bench), "steps": steps}
+    code = "from dede_core.bench_throughput import child; child()"
     done = subprocess.run([sys.executable, "-c", code], input=json.dumps(job), capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"the scoring process exited with {done.returncode}: {done.stderr[-2000:]}")
+        raise RuntimeError(f"the measuring process exited with {done.returncode}: {done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -290,30 +302,33 @@ def run_bench(bench: ThroughputConfig, work: str, *, log: Callable[[str], None] 
     small = write_corpus(work, "corpus-small", images[:small_n], labels[:small_n], bench.samples_per_shard)
     detector = write_detector(work, bench)
     log(f"corpus: {bench.images} and {small_n} PNGs at {bench.image_size}x{bench.image_size}; device {bench.device}")
-    pre_decoded = torch.from_numpy(images[:bench.limit_images])[:, None].expand(-1, 3, -1, -1).contiguous()
-    results: dict[str, Any] = {}
-    before = measure_limit(detector, pre_decoded, bench)
-    log(f"limit (forward on in-memory tensors): {before['images_per_s']:.1f} img/s")
-    results["decode"] = measure_decode(shards, bench)
+    pre_decoded = os.path.join(work, "limit-images.pt")
+    torch.save(torch.from_numpy(images[:bench.limit_images])[:, None].expand(-1, 3, -1, -1).contiguous(), pre_decoded)
+    results: dict[str, Any] = {"decode": measure_decode(shards, bench)}
     log(f"decode only ({bench.workers} workers): {results['decode']['images_per_s']:.1f} img/s")
     bf16 = bench.cpu_bf16 and torch.device(bench.device).type == "cpu"
-    runs = [(small, os.path.join(work, "scores-small"), False), (shards, os.path.join(work, "scores"), False)]
-    stages = measure_stage(detector, bench, runs + ([(shards, os.path.join(work, "scores-bf16"), True)] if bf16 else []))
-    results["memory"], results["end_to_end"] = {"small": stages[0]}, stages[1]
-    log(f"end to end (score_shards): {results['end_to_end']['images_per_s']:.1f} img/s; peak RSS "
-        f"{stages[0]['peak_rss_mib']:.0f} MiB after {small_n} images, {stages[1]['peak_rss_mib']:.0f} after {bench.images}")
-    after = measure_limit(detector, pre_decoded, bench)  # the limit brackets the stage: a drift in load shows
-    log(f"limit again: {after['images_per_s']:.1f} img/s")
+    limit = {"kind": "limit", "detector": detector, "images": pre_decoded, "cpu_bf16": False}
+    # The limit brackets the stage (a drift in load shows); the 1/10 corpus runs first for the peak RSS.
+    steps = [limit, stage_step(small, detector, os.path.join(work, "scores-small"), bench, cpu_bf16=False),
+             stage_step(shards, detector, os.path.join(work, "scores"), bench, cpu_bf16=False), limit,
+             {"kind": "naive", "png_root": os.path.join(work, "corpus-png"), "detector": detector}]
+    if bf16:
+        steps += [stage_step(shards, detector, os.path.join(work, "scores-bf16"), bench, cpu_bf16=True),
+                  limit | {"cpu_bf16": True}]
+    measured = measure_in_child(bench, steps)
+    before, small_run, large_run, after, results["naive"] = measured[:5]
     done, seconds = before["images"] + after["images"], before["seconds"] + after["seconds"]
     results["limit"] = {"images": done, "seconds": seconds, "images_per_s": done / seconds,
                         "before_images_per_s": before["images_per_s"], "after_images_per_s": after["images_per_s"]}
+    results["end_to_end"], results["memory"] = large_run, {"small": small_run}
+    log(f"limit (forward on in-memory tensors): {before['images_per_s']:.1f} img/s, then {after['images_per_s']:.1f}")
+    log(f"end to end (score_shards): {large_run['images_per_s']:.1f} img/s; peak RSS "
+        f"{small_run['peak_rss_mib']:.0f} MiB after {small_n} images, {large_run['peak_rss_mib']:.0f} after {bench.images}")
+    log(f"naive reference-style loop: {results['naive']['images_per_s']:.1f} img/s")
     if bf16:
-        results["end_to_end_bf16"] = stages[2]
-        results["limit_bf16"] = measure_limit(detector, pre_decoded, bench, cpu_bf16=True)
+        results["end_to_end_bf16"], results["limit_bf16"] = measured[5:]
         log(f"opt-in bf16 on the CPU: limit {results['limit_bf16']['images_per_s']:.1f} img/s, end to end "
             f"{results['end_to_end_bf16']['images_per_s']:.1f} img/s")
-    results["naive"] = measure_naive(os.path.join(work, "corpus-png"), detector, bench)
-    log(f"naive reference-style loop: {results['naive']['images_per_s']:.1f} img/s")
     results["clean"] = measure_clean(shards, os.path.join(work, "scores"), work, bench)
     log(f"clean {results['clean']['clean_mb_per_s']:.1f} MB/s, copy {results['clean']['copy_mb_per_s']:.1f} MB/s")
     return {"config": asdict(bench), "machine": _machine(), "results": results,
@@ -359,7 +374,7 @@ def _section(name: str, report: dict[str, Any]) -> list[str]:
                   f"{r['limit']['before_images_per_s']:,.1f} then {r['limit']['after_images_per_s']:,.1f} img/s"),
              _row("(b) end to end: score stage, tar shards in, Parquet out", rate("end_to_end"),
                   f"score_shards on {e2e['images']:,} PNG samples in {e2e['seconds']:.1f} s (detector load "
-                  f"included), in a fresh process right after the {small_n['images']:,}-image run"),
+                  f"included); (a), (b) and (c) run in one fresh process that imports only dede_core"),
              _row("(c) naive reference-style loop", rate("naive"),
                   f"PIL Dataset over the PNG files, default DataLoader, fp32, numpy masks, whole-batch forward; "
                   f"{r['naive']['images']:,} images, nothing written"),
@@ -378,7 +393,8 @@ def _section(name: str, report: dict[str, Any]) -> list[str]:
                   "clean fsyncs each shard before its marker; the target compares with the plain copy"),
              _row("peak RSS of the score process", f"{small_n['peak_rss_mib']:.0f} MiB at {small_n['images']:,} images, "
                   f"{e2e['peak_rss_mib']:.0f} MiB at {e2e['images']:,}",
-                  f"ru_maxrss; its largest decoding worker {small_n['worker_peak_rss_mib']:.0f} / "
+                  f"ru_maxrss of that process (the 1/10 corpus first, both after the first (a) run); its largest "
+                  f"decoding worker {small_n['worker_peak_rss_mib']:.0f} / "
                   f"{e2e['worker_peak_rss_mib']:.0f} MiB"),
              "", "| ratio | value |", "| --- | --- |",
              f"| end to end / limit | {q['end_to_end_vs_limit']['ratio']:.3f}{verdict('end_to_end_vs_limit')} |",
