@@ -9,6 +9,7 @@ Evaluation set: the clean Fashion-MNIST test images of the non-target classes pl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -34,7 +35,7 @@ from dede_core.downstream import DownstreamConfig, evaluate_filtering
 from dede_core.encoders import load_encoder
 from dede_core.scoring import ScoreConfig, Scorer
 from dede_core.sources import Sample
-from dede_core.ssl import SimCLRConfig
+from dede_core.ssl import SimCLRConfig, embed_all
 from dede_core.train import TrainConfig, train_detector
 from dede_core.victims import VictimRecipe, build_victim, evaluate_victim, fashion_mnist_32
 
@@ -185,20 +186,14 @@ def _outside_scores(path: Path, images: Tensor, region: Tensor) -> np.ndarray:
             x01 = images[i:i + 256].float() / 255
             x = model.normalize(x01)
             noise = torch.zeros(len(x), model.config.num_patches)
-            latent, _, ids_restore = model.forward_encoder(x, encoder(x01), noise, 0)
-            err = (model.forward_decoder(latent, ids_restore).float() - model.patchify(x)).pow(2).sum(-1)
-            out.append((err * keep).sum(1))
+            latent, mask, ids_restore = model.forward_encoder(x, encoder(x01), noise, 0)
+            out.append(model.pixel_errors(x, model.forward_decoder(latent, ids_restore), mask * keep))
     return torch.cat(out).double().numpy()
 
 
 def _embed(spec: str) -> Callable[[Tensor], Tensor]:
-    encoder = load_encoder(spec)
-
-    def embed(images: Tensor) -> Tensor:
-        with torch.no_grad():
-            return torch.cat([encoder(_rgb(images[i:i + 256]).float() / 255) for i in range(0, len(images), 256)])
-
-    return embed
+    """uint8 images -> the victim's embeddings, 256 at a time."""
+    return functools.partial(embed_all, load_encoder(spec), batch=256)
 
 
 def run_attack(name: str, bench: BenchConfig, cache: Path, log: Callable[[str], None]) -> dict[str, Any]:
@@ -270,18 +265,18 @@ def run_attack(name: str, bench: BenchConfig, cache: Path, log: Callable[[str], 
     result.update(rows=rows, eval_negatives=n_neg, eval_positives=len(triggered_eval),
                   curves={k: (v[:n_neg].tolist(), v[n_neg:].tolist()) for k, v in
                           {**curves, "knn_distance": knn}.items()})
-    result["downstream"] = _downstream(detectors["dede_id"], spec, bench, trigger, target, args, log)
+    result["downstream"] = _downstream(detectors["dede_id"], rows[first]["threshold"], spec, bench, trigger, target,
+                                       args, log)
     return result
 
 
-def _downstream(path: Path, spec: str, bench: BenchConfig, trigger: str, target: int, args: dict,
-                log: Callable[[str], None]) -> dict[str, Any]:
-    """The probe before and after removing what dede_id flags at its label-free 5% threshold (first setting)."""
+def _downstream(path: Path, threshold: float, spec: str, bench: BenchConfig, trigger: str, target: int,
+                args: dict, log: Callable[[str], None]) -> dict[str, Any]:
+    """The probe before and after removing what dede_id flags at `threshold`, its label-free 5% threshold in the
+    first score setting (the table's row)."""
     visible, draws = bench.score_settings[0]
-    model, encoder, ckpt = load_detector(path)
+    model, encoder, _ = load_detector(path)
     scorer = Scorer(detector=model, encoder=encoder, config=ScoreConfig(visible=visible, draws=draws))
-    calib = scorer.score(ckpt.calibration_images, ckpt.calibration_keys).score.double().numpy()
-    threshold = metrics.label_free_threshold(calib, 0.05)
 
     def score(images: Tensor, prefix: str) -> np.ndarray:
         keys = [f"{prefix}_{i:06d}" for i in range(len(images))]

@@ -16,7 +16,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from dede_core.attacks import apply_trigger
@@ -65,15 +64,7 @@ def _load_backbone(path: Path, width: int) -> torch.nn.Module:
 def _pretrained(spec: str) -> tuple[torch.nn.Module, Callable[[Tensor], Tensor], str]:
     """(model, its input preparation for [0, 1] RGB tensors, weight fingerprint) of a packaged encoder."""
     encoder = load_encoder(spec)
-    size = encoder.input_size
-    mean, std = torch.tensor(encoder.mean).view(1, -1, 1, 1), torch.tensor(encoder.std).view(1, -1, 1, 1)
-
-    def prepare(x: Tensor) -> Tensor:  # what FrozenEncoder does, but differentiable
-        if x.shape[-1] != size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        return (x - mean) / std
-
-    return encoder.model, prepare, encoder.fingerprint
+    return encoder.model, encoder.prepare, encoder.fingerprint
 
 
 def build_victim(recipe: VictimRecipe, cache_dir: str | Path,

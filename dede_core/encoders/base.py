@@ -90,15 +90,20 @@ class FrozenEncoder(nn.Module):
             raise ValueError(f"images must be float in [0, 1], got {images.dtype} (divide uint8 by 255)")
         return self._embed(images)
 
+    def prepare(self, images: Tensor) -> Tensor:
+        """What the model sees: channels adapted, resized to input_size, normalised. Differentiable, so a
+        fine-tune of a copy of `model` (dede_core.victims) feeds its inputs exactly as this encoder does."""
+        x = adapt_channels(images.to(self._mean.device, torch.float32), self.in_chans)
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
+                              align_corners=False, antialias=True)
+        return (x - self._mean) / self._std
+
     def _embed(self, images: Tensor) -> Tensor:
         # no_grad rather than inference_mode: the output later feeds a trainable layer, and inference tensors
         # cannot take part in autograd.
         with torch.no_grad():
-            x = adapt_channels(images.to(self._mean.device, torch.float32), self.in_chans)
-            if x.shape[-2:] != (self.input_size, self.input_size):
-                x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
-                                  align_corners=False, antialias=True)
-            x = (x - self._mean) / self._std
+            x = self.prepare(images)
             out = self.model(x.to(self._model_dtype()))
             if not isinstance(out, Tensor) or out.ndim < 2 or out.shape[0] != x.shape[0]:
                 shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
