@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from dede_core.images import View
+
 
 @dataclass(frozen=True)
 class DetectorConfig:
@@ -66,6 +68,11 @@ class DetectorConfig:
                 )
 
     @property
+    def view(self) -> View:
+        """How the detector sees an image (its reconstruction target)."""
+        return View(self.img_size, self.in_chans, self.fit)
+
+    @property
     def num_patches(self) -> int:
         """Patches per image, L."""
         return (self.img_size // self.patch_size) ** 2
@@ -116,6 +123,20 @@ def cpu(**overrides: Any) -> DetectorConfig:
 
 
 PRESETS = {"paper": paper, "cpu": cpu}
+
+# Detector sides chosen from the data: each keeps the reference's 8 x 8 patch grid (32 px with patch 4), so the
+# transformer's cost stays the same while small triggers keep their pixels. 128 caps the reconstruction cost.
+DATA_SIDES = (32, 64, 96, 128)
+GRID = 8
+
+
+def size_for_side(side: int) -> dict[str, int]:
+    """{img_size, patch_size} for images whose typical (median shorter) side is `side` pixels: the nearest of
+    DATA_SIDES (ties to the smaller), with an 8 x 8 patch grid."""
+    if side <= 0:
+        raise ValueError(f"image side must be positive, got {side}")
+    img_size = min(DATA_SIDES, key=lambda s: (abs(s - side), s))
+    return {"img_size": img_size, "patch_size": img_size // GRID}
 
 
 def preset(name: str, **overrides: Any) -> DetectorConfig:

@@ -7,6 +7,7 @@ failure next to the sample key instead of crashing a shard (failures are data).
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,6 +25,18 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 class ImageDecodeError(ValueError):
     """The bytes are not a decodable image; the message says what was wrong."""
+
+
+@dataclass(frozen=True)
+class View:
+    """How one consumer sees an image: square side, channels (1 or 3), and how it reaches the side."""
+
+    size: int
+    channels: int
+    fit: str = "resize"  # "resize": shorter side to size, centre crop; "pad": zero border when smaller
+
+    def __post_init__(self) -> None:
+        _check_args(self.size, self.channels, self.fit, 1)
 
 
 def _check_args(size: int, channels: int, fit: str, max_pixels: int) -> None:
@@ -110,33 +123,40 @@ def _fit(img: Image.Image, size: int, fit: str) -> Image.Image:
     return img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + s, top + s))
 
 
-def _decode_opened(
-    img: ImageFile.ImageFile, *, size: int, channels: int, fit: str, max_pixels: int
-) -> np.ndarray:
-    """Header already parsed -> (size, size) or (size, size, 3) uint8 array."""
+def _decode_opened(img: ImageFile.ImageFile, views: tuple[View, ...], max_pixels: int) -> list[np.ndarray]:
+    """Header already parsed -> one (size, size) or (size, size, 3) uint8 array per view, from one decode."""
     w, h = img.size
     if w <= 0 or h <= 0:
         raise ImageDecodeError(f"image has empty size {w}x{h}")
     if w * h > max_pixels:
         raise ImageDecodeError(f"decompression bomb: {w}x{h} = {w * h} pixels > max_pixels={max_pixels}")
     if img.format in ("JPEG", "MPO"):  # MPO: multi-picture JPEGs straight from phone cameras
-        # libjpeg can decode at 1/2, 1/4, 1/8 scale; draft() keeps both sides >= size, so the final
+        # libjpeg can decode at 1/2, 1/4, 1/8 scale; draft() keeps both sides >= the largest view, so every
         # resize still has enough pixels while big photos decode several times faster.
-        img.draft(None, (size, size))
+        largest = max(view.size for view in views)
+        img.draft(None, (largest, largest))
     img.load()  # force the full decode now so truncation surfaces here, not later
     ImageOps.exif_transpose(img, in_place=True)
-    out = _fit(_to_mode(img, channels), size, fit)
-    return np.array(out, dtype=np.uint8)  # copy: np.asarray of a PIL image is read-only
+    modes = {channels: _to_mode(img, channels) for channels in {view.channels for view in views}}
+    # np.array copies: np.asarray of a PIL image is read-only
+    return [np.array(_fit(modes[view.channels], view.size, view.fit), dtype=np.uint8) for view in views]
 
 
-def decode_image(
-    data: bytes, *, size: int, channels: int, fit: str = "resize", max_pixels: int = 64_000_000
-) -> torch.Tensor:
-    """Encoded image bytes -> uint8 tensor (channels, size, size); ImageDecodeError on any bad input."""
-    _check_args(size, channels, fit, max_pixels)
+def _to_tensor(arr: np.ndarray) -> torch.Tensor:
+    tensor = torch.from_numpy(arr)
+    return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
+
+
+def decode_views(data: bytes, views: tuple[View, ...], *, max_pixels: int = 64_000_000) -> list[torch.Tensor]:
+    """Encoded image bytes -> one uint8 tensor (channels, size, size) per view, decoded once;
+    ImageDecodeError on any bad input. The victim encoder and the detector each get their own view."""
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels <= 0:
+        raise ValueError(f"max_pixels must be a positive int, got {max_pixels!r}")
+    if not views:
+        raise ValueError("decode_views needs at least one view")
     with _open(data) as src:
         try:
-            arr = _decode_opened(src, size=size, channels=channels, fit=fit, max_pixels=max_pixels)
+            arrays = _decode_opened(src, tuple(views), max_pixels)
         except ImageDecodeError:
             raise
         except Image.DecompressionBombError as e:
@@ -145,7 +165,25 @@ def decode_image(
             msg = str(e) or type(e).__name__
             kind = "truncated image" if "truncated" in msg else "corrupt image data"
             raise ImageDecodeError(f"{kind}: {msg}") from None
-    tensor = torch.from_numpy(arr)
-    if tensor.ndim == 2:
-        return tensor.unsqueeze(0)
-    return tensor.permute(2, 0, 1).contiguous()
+    return [_to_tensor(arr) for arr in arrays]
+
+
+def decode_image(
+    data: bytes, *, size: int, channels: int, fit: str = "resize", max_pixels: int = 64_000_000
+) -> torch.Tensor:
+    """Encoded image bytes -> uint8 tensor (channels, size, size); ImageDecodeError on any bad input."""
+    _check_args(size, channels, fit, max_pixels)
+    return decode_views(data, (View(size, channels, fit),), max_pixels=max_pixels)[0]
+
+
+def fit_tensor(images: torch.Tensor, view: View) -> torch.Tensor:
+    """uint8 images (N, C, H, W), already decoded, -> (N, view.channels, view.size, view.size) through the same
+    mode conversion and fit as decode_views, so in-memory images reach a model exactly as their PNGs would."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in CHANNELS:
+        raise ValueError(f"expected uint8 images (N, 1|3, H, W), got {images.dtype} {tuple(images.shape)}")
+    out = []
+    for image in images:
+        array = image.permute(1, 2, 0).numpy()
+        pil = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
+        out.append(_to_tensor(np.array(_fit(_to_mode(pil, view.channels), view.size, view.fit), dtype=np.uint8)))
+    return torch.stack(out) if out else torch.empty(0, view.channels, view.size, view.size, dtype=torch.uint8)

@@ -7,48 +7,48 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dede_core.config import DetectorConfig
-from dede_core.images import decode_image
+from dede_core.images import View, decode_views
 from dede_core.sources import Source
 
 
 class DecodedSamples(Dataset):
-    """Map-style dataset over a Source: item i -> {index, key, image (C, S, S) uint8, ok, error}."""
+    """Map-style dataset over a Source: item i -> {index, key, views (one uint8 (C, S, S) per view), ok, error}.
 
-    def __init__(self, source: Source, *, config: DetectorConfig) -> None:
-        self.source, self.config = source, config
+    Each sample is decoded once and fitted to every view (the detector's, the victim encoder's)."""
+
+    def __init__(self, source: Source, *, views: tuple[View, ...]) -> None:
+        self.source, self.views = source, tuple(views)
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        cfg = self.config
-        blank = torch.zeros(cfg.in_chans, cfg.img_size, cfg.img_size, dtype=torch.uint8)
         key = ""
         try:
             sample = self.source[index]
             key = sample.key
-            image = decode_image(sample.data, size=cfg.img_size, channels=cfg.in_chans, fit=cfg.fit)
-            return {"index": index, "key": key, "image": image, "ok": True, "error": ""}
+            views = decode_views(sample.data, self.views)
+            return {"index": index, "key": key, "views": views, "ok": True, "error": ""}
         except (ValueError, OSError) as exc:  # undecodable or unreadable sample: data, not a crash
-            return {"index": index, "key": key, "image": blank, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            blank = [torch.zeros(v.channels, v.size, v.size, dtype=torch.uint8) for v in self.views]
+            return {"index": index, "key": key, "views": blank, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
         "key": [item["key"] for item in items],
-        "image": torch.stack([item["image"] for item in items]),
+        "views": [torch.stack([item["views"][v] for item in items]) for v in range(len(items[0]["views"]))],
         "ok": torch.tensor([item["ok"] for item in items], dtype=torch.bool),
         "error": [item["error"] for item in items],
     }
 
 
-def make_loader(source: Source, *, config: DetectorConfig, batch_size: int, workers: int,
+def make_loader(source: Source, *, views: tuple[View, ...], batch_size: int, workers: int,
                 pin_memory: bool = False) -> DataLoader:
     """Ordered loader (no shuffling): decoding in `workers` processes, batches spanning samples."""
     return DataLoader(
-        DecodedSamples(source, config=config),
+        DecodedSamples(source, views=views),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

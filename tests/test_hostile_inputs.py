@@ -348,7 +348,7 @@ def check_items(blobs: list[bytes | None], items: list[dict]) -> None:
     assert [item["index"] for item in items] == list(range(len(blobs)))
     for item, blob in zip(items, blobs):
         assert item["ok"] != bool(item["error"]), item["error"]
-        assert item["image"].shape == (3, 16, 16) and item["image"].dtype == torch.uint8
+        assert item["views"][0].shape == (3, 16, 16) and item["views"][0].dtype == torch.uint8
         if blob is None:
             assert not item["ok"] and "disk said no" in item["error"]
 
@@ -371,14 +371,14 @@ def garble(data: bytes, edits: list[tuple[int, int]]) -> bytearray:
 @settings(max_examples=120, deadline=None)
 @given(st.lists(st.one_of(st.binary(max_size=200), mutated, st.none()), min_size=1, max_size=5))
 def test_decoder_worker_gives_every_sample_a_status_whatever_the_bytes(blobs):
-    samples = DecodedSamples(BytesSource(blobs), config=CONFIG)  # what each DataLoader worker runs
+    samples = DecodedSamples(BytesSource(blobs), views=(CONFIG.view,))  # what each DataLoader worker runs
     check_items(blobs, [samples[i] for i in range(len(samples))])
 
 
 def test_decoder_worker_processes_survive_hostile_bytes():
     blobs = [data for data, _ in BROKEN.values()] + list(ODD.values()) + [None, os.urandom(300)]
-    batches = list(make_loader(BytesSource(blobs), config=CONFIG, batch_size=4, workers=2))
-    items = [{"index": i, "ok": ok, "error": e, "image": img} for b in batches
-             for i, ok, e, img in zip(b["index"].tolist(), b["ok"].tolist(), b["error"], b["image"])]
+    batches = list(make_loader(BytesSource(blobs), views=(CONFIG.view,), batch_size=4, workers=2))
+    items = [{"index": i, "ok": ok, "error": e, "views": [img]} for b in batches
+             for i, ok, e, img in zip(b["index"].tolist(), b["ok"].tolist(), b["error"], b["views"][0])]
     check_items(blobs, items)
     assert sum(item["ok"] for item in items) == len(ODD)

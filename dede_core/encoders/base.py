@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dede_core.hashing import tensor_digest
+from dede_core.images import View
 
 from .spec import parse_spec
 
@@ -41,7 +42,8 @@ class FrozenEncoder(nn.Module):
     """
 
     def __init__(self, *, model: nn.Module, spec: str, input_size: int, in_chans: int,
-                 mean: Sequence[float], std: Sequence[float], device: str | torch.device = "cpu") -> None:
+                 mean: Sequence[float], std: Sequence[float], fit: str = "resize",
+                 device: str | torch.device = "cpu") -> None:
         super().__init__()
         parsed = parse_spec(spec)
         self.spec = str(parsed)  # canonical; load_encoder(self.spec) rebuilds this encoder
@@ -54,6 +56,9 @@ class FrozenEncoder(nn.Module):
         self.in_chans = int(in_chans)
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
+        # What the model is fed: decoded from the original bytes at its own input size (never through the
+        # detector's reconstruction size), as in deployment.
+        self.view = View(self.input_size, self.in_chans, fit)
         model.eval()
         for param in model.parameters():
             param.requires_grad_(False)

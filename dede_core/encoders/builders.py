@@ -148,4 +148,4 @@ def load_encoder(spec: str | EncoderSpec, *, device: str | torch.device = "cpu")
         raise ValueError(f"encoder {str(parsed)!r} does not know its input size: add ?size=INT")
     mean, std = resolve_norm(parsed)
     return FrozenEncoder(model=model, spec=str(parsed), input_size=size, in_chans=parsed.option("chans", 3),
-                         mean=mean, std=std, device=device)
+                         mean=mean, std=std, fit=parsed.option("fit"), device=device)

@@ -32,7 +32,9 @@ class _Kind:
     example: str
 
 
-_NORM_OPTS = {"mean": None, "std": None}  # explicit normalisation instead of a norm preset
+# Explicit normalisation instead of a norm preset, and how an image reaches the input size ("resize": shorter
+# side to size, then centre crop, as deployment pipelines feed a model; "pad": zero border around smaller images).
+_NORM_OPTS = {"mean": None, "std": None, "fit": "resize"}
 KINDS: dict[str, _Kind] = {
     "torchscript": _Kind("PATH", {"size": _REQUIRED, "chans": 3, "norm": "none", **_NORM_OPTS},
                          "torchscript:encoder.pt?size=32"),
@@ -95,6 +97,10 @@ def _parse_value(name: str, text: str) -> Any:
         if name == "std" and any(v <= 0 for v in values):
             raise ValueError(f"option std={text!r} must be positive")
         return values
+    if name == "fit":
+        if text not in ("resize", "pad"):
+            raise ValueError(f"option fit={text!r} is not one of resize|pad")
+        return text
     if name == "norm":
         if text.lower() not in NORMS:
             raise ValueError(f"option norm={text!r} is not one of {'|'.join(NORMS)}")
