@@ -47,6 +47,8 @@ class Checkpoint:
     # Held-out auxiliary images (never trained on) for label-free thresholds: keys and uint8 (H, C, S, S).
     calibration_keys: list[str] = field(default_factory=list)
     calibration_images: torch.Tensor | None = None
+    # (H, D) float32: the victim's embeddings of those images, from their original bytes at its own input size
+    calibration_embeddings: torch.Tensor | None = None
     knn_bank: torch.Tensor | None = None  # (B, D) float16 embeddings of training images, for the k-NN score
 
 
@@ -106,7 +108,8 @@ def save_checkpoint(path: str | Path, *, model: DeDe, encoder_spec: str, encoder
                     calibration: dict[str, Any] | None = None) -> str:
     """Write a checkpoint atomically; returns its content hash.
 
-    calibration: {"keys": list[str], "images": uint8 (H, C, S, S), "knn_bank": (B, D)} or None.
+    calibration: {"keys": list[str], "images": uint8 (H, C, S, S), "embeddings": (H, D), "knn_bank": (B, D)}
+    or None.
     """
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     content_hash = detector_hash(state_dict, model.config, encoder_spec, encoder_fingerprint, calibration)
@@ -164,6 +167,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             meta=dict(payload.get("meta") or {}),
             calibration_keys=[str(k) for k in calibration.get("keys", [])],
             calibration_images=calibration.get("images"),
+            calibration_embeddings=calibration.get("embeddings"),
             knn_bank=calibration.get("knn_bank"),
         )
     except (KeyError, TypeError, ValueError) as exc:

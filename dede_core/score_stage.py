@@ -28,17 +28,18 @@ from torch.utils.data import DataLoader, Dataset
 
 from dede_core import __version__, storage
 from dede_core.checkpoint import Checkpoint, load_detector
-from dede_core.config import DetectorConfig
 from dede_core.detector_cache import load_detector_once
-from dede_core.images import ImageDecodeError, decode_image, image_size
+from dede_core.images import ImageDecodeError, View, decode_views, image_size
 from dede_core.progress import Progress
+from dede_core.health import describe_health
 from dede_core.scoring import ScoreConfig, Scorer
+from dede_core.select import RUN_NAME
 from dede_core.sources import TarShardSource
 from schemas.manifest import ShardEntry, differences, read_manifest, write_json_atomic
 from schemas.tables import (CALIBRATION, STATUS_DECODE_ERROR, STATUS_OK, STATUS_READ_ERROR, scores_schema,
                             with_metadata)
 
-RUN_NAME, CALIBRATION_NAME, DONE_DIR, FAILED_DIR = "run.json", "calibration.parquet", "_done", "_failed"
+CALIBRATION_NAME, DONE_DIR, FAILED_DIR = "calibration.parquet", "_done", "_failed"
 IGNORED_ON_RERUN = ("dede_version",)  # recorded, but a new release may finish an old run's shards
 
 
@@ -77,12 +78,24 @@ def knn_distance(embedding: torch.Tensor, bank: torch.Tensor | None, k: int, *, 
     return torch.cat(out) if out else torch.empty(0)
 
 
+def density_score(knn: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Two-sided density: |log k-distance - median| / MAD, the median and MAD over `reference` k-distances (the
+    held-out calibration images'). High when an embedding sits in an abnormally tight cluster (triggered embeddings
+    collapsing onto the target, with triggered neighbours in the bank) or abnormally far from everything (the same
+    collapse with a clean bank). Row by row, so batch-invariant."""
+    ref = torch.log(reference.double().clamp_min(1e-12))
+    median = ref.median()
+    mad = (ref - median).abs().median().clamp_min(1e-12)
+    return ((torch.log(knn.double().clamp_min(1e-12)) - median).abs() / mad).float()
+
+
 def run_config(ckpt: Checkpoint, score: ScoreConfig, *, knn_k: int, with_embedding: bool, device: str,
                shards_id: str) -> dict[str, Any]:
     """Everything a score depends on; saved as OUT/run.json and in every Parquet file's metadata."""
     return {"detector_hash": ckpt.content_hash, "encoder_spec": ckpt.encoder_spec,
             "encoder_fingerprint": ckpt.encoder_fingerprint, "detector_config": ckpt.config.to_dict(),
             "score": score.to_dict(), "knn_k": knn_k, "with_embedding": with_embedding,
+            "detector_health": ckpt.meta.get("health"),
             # bf16 autocast on CUDA gives other (close) numbers than the CPU: one folder holds one kind.
             "device_type": torch.device(device).type, "shards": shards_id, "dede_version": __version__}
 
@@ -152,11 +165,11 @@ class _ShardRows:
 class _PendingSamples(Dataset):
     """All pending shards as one map-style dataset: item -> decoded image plus where its row goes."""
 
-    def __init__(self, parts: list[_ShardRows], config: DetectorConfig) -> None:
+    def __init__(self, parts: list[_ShardRows], views: tuple[View, View]) -> None:
         self.sources = [p.source for p in parts]
         self.keys = [p.keys for p in parts]
         self.starts = list(np.cumsum([0] + [len(k) for k in self.keys]))
-        self.config = config
+        self.views = views  # (the detector's, the victim encoder's)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -164,17 +177,17 @@ class _PendingSamples(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         part = bisect.bisect_right(self.starts, index) - 1
         position = index - int(self.starts[part])
-        cfg = self.config
+        blank = [torch.zeros(v.channels, v.size, v.size, dtype=torch.uint8) for v in self.views]
         item = {"part": part, "position": position, "key": self.keys[part][position], "label": None,
                 "width": None, "height": None, "status": STATUS_OK, "error": None,
-                "image": torch.zeros(cfg.in_chans, cfg.img_size, cfg.img_size, dtype=torch.uint8)}
+                "image": blank[0], "victim": blank[1]}
         try:
             sample = self.sources[part][position]
         except (OSError, ValueError) as exc:
             return item | {"status": STATUS_READ_ERROR, "error": f"{type(exc).__name__}: {exc}"}
         item["label"] = sample.label
         try:
-            item["image"] = decode_image(sample.data, size=cfg.img_size, channels=cfg.in_chans, fit=cfg.fit)
+            item["image"], item["victim"] = decode_views(sample.data, self.views)
             item["width"], item["height"] = image_size(sample.data)
         except ImageDecodeError as exc:
             return item | {"status": STATUS_DECODE_ERROR, "error": str(exc)}
@@ -182,8 +195,9 @@ class _PendingSamples(Dataset):
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    batch = {name: [item[name] for item in items] for name in items[0] if name != "image"}
+    batch = {name: [item[name] for item in items] for name in items[0] if name not in ("image", "victim")}
     batch["image"] = torch.stack([item["image"] for item in items])
+    batch["victim"] = torch.stack([item["victim"] for item in items])
     return batch
 
 
@@ -225,13 +239,27 @@ class _Run:
         self.calibration_schema = with_metadata(CALIBRATION, "calibration", config_json)
         self.constant = {"draws": config["score"]["draws"], "detector_hash": ckpt.content_hash,
                          "encoder_id": f"{ckpt.encoder_spec}#{ckpt.encoder_fingerprint[:16]}"}
+        self.calibration_embeddings = ckpt.calibration_embeddings
+        if ckpt.calibration_images is not None and self.calibration_embeddings is None:
+            # an older checkpoint: its held-out images are embedded as they are
+            self.calibration_embeddings = scorer.embed(ckpt.calibration_images)
+        # The held-out images' k-distances: the reference of the two-sided density score.
+        self.reference_knn = None
+        if self.calibration_embeddings is not None and len(self.calibration_embeddings):
+            self.reference_knn = knn_distance(self.calibration_embeddings, self.bank, self.knn_k,
+                                              chunk=scorer.config.chunk)
 
-    def score(self, images: torch.Tensor, keys: list[str]) -> tuple[list, list, list]:
-        """-> (score, knn_score, embedding) lists, one entry per key."""
-        out = self.scorer.score(images, keys)
+    def score(self, images: torch.Tensor, keys: list[str], *, victim: torch.Tensor | None = None,
+              embedding: torch.Tensor | None = None) -> dict[str, list]:
+        """-> {score, recon_error, knn_score, density_score, embedding}, one list entry per key."""
+        out = self.scorer.score(images, keys, victim=victim, embedding=embedding)
         knn = knn_distance(out.embedding, self.bank, self.knn_k, chunk=self.scorer.config.chunk)
-        knn_list = [None] * len(keys) if knn is None else knn.tolist()
-        return out.score.tolist(), knn_list, list(out.embedding.numpy())
+        none = [None] * len(keys)
+        density = none if knn is None or self.reference_knn is None else density_score(knn, self.reference_knn)
+        return {"score": out.score.tolist(), "recon_error": out.error.tolist(),
+                "knn_score": none if knn is None else knn.tolist(),
+                "density_score": density if isinstance(density, list) else density.tolist(),
+                "embedding": list(out.embedding.numpy())}
 
     def write_shard(self, part: _ShardRows) -> Counter:
         """OUT/<stem>.parquet (temp + rename), then the _done marker last; returns the status counts."""
@@ -254,22 +282,22 @@ class _Run:
 
     def write_calibration(self, batch_size: int) -> None:
         """OUT/calibration.parquet: the checkpoint's held-out images, scored exactly like the corpus."""
-        keys, images = self.ckpt.calibration_keys, self.ckpt.calibration_images
-        scores, knn = [], []
+        keys, images, embeddings = self.ckpt.calibration_keys, self.ckpt.calibration_images, self.calibration_embeddings
+        columns: dict[str, list] = {name: [] for name in self.calibration_schema.names}
         for start in range(0, len(keys) if images is not None else 0, batch_size):
-            s, k, _ = self.score(images[start:start + batch_size], keys[start:start + batch_size])
-            scores += s
-            knn += k  # None when the detector carries no k-NN bank
-        table = pa.Table.from_pydict({"key": keys[:len(scores)], "score": scores, "knn_score": knn},
-                                     schema=self.calibration_schema)
+            stop = start + batch_size
+            scored = self.score(images[start:stop], keys[start:stop], embedding=embeddings[start:stop])
+            for name in columns:  # knn and density are None when the detector carries no k-NN bank
+                columns[name] += keys[start:stop] if name == "key" else scored[name]
+        table = pa.Table.from_pydict(columns, schema=self.calibration_schema)
         _write_parquet(table, storage.join(self.out_dir, CALIBRATION_NAME))
 
 
 def _route(batch: dict[str, Any], parts: list[_ShardRows], run: _Run) -> list[_ShardRows]:
     """Score a batch, put each row into its shard; returns the shards this batch completed."""
     ok = [i for i, status in enumerate(batch["status"]) if status == STATUS_OK]
-    results = run.score(batch["image"][ok], [batch["key"][i] for i in ok]) if ok else ([], [], [])
-    scored = {i: (s, k, e) for i, s, k, e in zip(ok, *results)}
+    results = run.score(batch["image"][ok], [batch["key"][i] for i in ok], victim=batch["victim"][ok]) if ok else {}
+    scored = {i: {name: values[j] for name, values in results.items()} for j, i in enumerate(ok)}
     completed = []
     now = time.perf_counter()
     for i, (p, position) in enumerate(zip(batch["part"], batch["position"])):
@@ -277,7 +305,7 @@ def _route(batch: dict[str, Any], parts: list[_ShardRows], run: _Run) -> list[_S
         part.started = part.started or now
         row = {name: batch[name][i] for name in ("key", "label", "width", "height", "status", "error")}
         if i in scored:
-            row["score"], row["knn_score"], row["embedding"] = scored[i]
+            row |= scored[i]
         part.rows[position] = row
         part.missing -= 1
         if part.missing == 0:
@@ -343,13 +371,14 @@ def score_shards(shards_dir: str, *, detector: str, out_dir: str, score: ScoreCo
     load = load_detector_once if reuse_detector else load_detector
     model, encoder, ckpt = load(detector, encoder_spec=encoder)
     _check_args(knn_k, batch_size, workers, device, ckpt)
-    scorer = Scorer(detector=model, encoder=encoder, config=score, device=device)
+    scorer = Scorer(detector=model, encoder=encoder, config=score, device=device, references=ckpt.knn_bank)
     listing = json.dumps([[e.name, e.sha256] for e in manifest.shards]).encode()
     shards_id = f"{len(manifest.shards)} shards, sha256 {hashlib.sha256(listing).hexdigest()[:16]}"
     config = run_config(ckpt, score, knn_k=knn_k, with_embedding=with_embedding, device=device, shards_id=shards_id)
     for sub in (DONE_DIR, FAILED_DIR):
         storage.makedirs(storage.join(out_dir, sub))
     _claim_run(out_dir, config)
+    log(describe_health(ckpt.meta.get("health")))
     run = _Run(out_dir, scorer, ckpt, config)
     if not storage.isfile(storage.join(out_dir, CALIBRATION_NAME)):
         run.write_calibration(batch_size)
@@ -379,7 +408,7 @@ def _score_parts(parts: list[_ShardRows], run: _Run, *, batch_size: int, workers
     counts: Counter = Counter()
     for part in [p for p in parts if p.missing == 0]:  # nothing readable inside: only read_error rows
         counts += run.write_shard(part)
-    dataset = _PendingSamples(parts, run.ckpt.config)
+    dataset = _PendingSamples(parts, (run.ckpt.config.view, run.scorer.encoder.view))
     bar = Progress(len(dataset), desc="scoring", stream=None if progress and len(dataset) else io.StringIO())
     done = len(parts) - sum(1 for p in parts if p.missing)
     if len(dataset):

@@ -20,9 +20,12 @@ SCORES = pa.schema([
     pa.field("height", pa.int32()),  # original image height, when decodable
     pa.field("status", pa.string(), nullable=False),  # ok | decode_error | read_error
     pa.field("error", pa.string()),  # the reason when status is not ok
-    pa.field("score", pa.float64()),  # DeDe score: mean over draws of the summed squared error (null if not ok)
+    pa.field("score", pa.float64()),  # recon_error / mean error under reference embeddings (null if not ok)
+    pa.field("recon_error", pa.float64()),  # DeDe's error: mean over draws of the summed squared error
     pa.field("draws", pa.int16(), nullable=False),  # mask draws behind the score
     pa.field("knn_score", pa.float64()),  # distance to the k-th nearest calibration embedding (null if not ok)
+    # |log knn_score - median| / MAD of the held-out images' log knn_score: an abnormally tight or loose neighbourhood
+    pa.field("density_score", pa.float64()),
     pa.field("detector_hash", pa.string(), nullable=False),  # content hash of the detector checkpoint
     pa.field("encoder_id", pa.string(), nullable=False),  # encoder spec # first 16 hex of its weight fingerprint
 ])
@@ -32,7 +35,9 @@ EMBEDDING_FIELD = pa.field("embedding", pa.list_(pa.float32()))  # optional colu
 CALIBRATION = pa.schema([
     pa.field("key", pa.string(), nullable=False),  # held-out auxiliary sample (never trained on)
     pa.field("score", pa.float64(), nullable=False),
+    pa.field("recon_error", pa.float64()),
     pa.field("knn_score", pa.float64()),  # null when the detector carries no k-NN bank
+    pa.field("density_score", pa.float64()),
 ])
 
 REJECTED = pa.schema([

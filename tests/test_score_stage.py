@@ -67,8 +67,10 @@ def test_end_to_end_matches_the_scorer(scored, detector, image_folder):
     assert [r["key"] for r in rows] == source.keys()
     model, encoder, ckpt = load_detector(detector)
     images = torch.stack([decode_image(source[i].data, size=32, channels=3) for i in range(len(source))])
-    direct = Scorer(detector=model, encoder=encoder, config=CONFIG).score(images, source.keys())
+    direct = Scorer(detector=model, encoder=encoder, config=CONFIG, references=ckpt.knn_bank).score(
+        images, source.keys())
     assert torch.equal(torch.tensor([r["score"] for r in rows], dtype=torch.float32), direct.score)
+    assert torch.equal(torch.tensor([r["recon_error"] for r in rows], dtype=torch.float32), direct.error)
     knn = knn_distance(direct.embedding, ckpt.knn_bank, 3, chunk=CONFIG.chunk)
     assert torch.equal(torch.tensor([r["knn_score"] for r in rows], dtype=torch.float32), knn)
     brute = (direct.embedding[:, None] - ckpt.knn_bank.float()[None]).norm(dim=2).sort(dim=1).values[:, 2]

@@ -8,6 +8,11 @@ from dede_core.model import DeDe
 from dede_core.scoring import ScoreConfig, Scorer
 
 
+def refs(encoder):
+    """Reference embeddings for the score's normalisation (a checkpoint takes them from its k-NN bank)."""
+    return torch.randn(16, encoder.dim, generator=torch.Generator().manual_seed(0))
+
+
 @pytest.fixture(scope="module")
 def detector(encoder):
     torch.manual_seed(0)
@@ -32,7 +37,8 @@ def test_mask_noise_is_a_pure_function_of_key_seed_draw():
 def test_scores_bitwise_identical_across_batch_sizes_and_order(detector, encoder, batch, visible, draws, bf16):
     images, keys = batch
     config = ScoreConfig(visible=visible, draws=draws, chunk=16, cpu_bf16=bf16)
-    scorer = Scorer(detector=detector, encoder=encoder, config=config)
+    scorer = Scorer(
+        references=refs(encoder), detector=detector, encoder=encoder, config=config)
     reference = scorer.score(images, keys).score
     assert reference.shape == (64,) and torch.isfinite(reference).all()
     for size in (1, 7, 64):
@@ -47,7 +53,8 @@ def test_more_draws_average_single_draws(detector, encoder, batch):
     images, keys = batch
     def scores(draws):
         config = ScoreConfig(visible=6, draws=draws, seed=9, chunk=16)
-        return Scorer(detector=detector, encoder=encoder, config=config).score(images[:8], keys[:8]).score
+        return Scorer(
+        references=refs(encoder), detector=detector, encoder=encoder, config=config).score(images[:8], keys[:8]).score
 
     single, triple = scores(1), scores(3)
     assert not torch.equal(single, triple) and torch.all(triple > 0)
@@ -59,14 +66,16 @@ def test_more_draws_average_single_draws(detector, encoder, batch):
 
 def test_zero_visible_ignores_the_seed(detector, encoder, batch):
     images, keys = batch
-    scores = [Scorer(detector=detector, encoder=encoder, config=ScoreConfig(seed=s, chunk=16)).score(
+    scores = [Scorer(
+        references=refs(encoder), detector=detector, encoder=encoder, config=ScoreConfig(seed=s, chunk=16)).score(
         images[:4], keys[:4]).score for s in (0, 1)]
     assert torch.equal(scores[0], scores[1])
 
 
 def test_bad_input_is_refused(detector, encoder, batch):
     images, keys = batch
-    scorer = Scorer(detector=detector, encoder=encoder, config=ScoreConfig())
+    scorer = Scorer(
+        references=refs(encoder), detector=detector, encoder=encoder, config=ScoreConfig())
     with pytest.raises(ValueError, match="uint8"):
         scorer.score(images.float(), keys)
     with pytest.raises(ValueError, match="keys"):
@@ -74,14 +83,17 @@ def test_bad_input_is_refused(detector, encoder, batch):
     with pytest.raises(ValueError):
         ScoreConfig(draws=0)
     with pytest.raises(ValueError, match="visible"):
-        Scorer(detector=detector, encoder=encoder, config=ScoreConfig(visible=64))
+        Scorer(
+        references=refs(encoder), detector=detector, encoder=encoder, config=ScoreConfig(visible=64))
 
 
 @pytest.mark.gpu
 def test_cuda_scores_match_cpu_closely(detector, encoder, batch):
     images, keys = batch
-    cpu_scores = Scorer(detector=detector, encoder=encoder, config=ScoreConfig()).score(images, keys).score
-    gpu = Scorer(detector=detector, encoder=encoder, config=ScoreConfig(), device="cuda")
+    cpu_scores = Scorer(
+        references=refs(encoder), detector=detector, encoder=encoder, config=ScoreConfig()).score(images, keys).score
+    gpu = Scorer(
+        references=refs(encoder), detector=detector, encoder=encoder, config=ScoreConfig(), device="cuda")
     gpu_scores = gpu.score(images, keys).score
     assert torch.equal(gpu_scores, gpu.score(images, keys).score)
     corr = torch.corrcoef(torch.stack([cpu_scores, gpu_scores]))[0, 1]
@@ -90,8 +102,13 @@ def test_cuda_scores_match_cpu_closely(detector, encoder, batch):
 
 def test_cpu_bf16_is_opt_in_and_close(detector, encoder, batch):
     images, keys = batch
-    fp32 = Scorer(detector=detector, encoder=encoder, config=ScoreConfig(chunk=16)).score(images, keys).score
-    bf16 = Scorer(detector=detector, encoder=encoder, config=ScoreConfig(chunk=16, cpu_bf16=True)).score(images, keys)
-    assert not torch.equal(bf16.score, fp32) and bf16.score.dtype == bf16.embedding.dtype == torch.float32
-    assert torch.corrcoef(torch.stack([bf16.score, fp32]))[0, 1] > 0.99
+    def run(config):
+        return Scorer(
+        references=refs(encoder), detector=detector, encoder=encoder, config=config).score(images, keys)
+
+    fp32, bf16 = run(ScoreConfig(chunk=16)), run(ScoreConfig(chunk=16, cpu_bf16=True))
+    assert not torch.equal(bf16.score, fp32.score) and bf16.score.dtype == bf16.embedding.dtype == torch.float32
+    assert torch.corrcoef(torch.stack([bf16.error, fp32.error]))[0, 1] > 0.99
+    # The normalised score of an untrained detector varies little between images, so bf16 rounding weighs more.
+    assert torch.corrcoef(torch.stack([bf16.score, fp32.score]))[0, 1] > 0.95
     assert "cpu_bf16" not in ScoreConfig().to_dict() and ScoreConfig(cpu_bf16=True).to_dict()["cpu_bf16"] is True

@@ -39,7 +39,7 @@ def test_views_answer(conn):
     assert joined.to_pylist() == [{"status": "decode_error", "reason": "decode_error: x"}]
     assert run_query(conn, "FROM manifest SELECT name, samples ORDER BY name").to_pylist() == [
         {"name": "000000.tar", "samples": 1}, {"name": "000001.tar", "samples": 1}]
-    assert run_query(conn, "DESCRIBE scores").num_rows == 13
+    assert run_query(conn, "DESCRIBE scores").num_rows == 15
 
 
 ATTACKS = [
