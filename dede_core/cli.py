@@ -65,7 +65,8 @@ def _default_workers() -> int:
 def add_detector_options(p: argparse.ArgumentParser) -> None:
     """Preset overrides shared by `dede train` and `dede sanitize`."""
     g = p.add_argument_group("detector shape (overrides of the preset)")
-    g.add_argument("--img-size", type=int, help="override the preset's image side")
+    g.add_argument("--img-size", type=int, help="detector image side (default: from the auxiliary images' median "
+                   "side, the nearest of 32/64/96/128, with an 8x8 patch grid)")
     g.add_argument("--in-chans", type=int, choices=[1, 3], help="override the preset's channels")
     g.add_argument("--patch-size", type=int, help="override the preset's patch side")
     g.add_argument("--fit", choices=["resize", "pad"], help="how images reach img-size (default resize)")
@@ -87,6 +88,15 @@ def detector_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
+def add_epoch_options(p: argparse.ArgumentParser) -> None:
+    """How long a detector trains, shared by `dede train` and `dede sanitize`."""
+    p.add_argument("--epochs", type=int, default=None,
+                   help="fixed number of epochs (default: until the held-out embedding reliance stops improving)")
+    p.add_argument("--max-epochs", type=int, default=100, help="cap when training until convergence (default 100)")
+    p.add_argument("--patience", type=int, default=8,
+                   help="epochs without a 0.5%% gain of the held-out embedding reliance before stopping (default 8)")
+
+
 def add_rule_options(p: argparse.ArgumentParser) -> None:
     """The selection rule, shared by `dede clean` and `dede sanitize`: one of --fpr/--quantile/--threshold/--where."""
     g = p.add_argument_group("selection rule (give at most one; default --fpr 0.05)")
@@ -101,28 +111,33 @@ def add_rule_options(p: argparse.ArgumentParser) -> None:
     one.add_argument("--where", metavar="SQL",
                      help="drop the rows of the scores table matching this SQL predicate, e.g. "
                      "\"score > 900 OR knn_score > 3.1\" (columns: see `dede sql --help`)")
-    g.add_argument("--column", choices=["score", "knn_score"], default=None,
+    g.add_argument("--column", choices=["score", "recon_error", "knn_score", "density_score"], default=None,
                    help="what --fpr/--quantile/--threshold compare: the DeDe score or the k-NN distance "
                    "(default score)")
     g.add_argument("--keep-unscored", action="store_true",
                    help="keep samples that have no score (undecodable or unreadable); by default they are "
                    "dropped and listed in rejected.parquet with their error")
+    g.add_argument("--allow-weak-detector", action="store_true",
+                   help="clean even with a detector that failed its health check (its reconstructions barely "
+                   "depend on the victim's embedding, so it cannot find backdoors); refused by default")
 
 
 def rule_from_args(args: argparse.Namespace):
     """The one Rule the add_rule_options flags describe (Rule.fpr(0.05) when none is given)."""
     from dede_core.select import Rule
 
+    column = args.column or "score"
     if args.where is not None:
         if args.column is not None:
             raise ValueError("--column does not apply to --where; name the columns in the predicate")
-        return Rule.where(args.where)
-    column = args.column or "score"
-    if args.quantile is not None:
-        return Rule.quantile(args.quantile, column=column)
-    if args.threshold is not None:
-        return Rule.threshold(args.threshold, column=column)
-    return Rule.fpr(0.05 if args.fpr is None else args.fpr, column=column)
+        rule = Rule.where(args.where)
+    elif args.quantile is not None:
+        rule = Rule.quantile(args.quantile, column=column)
+    elif args.threshold is not None:
+        rule = Rule.threshold(args.threshold, column=column)
+    else:
+        rule = Rule.fpr(0.05 if args.fpr is None else args.fpr, column=column)
+    return dataclasses.replace(rule, allow_weak_detector=args.allow_weak_detector)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -145,21 +160,24 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from dede_core.config import preset
     from dede_core.encoders import load_encoder
     from dede_core.sources import open_source
-    from dede_core.train import TrainConfig, data_id, train_detector
+    from dede_core.train import TrainConfig, data_id, detector_config, train_detector
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    config = preset(args.preset, **detector_overrides(args))
-    train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                        weight_decay=args.weight_decay, seed=args.seed, max_images=args.max_images)
+    train = TrainConfig(epochs=args.epochs, max_epochs=args.max_epochs, patience=args.patience,
+                        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
+                        max_images=args.max_images)
     device = _device(args.device)
     source = open_source(args.data)
     encoder = load_encoder(args.encoder)
+    config, size_note = detector_config(args.preset, detector_overrides(args), source)
     keys = source.keys()[: args.max_images] if args.max_images else source.keys()
-    print(f"training the {args.preset} detector for {encoder.spec} (D={encoder.dim}) on {len(keys)} images "
-          f"from {args.data}, {train.epochs} epochs, device {device}", file=sys.stderr)
+    budget = (f"{train.epochs} epochs" if train.epochs else
+              f"until the held-out embedding reliance stops improving (patience {train.patience}, at most {train.max_epochs} epochs)")
+    print(f"training the {args.preset} detector for {encoder.spec} (D={encoder.dim}, sees "
+          f"{encoder.input_size} px) on {len(keys)} images from {args.data}; {size_note}; {budget}; device {device}",
+          file=sys.stderr)
     try:
         path = train_detector(source=source, data_id=data_id(args.data, keys), encoder=encoder, config=config,
                               train=train, out_dir=args.out, device=device, workers=args.workers)
@@ -217,6 +235,7 @@ def add_score_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_clean(args: argparse.Namespace) -> int:
     from dede_core.clean import clean
+    from dede_core.health import describe_health
     from dede_core.report import write_report
 
     rule = rule_from_args(args)
@@ -225,6 +244,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     fate = "kept" if args.keep_unscored else "dropped"
     print(f"kept {c.kept} of {c.total} samples, dropped {c.dropped} ({c.unscored} without a score, {fate})")
     print(f"rule {rule.label}: {sel.how}")
+    print(describe_health(sel.detector_health))
     print(f"cleaned shards -> {result.out_dir}  (rejected: {result.rejected_path})")
     if not args.no_report:
         path = write_report(args.scores, args.shards, os.path.join(result.out_dir, "report.html"), selection=sel)
@@ -250,12 +270,21 @@ def cmd_sql(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from dede_core.checkpoint import load_checkpoint
 
+    from dede_core.encoders import parse_spec
+    from dede_core.health import describe_health
+
     ckpt = load_checkpoint(args.checkpoint)
     meta = {k: v for k, v in ckpt.meta.items() if k != "identity"}
+    spec = parse_spec(ckpt.encoder_spec)
+    views = {"encoder": f"decoded at the encoder's own input size ({spec.option('size', 'its natural size')} px, "
+                        f"fit {spec.option('fit')}), never through the detector's size",
+             "detector": f"reconstructs {ckpt.config.img_size} px (patch {ckpt.config.patch_size}, fit "
+                         f"{ckpt.config.fit}) from the same decode"}
     print(json.dumps({"content_hash": ckpt.content_hash, "encoder_spec": ckpt.encoder_spec,
                       "encoder_fingerprint": ckpt.encoder_fingerprint, "global_dim": ckpt.global_dim,
-                      "config": ckpt.config.to_dict(), "resumable": ckpt.train_state is not None,
+                      "config": ckpt.config.to_dict(), "views": views, "resumable": ckpt.train_state is not None,
                       "meta": meta}, indent=2))
+    print(describe_health(meta.get("health")), file=sys.stderr)
     return 0
 
 
@@ -285,6 +314,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.which == "throughput":
         return cmd_bench_throughput(args)
+    if args.suite == "generalization":
+        from dede_core import bench_generalization as gen
+
+        suite = gen.tiny_suite() if args.tiny else gen.SuiteConfig()
+        if args.cases:
+            unknown = sorted(set(args.cases.split(",")) - set(gen.CASES))
+            if unknown:
+                raise ValueError(f"unknown case(s) {unknown}; choose from {sorted(gen.CASES)}")
+            suite = dataclasses.replace(suite, cases=tuple(args.cases.split(",")))
+        name = "generalization-tiny" if args.tiny else "generalization"
+        report = gen.run_suite(suite, args.cache, args.out, name=name)
+        print(f"wrote {args.out}/{name}.md, {name}.json and ROC plots ({report['wall_s'] / 60:.1f} min)")
+        return 0
     bench = bench_detection.tiny() if args.tiny else bench_detection.full()
     if args.attacks:
         unknown = sorted(set(args.attacks.split(",")) - set(bench_detection.ATTACKS))
@@ -332,8 +374,8 @@ def build_parser(extra_commands: Sequence[Callable[[Any], None]] = ()) -> argpar
     p.add_argument("--encoder", required=True, help="victim encoder spec")
     p.add_argument("--out", required=True, help="run folder (checkpoint and cached embeddings)")
     p.add_argument("--preset", choices=["cpu", "paper"], default="cpu", help="detector size (default cpu)")
-    p.add_argument("--epochs", type=int, default=20, help="total epochs (default 20; reference 200)")
-    p.add_argument("--batch-size", type=int, default=256)
+    add_epoch_options(p)
+    p.add_argument("--batch-size", type=int, default=64, help="images per optimiser step (default 64)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=1e-6)
     p.add_argument("--seed", type=int, default=0)
@@ -390,6 +432,10 @@ def build_parser(extra_commands: Sequence[Callable[[Any], None]] = ()) -> argpar
                        "hash: rerunning resumes.")
     p.add_argument("which", choices=["detection", "throughput"])
     p.add_argument("--tiny", action="store_true", help="a minutes-long run that only checks the machinery")
+    p.add_argument("--suite", choices=["attacks", "generalization"], default="attacks",
+                   help="detection: 'attacks' (the Fashion-MNIST attack table) or 'generalization' (held-out victims, "
+                   "triggers and data, dede's defaults only; docs/results/generalization.md)")
+    p.add_argument("--cases", help="generalization: comma-separated subset of the suite's cases (default: all)")
     p.add_argument("--attacks", help="comma-separated subset of badencoder,drupe,blend,wanet,ctrl,"
                    "effnet-badencoder (default: all)")
     p.add_argument("--cache", default="cache", help="artifact cache (default cache)")

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from dede_core import storage
+from dede_core.health import describe_health
 from dede_core.select import Selection, format_number, hit_sql, scored_sql
 from dede_core.sources import TAR_IMAGE_EXTENSIONS, clean_key, split_member
 from dede_core.sql import connect, has_view
@@ -170,6 +171,7 @@ def write_report(scores_dir: str | os.PathLike, shards_dir: str | os.PathLike, o
         "<h2>How the threshold was chosen</h2>", f"<p>{e(selection.how)}</p>",
         f"<p>rule <code>{e(rule.label)}</code>; threshold <b>{e(shown_threshold)}</b>; "
         f"samples without a score are {unscored}.</p>",
+        f"<p class=health>{e(describe_health(selection.detector_health))}</p>",
         "<h2>Counts</h2>",
         _table(["total", "kept", "dropped", "unscored"], [[c.total, c.kept, c.dropped, c.unscored]]),
         '<p class="muted">over the rows of the scores table</p>',

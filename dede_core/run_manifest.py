@@ -15,6 +15,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
+from dede_core.health import describe_health
 from schemas.manifest import read_manifest, write_json_atomic
 
 FORMAT = "dede-sanitize/1"
@@ -72,7 +73,7 @@ def detector_facts(path: str | os.PathLike) -> dict[str, Any]:
     ckpt = load_checkpoint(path)
     return {"path": os.path.abspath(os.fspath(path)), "hash": ckpt.content_hash, "encoder_spec": ckpt.encoder_spec,
             "encoder_fingerprint": ckpt.encoder_fingerprint, "epoch": ckpt.meta.get("epoch"),
-            "config": ckpt.config.to_dict()}
+            "stopped": ckpt.meta.get("stopped"), "health": ckpt.meta.get("health"), "config": ckpt.config.to_dict()}
 
 
 def collect(*, config: dict[str, Any], paths: dict[str, str], timings: dict[str, float] | None = None,
@@ -133,7 +134,8 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         f"**Rule** `{sel['rule']}`, threshold **{threshold}**: {sel['how']}",
         "",
-        f"Detector `{record['detector']['hash'][:16]}` ({record['detector']['encoder_spec']})",
+        f"Detector `{record['detector']['hash'][:16]}` ({record['detector']['encoder_spec']}); "
+        f"{describe_health(record['detector'].get('health'))}",
         "",
         "| output | path |",
         "| --- | --- |",

@@ -18,12 +18,15 @@ import duckdb
 import pyarrow as pa
 
 from dede_core import storage
+from dede_core.health import describe_health, health_passed
 from dede_core.sql import connect, has_view
 from schemas.sql import literal
 from schemas.tables import REJECTED, STATUS_OK
 
+RUN_NAME = "run.json"  # the score stage's record of its detector and settings (dede_core.score_stage)
+
 KINDS = ("fpr", "quantile", "threshold", "where")
-COLUMNS = ("score", "knn_score")
+COLUMNS = ("score", "knn_score", "density_score", "recon_error")
 
 
 def _fraction(name: str, value: object) -> float:
@@ -39,6 +42,9 @@ class Rule:
     kind: str  # fpr | quantile | threshold | where
     value: float | str  # F, Q, T, or the SQL predicate
     column: str | None = "score"  # compared with the threshold: score | knn_score (None for where)
+    # Select even when the detector failed its health check (dede_core.health): it cannot find backdoors, so
+    # cleaning with it would drop clean samples at random and keep the triggered ones.
+    allow_weak_detector: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -90,7 +96,7 @@ class Rule:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Rule:
-        return cls(data["kind"], data["value"], data.get("column"))
+        return cls(data["kind"], data["value"], data.get("column"), bool(data.get("allow_weak_detector", False)))
 
 
 DEFAULT_RULE = Rule.fpr(0.05)
@@ -139,12 +145,14 @@ class Selection:
     scores_dir: str
     detector_hash: str | None  # None only when the scores folder has no rows
     encoder_id: str | None
+    detector_health: dict[str, Any] | None = None  # the detector's label-free health check (dede_core.health)
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the dropped rows, as plain JSON values."""
         return {"rule": self.rule.to_dict(), "rule_text": self.rule.label, "keep_unscored": self.keep_unscored,
                 "threshold": self.threshold, "how": self.how, "counts": self.counts.to_dict(),
-                "scores_dir": self.scores_dir, "detector_hash": self.detector_hash, "encoder_id": self.encoder_id}
+                "scores_dir": self.scores_dir, "detector_hash": self.detector_hash, "encoder_id": self.encoder_id,
+                "detector_health": self.detector_health}
 
 
 def format_number(x: float) -> str:
@@ -274,6 +282,18 @@ def judged_sql(rule: Rule, threshold: float | None, keep_unscored: bool) -> str:
     )
 
 
+def check_health(scores_dir: str, rule: Rule) -> dict[str, Any] | None:
+    """The scoring detector's health check, from SCORES/run.json; ValueError when it failed and the rule does not
+    allow a weak detector. None for a folder scored by a detector that predates the check."""
+    path = storage.join(scores_dir, RUN_NAME)
+    if not storage.isfile(path):
+        return None
+    health = storage.read_json(path).get("detector_health")
+    if health_passed(health) is False and not rule.allow_weak_detector:
+        raise ValueError(f"refusing to clean with the detector behind {scores_dir}: {describe_health(health)}")
+    return health
+
+
 def select(scores_dir: str | os.PathLike, rule: Rule = DEFAULT_RULE, *, keep_unscored: bool = False) -> Selection:
     """Apply one rule to every row of SCORES/*.parquet; the dropped rows come back with their reasons."""
     if not isinstance(rule, Rule):
@@ -282,6 +302,7 @@ def select(scores_dir: str | os.PathLike, rule: Rule = DEFAULT_RULE, *, keep_uns
     conn = connect(scores_dir)
     try:
         detector, encoder = _check_one_detector(conn, scores_dir)
+        health = check_health(scores_dir, rule)
         _check_unique_keys(conn, scores_dir)
         if rule.kind == "where":
             _check_predicate(conn, rule)
@@ -302,4 +323,4 @@ def select(scores_dir: str | os.PathLike, rule: Rule = DEFAULT_RULE, *, keep_uns
     by_shard = {s: Counts(total=n, kept=n - d, dropped=d, unscored=u) for s, n, d, u in per_shard}
     return Selection(rule=rule, keep_unscored=keep_unscored, threshold=threshold, how=how,
                      counts=sum(by_shard.values(), Counts()), by_shard=by_shard, dropped=dropped.cast(REJECTED),
-                     scores_dir=scores_dir, detector_hash=detector, encoder_id=encoder)
+                     scores_dir=scores_dir, detector_hash=detector, encoder_id=encoder, detector_health=health)

@@ -51,8 +51,8 @@ def add_sanitize(sub) -> None:
     p.add_argument("--detector", help="use this detector checkpoint instead of training one")
     p.add_argument("--aux", help="clean auxiliary images to train the detector on (default: the corpus itself)")
     p.add_argument("--preset", choices=["cpu", "paper"], default="cpu", help="detector size (default cpu)")
-    p.add_argument("--epochs", type=int, default=20, help="training epochs (default 20; reference 200)")
-    p.add_argument("--train-batch-size", type=int, default=256, help="training batch (default 256)")
+    cli.add_epoch_options(p)
+    p.add_argument("--train-batch-size", type=int, default=64, help="images per optimiser step (default 64)")
     p.add_argument("--samples-per-shard", type=int, default=10_000, help="default 10000")
     p.add_argument("--group-size", type=int, default=1, help="shards per scoring task (default 1)")
     p.add_argument("--max-parallel", type=int, default=1, help="scoring tasks at a time (default 1)")
@@ -72,7 +72,8 @@ def cmd_sanitize(args: argparse.Namespace) -> int:
     try:
         result = sanitize_flow(
             args.src, args.encoder, args.out, detector=args.detector, aux=args.aux, preset=args.preset,
-            detector_overrides=cli.detector_overrides(args), epochs=args.epochs,
+            detector_overrides=cli.detector_overrides(args), epochs=args.epochs, max_epochs=args.max_epochs,
+            patience=args.patience,
             train_batch_size=args.train_batch_size, samples_per_shard=args.samples_per_shard, rule=rule.to_dict(),
             keep_unscored=args.keep_unscored, seed=args.seed, draws=args.draws, visible=args.visible,
             chunk=args.chunk, knn_k=args.knn_k, with_embedding=args.with_embedding, batch_size=args.batch_size,
@@ -146,7 +147,8 @@ def add_demo(sub) -> None:
     p.add_argument("--cache", default="cache", help="where the encoders are cached (default cache)")
     p.add_argument("--corpus-size", type=int, default=5000, help="Fashion-MNIST test images (default 5000)")
     p.add_argument("--poison-rate", type=float, default=0.02, help="fraction triggered (default 0.02)")
-    p.add_argument("--epochs", type=int, default=10, help="detector training epochs (default 10)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="detector training epochs (default: until the held-out embedding reliance stops improving)")
     p.add_argument("--workers", type=int, default=1, help="decoding processes (default 1)")
     p.set_defaults(func=cmd_demo)
 

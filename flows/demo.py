@@ -33,7 +33,7 @@ def _victim_metrics(weights: Path, recipe: VictimRecipe) -> dict:
 
 
 def run_demo(out: str = "runs/demo", cache: str = "cache", *, corpus_size: int = 5000, poison_rate: float = 0.02,
-             epochs: int = 10, workers: int = 1) -> dict:
+             epochs: int | None = None, workers: int = 1) -> dict:
     """Build (or reuse) the victim and the poisoned corpus, sanitize it, and print what came out."""
     started = time.perf_counter()
     out_dir = Path(out)

@@ -49,8 +49,9 @@ def record_task(config: dict[str, Any], paths: dict[str, str], timings: dict[str
 
 @flow(name="dede-sanitize")
 def sanitize_flow(src: str, encoder: str, out: str, *, detector: str | None = None, aux: str | None = None,
-                  preset: str = "cpu", detector_overrides: dict[str, Any] | None = None, epochs: int = 20,
-                  train_batch_size: int = 256, train_seed: int = 0, samples_per_shard: int = 10_000,
+                  preset: str = "cpu", detector_overrides: dict[str, Any] | None = None, epochs: int | None = None,
+                  max_epochs: int = 100, patience: int = 8,
+                  train_batch_size: int = 64, train_seed: int = 0, samples_per_shard: int = 10_000,
                   rule: dict[str, Any] | None = None, keep_unscored: bool = False, seed: int = 0, draws: int = 1,
                   visible: int | None = None, chunk: int = 64, knn_k: int = 10, with_embedding: bool = False,
                   batch_size: int = 256, device: str = "cpu", workers: int = 0, group_size: int = 1,
@@ -73,7 +74,8 @@ def sanitize_flow(src: str, encoder: str, out: str, *, detector: str | None = No
     if detector is None:
         with timer.stage("train"):
             train_flow(aux or paths["shards"], encoder, os.path.dirname(paths["detector"]), preset_name=preset,
-                       epochs=epochs, batch_size=train_batch_size, seed=train_seed, device=device,
+                       epochs=epochs, max_epochs=max_epochs, patience=patience, batch_size=train_batch_size,
+                       seed=train_seed, device=device,
                        workers=workers, overrides=detector_overrides)
     work["train"] = {"trained_on": aux or paths["shards"]} if detector is None else {"given": paths["detector"]}
     with timer.stage("score"):
