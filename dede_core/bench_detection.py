@@ -33,7 +33,9 @@ from dede_core.config import DetectorConfig, cpu
 from dede_core.datasets import load_mnist_digits
 from dede_core.downstream import DownstreamConfig, evaluate_filtering
 from dede_core.encoders import load_encoder
-from dede_core.scoring import ScoreConfig, Scorer
+from dede_core.images import fit_tensor
+from dede_core.score_stage import knn_distance
+from dede_core.scoring import ScoreConfig, load_scorer
 from dede_core.sources import Sample
 from dede_core.ssl import SimCLRConfig, embed_all
 from dede_core.train import TrainConfig, train_detector
@@ -141,30 +143,45 @@ def _fit(cache: Path, name: str, images: Tensor, spec: str, config: DetectorConf
                           train=train, out_dir=out, log=log)
 
 
-def _score(path: Path, images: Tensor, visible: int, draws: int,
-           cache: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """DeDe scores of images and of the checkpoint's held-out calibration images (kept in `cache` if given)."""
+def score_images(path: Path, images: Tensor, score: ScoreConfig = ScoreConfig(), *, knn_k: int = 10,
+                 cache: Path | None = None) -> dict[str, np.ndarray]:
+    """The shipped scores (score, recon_error, knn_score) of in-memory uint8 images at their native size, each model
+    fed its own view as the score stage feeds it, and the same of the checkpoint's held-out calibration images
+    (keys prefixed calib_). Kept in `cache/scores` when a cache is given."""
     if cache is not None:
         key = _digest(hashlib.sha256(path.read_bytes()).hexdigest(),
-                      hashlib.sha256(images.numpy().tobytes()).hexdigest(), visible, draws)
+                      hashlib.sha256(images.numpy().tobytes()).hexdigest(), dataclasses.asdict(score), knn_k)
         stored = cache / "scores" / f"{key}.npz"
         if stored.is_file():
             with np.load(stored) as saved:
-                return saved["scores"], saved["calib"]
-    model, encoder, ckpt = load_detector(path)
-    scorer = Scorer(detector=model, encoder=encoder, config=ScoreConfig(visible=visible, draws=draws))
+                return dict(saved)
+    scorer, ckpt = load_scorer(str(path), score)
+    bank = ckpt.knn_bank.float() if ckpt.knn_bank is not None else None
+    detector_view = fit_tensor(images, scorer.detector.config.view)
     keys = [f"eval_{i:06d}" for i in range(len(images))]
-    scores = scorer.score(images, keys).score.double().numpy()
-    calib = scorer.score(ckpt.calibration_images, ckpt.calibration_keys).score.double().numpy()
+    out = scorer.score(detector_view, keys, victim=fit_tensor(images, scorer.encoder.view))
+    calib = scorer.score(ckpt.calibration_images, ckpt.calibration_keys, embedding=ckpt.calibration_embeddings)
+    result = {}
+    for prefix, part in (("", out), ("calib_", calib)):
+        result[prefix + "score"] = part.score.double().numpy()
+        result[prefix + "recon_error"] = part.error.double().numpy()
+        result[prefix + "knn_score"] = knn_distance(part.embedding, bank, knn_k).double().numpy()
     if cache is not None:
         stored.parent.mkdir(parents=True, exist_ok=True)
         partial = stored.with_suffix(".partial.npz")
-        np.savez(partial, scores=scores, calib=calib)
+        np.savez(partial, **result)
         partial.replace(stored)
-    return scores, calib
+    return result
 
 
-def _row(neg: np.ndarray, pos: np.ndarray, calib: np.ndarray | None) -> dict[str, Any]:
+def _score(path: Path, images: Tensor, visible: int, draws: int,
+           cache: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """DeDe scores of images and of the checkpoint's held-out calibration images (kept in `cache` if given)."""
+    scores = score_images(path, images, ScoreConfig(visible=visible, draws=draws), cache=cache)
+    return scores["score"], scores["calib_score"]
+
+
+def table_row(neg: np.ndarray, pos: np.ndarray, calib: np.ndarray | None) -> dict[str, Any]:
     row: dict[str, Any] = {"auroc": metrics.auroc(neg, pos), "tpr_at_1": metrics.tpr_at_fpr(neg, pos, 0.01),
                            "tpr_at_5": metrics.tpr_at_fpr(neg, pos, 0.05)}
     if calib is not None:
@@ -241,27 +258,27 @@ def run_attack(name: str, bench: BenchConfig, cache: Path, log: Callable[[str], 
         for visible, draws in bench.score_settings:
             scores, calib = _score(path, eval_images, visible, draws, cache)
             label = f"{det_name} v{visible} k{draws}"
-            rows[label] = _row(scores[:n_neg], scores[n_neg:], calib)
+            rows[label] = table_row(scores[:n_neg], scores[n_neg:], calib)
             if (visible, draws) == bench.score_settings[0]:
                 curves[label] = scores
     region = trigger_mask(trigger, bench.detector.img_size, **args)
     if not region.all():  # a localised trigger: does the error outside it still separate?
         for det_name in ("dede_id", "mae_ablation"):
             outside = _outside_scores(detectors[det_name], eval_images, region)
-            rows[f"{det_name} v0 k1, error outside the trigger (diagnostic)"] = _row(
+            rows[f"{det_name} v0 k1, error outside the trigger (diagnostic)"] = table_row(
                 outside[:n_neg], outside[n_neg:], None)
     embed = _embed(spec)
     bank, emb = embed(aux), embed(eval_images)
     knn = baselines.knn_distance(bank, emb, k=bench.knn_k)
     bank_knn = baselines.knn_distance(bank, bank, k=bench.knn_k, exclude_self=True)
-    rows["knn_distance"] = _row(knn[:n_neg], knn[n_neg:], bank_knn)
+    rows["knn_distance"] = table_row(knn[:n_neg], knn[n_neg:], bank_knn)
     slof = baselines.slof(bank, emb, k=bench.knn_k)
-    rows["slof"] = _row(slof[:n_neg], slof[n_neg:], None)
+    rows["slof"] = table_row(slof[:n_neg], slof[n_neg:], None)
     spectral = baselines.spectral_signature(emb, clusters=10)
-    rows["spectral_signature"] = _row(spectral[:n_neg], spectral[n_neg:], None)
+    rows["spectral_signature"] = table_row(spectral[:n_neg], spectral[n_neg:], None)
     first = f"dede_id v{bench.score_settings[0][0]} k{bench.score_settings[0][1]}"
     fused = metrics.rank_average(curves[first], knn)
-    rows["dede_id + knn (rank average)"] = _row(fused[:n_neg], fused[n_neg:], None)
+    rows["dede_id + knn (rank average)"] = table_row(fused[:n_neg], fused[n_neg:], None)
     result.update(rows=rows, eval_negatives=n_neg, eval_positives=len(triggered_eval),
                   curves={k: (v[:n_neg].tolist(), v[n_neg:].tolist()) for k, v in
                           {**curves, "knn_distance": knn}.items()})
@@ -275,12 +292,12 @@ def _downstream(path: Path, threshold: float, spec: str, bench: BenchConfig, tri
     """The probe before and after removing what dede_id flags at `threshold`, its label-free 5% threshold in the
     first score setting (the table's row)."""
     visible, draws = bench.score_settings[0]
-    model, encoder, _ = load_detector(path)
-    scorer = Scorer(detector=model, encoder=encoder, config=ScoreConfig(visible=visible, draws=draws))
+    scorer, _ = load_scorer(str(path), ScoreConfig(visible=visible, draws=draws))
 
     def score(images: Tensor, prefix: str) -> np.ndarray:
         keys = [f"{prefix}_{i:06d}" for i in range(len(images))]
-        return scorer.score(_rgb(images), keys).score.double().numpy()
+        victim = fit_tensor(_rgb(images), scorer.encoder.view)
+        return scorer.score(_rgb(images), keys, victim=victim).score.double().numpy()
 
     n = bench.downstream.train_images
     train_x, train_y = fashion_mnist_32("train")

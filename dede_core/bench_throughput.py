@@ -121,9 +121,9 @@ def measure_limit(detector: str, images: torch.Tensor, bench: ThroughputConfig, 
                   ) -> dict[str, float]:
     """(a) Scorer.score, one batch_size slice at a time, on pre-decoded uint8 images already in memory, cycling
     over them for limit_seconds."""
-    model, encoder, _ = load_detector(detector)
+    model, encoder, ckpt = load_detector(detector)
     config = ScoreConfig(chunk=bench.chunk, cpu_bf16=cpu_bf16)
-    scorer = Scorer(detector=model, encoder=encoder, config=config, device=bench.device)
+    scorer = Scorer(detector=model, encoder=encoder, config=config, device=bench.device, references=ckpt.knn_bank)
     keys = [f"k{i}" for i in range(len(images))]
     scorer.score(images[:bench.chunk], keys[:bench.chunk])  # warm-up: allocator, kernels, lazy inits
     device, done, start = torch.device(bench.device), 0, time.perf_counter()
@@ -141,7 +141,8 @@ def measure_decode(shards: str, bench: ThroughputConfig) -> dict[str, float]:
     """Decoding alone, as the stage's workers do it (tar read + PIL decode), images/s: no model at all."""
     config = preset(bench.preset, img_size=bench.image_size, patch_size=bench.patch_size)
     tars = sorted(os.path.join(shards, n) for n in os.listdir(shards) if n.endswith(".tar"))
-    loader = make_loader(TarShardSource(tars), config=config, batch_size=bench.batch_size, workers=bench.workers)
+    views = (config.view, load_encoder(bench.encoder).view)
+    loader = make_loader(TarShardSource(tars), views=views, batch_size=bench.batch_size, workers=bench.workers)
     start, done = time.perf_counter(), 0
     for batch in loader:
         done += len(batch["key"])

@@ -8,6 +8,7 @@ from dede_core.attacks.triggers import (
     ctrl_positions,
     ctrl_trigger,
     patch_trigger,
+    sticker_trigger,
     trigger_mask,
     wanet_trigger,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "ctrl_positions",
     "ctrl_trigger",
     "patch_trigger",
+    "sticker_trigger",
     "trigger_mask",
     "wanet_trigger",
 ]

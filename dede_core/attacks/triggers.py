@@ -234,8 +234,54 @@ def ctrl_trigger(
 
 TriggerFn = Callable[..., Tensor]
 
+# ----------------------------------------------------------------------------------------------- sticker
+
+
+@functools.lru_cache(maxsize=16)
+def _sticker(channels: int, side: int, photo: str) -> Tensor:
+    """A square cut from one of scikit-image's photos (the region named in STICKER_BOXES), resized to side."""
+    try:
+        from skimage import data
+    except ImportError:
+        raise ImportError("sticker_trigger cuts its sticker from a photo bundled with scikit-image: "
+                          "pip install scikit-image") from None
+    if photo not in STICKER_BOXES:
+        raise ValueError(f"unknown sticker photo {photo!r}; choose one of {sorted(STICKER_BOXES)}")
+    array = data.stereo_motorcycle()[0] if photo == "motorcycle" else getattr(data, photo)()
+    img = Image.fromarray(array).convert("RGB").crop(STICKER_BOXES[photo])
+    img = img.resize((side, side), Image.BILINEAR)
+    if channels == 1:
+        img = img.convert("L")
+    arr = np.asarray(img, dtype=np.uint8).reshape(side, side, channels)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+# (left, upper, right, lower) of a recognisable object in each photo
+STICKER_BOXES = {"motorcycle": (300, 120, 520, 340), "rocket": (260, 40, 380, 160)}
+
+
+def sticker_trigger(images: Tensor, *, fraction: float = 0.2, seed: int = 0, photo: str = "motorcycle") -> Tensor:
+    """A real-photo sticker (side = fraction x image side) pasted at a random position per image.
+
+    Positions come from a generator seeded with `seed`, one draw per image in order: the same call gives the same
+    images, and an attack that changes `seed` every step sees the sticker everywhere.
+    """
+    c, h = _check_images(images, "sticker_trigger")
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"sticker fraction must lie in (0, 1), got {fraction}")
+    side = max(2, round(fraction * h))
+    sticker = _sticker(c, side, photo)
+    generator = torch.Generator().manual_seed(seed)
+    corners = torch.randint(0, h - side + 1, (len(images), 2), generator=generator).tolist()
+    out = images.clone()
+    for image, (top, left) in zip(out, corners):
+        image[:, top:top + side, left:left + side] = sticker
+    return out
+
+
 TRIGGERS: dict[str, TriggerFn] = {
     "patch": patch_trigger,
+    "sticker": sticker_trigger,
     "blend": blend_trigger,
     "wanet": wanet_trigger,
     "ctrl": ctrl_trigger,
