@@ -356,7 +356,8 @@ def render_markdown(report: dict[str, Any], name: str) -> str:
              f"{report['wall_s'] / 60:.1f} min (cached steps reused; 'wall' is what a case took when it was computed)."
              + partial, "",
              "Every detector uses dede's defaults: `cpu` preset, size and patch from the auxiliary images, training "
-             "until the held-out embedding reliance stops improving, the default score. Health: embedding reliance (floor "
+             "until the held-out embedding reliance stops improving, the default score (reconstruction error over "
+             "the 10th percentile of 64 reference reconstructions' errors). Health: embedding reliance (floor "
              f"{RELIANCE_FLOOR}).", "",
              "| case | victim | data | trigger | aux | kNN acc | probe acc | ASR | detector | epochs | health | "
              "AUROC | TPR@5% | label-free FPR / TPR | wall (min) |",

@@ -34,10 +34,13 @@ class ScoreConfig:
     # the same whatever the batch; faster only on CPUs with bf16 units (AMX, AVX512-BF16), see throughput.md.
     cpu_bf16: bool = False
     # Reference embeddings (spread over the detector's k-NN bank) whose embedding-only reconstructions normalise
-    # the score: score = own error / mean error under the references, on the same hidden pixels. A raw error is
-    # dominated by how hard an image is to draw; the ratio asks whether the image's own embedding explains it
-    # better than other images' do, which a triggered image's (the target's) does not. 0: the raw error.
+    # the score: score = own error / the `reference_quantile` quantile of the errors under the references, on the
+    # same hidden pixels. A raw error is dominated by how hard an image is to draw; the ratio asks whether the
+    # image's own embedding explains it as well as the best-fitting other images' do, which a triggered image's
+    # (the target's) does not. A low quantile rather than the mean: an image unlike the auxiliary data is drawn
+    # badly from every embedding, its own included, and must not look triggered. 0 references: the raw error.
     references: int = 64
+    reference_quantile: float = 0.1
 
     def __post_init__(self) -> None:
         if self.draws < 1:
@@ -48,6 +51,8 @@ class ScoreConfig:
             raise ValueError(f"visible must be >= 0, got {self.visible}")
         if self.references < 0:
             raise ValueError(f"references must be >= 0, got {self.references}")
+        if not 0 <= self.reference_quantile <= 1:
+            raise ValueError(f"reference_quantile must be in [0, 1], got {self.reference_quantile}")
 
     def to_dict(self) -> dict[str, Any]:
         """The fields; cpu_bf16 only when on, so a folder's identity names the option only where it is used."""
@@ -59,7 +64,7 @@ class ScoreConfig:
 
 @dataclass(frozen=True)
 class ScoreOutput:
-    score: Tensor  # (N,) float32: the error divided by the reference error (the error itself with references=0)
+    score: Tensor  # (N,) float32: the error divided by the reference quantile (the error itself with references=0)
     error: Tensor  # (N,) float32: mean over draws of the sum of squared error over hidden pixels (DeDe's score)
     embedding: Tensor  # (N, D) float32: the victim's raw embedding
 
@@ -181,7 +186,8 @@ class Scorer:
         # With no visible patch every draw hides everything: one pass gives the mean of K identical draws.
         draws = 1 if self.visible == 0 else self.config.draws
         total = torch.zeros(rows, device=self.device)
-        reference = torch.zeros(rows, device=self.device)
+        refs = 0 if self.reference_preds is None else len(self.reference_preds)
+        reference = torch.zeros(rows, refs, device=self.device)
         length = self.detector.config.num_patches
         for draw in range(draws):
             noise = torch.zeros(rows, length)
@@ -193,13 +199,13 @@ class Scorer:
             total += self.detector.pixel_errors(x, pred, mask)
             if self.reference_preds is not None:
                 target, hidden = self.detector.patchify(x).float(), mask.float()
-                for ref in self.reference_preds:  # as pixel_errors, with patchify done once
-                    reference += ((ref - target).pow(2).sum(dim=-1) * hidden).sum(dim=1)
+                for r, ref in enumerate(self.reference_preds):  # as pixel_errors, with patchify done once
+                    reference[:, r] += ((ref - target).pow(2).sum(dim=-1) * hidden).sum(dim=1)
         error = total / draws
         if self.reference_preds is None:
             return error[:n].cpu(), error[:n].cpu()
-        mean_reference = reference / (draws * len(self.reference_preds))
-        return (error / mean_reference.clamp_min(1e-12))[:n].cpu(), error[:n].cpu()
+        typical = torch.quantile(reference / draws, self.config.reference_quantile, dim=1)
+        return (error / typical.clamp_min(1e-12))[:n].cpu(), error[:n].cpu()
 
 
 def load_scorer(path: str, config: ScoreConfig = ScoreConfig(), *, device: str | torch.device = "cpu",

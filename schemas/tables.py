@@ -20,7 +20,7 @@ SCORES = pa.schema([
     pa.field("height", pa.int32()),  # original image height, when decodable
     pa.field("status", pa.string(), nullable=False),  # ok | decode_error | read_error
     pa.field("error", pa.string()),  # the reason when status is not ok
-    pa.field("score", pa.float64()),  # recon_error / mean error under reference embeddings (null if not ok)
+    pa.field("score", pa.float64()),  # recon_error / 10th percentile of reference errors (null if not ok)
     pa.field("recon_error", pa.float64()),  # DeDe's error: mean over draws of the summed squared error
     pa.field("draws", pa.int16(), nullable=False),  # mask draws behind the score
     pa.field("knn_score", pa.float64()),  # distance to the k-th nearest calibration embedding (null if not ok)
