@@ -149,6 +149,8 @@ def add_demo(sub) -> None:
     p.add_argument("--poison-rate", type=float, default=0.02, help="fraction triggered (default 0.02)")
     p.add_argument("--epochs", type=int, default=None,
                    help="detector training epochs (default: until the held-out embedding reliance stops improving)")
+    p.add_argument("--max-epochs", type=int, default=25,
+                   help="cap on the detector's epochs when --epochs is not given (default 25: the demo's time budget)")
     p.add_argument("--workers", type=int, default=1, help="decoding processes (default 1)")
     p.set_defaults(func=cmd_demo)
 
@@ -157,7 +159,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
     run_demo(args.out, args.cache, corpus_size=args.corpus_size, poison_rate=args.poison_rate,
-             epochs=args.epochs, workers=args.workers)
+             epochs=args.epochs, max_epochs=args.max_epochs, workers=args.workers)
     return 0
 
 

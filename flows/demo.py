@@ -33,7 +33,7 @@ def _victim_metrics(weights: Path, recipe: VictimRecipe) -> dict:
 
 
 def run_demo(out: str = "runs/demo", cache: str = "cache", *, corpus_size: int = 5000, poison_rate: float = 0.02,
-             epochs: int | None = None, workers: int = 1) -> dict:
+             epochs: int | None = None, max_epochs: int = 25, workers: int = 1) -> dict:
     """Build (or reuse) the victim and the poisoned corpus, sanitize it, and print what came out."""
     started = time.perf_counter()
     out_dir = Path(out)
@@ -48,7 +48,7 @@ def run_demo(out: str = "runs/demo", cache: str = "cache", *, corpus_size: int =
     planted = json.loads(planted_file.read_text())
     # One run folder per victim: a rebuilt encoder never meets a run folder made with another one.
     run = out_dir / f"run-{bad.stem.rsplit('-', 1)[-1]}"
-    result = sanitize_flow(str(corpus), DEMO_RECIPE.spec(bad), str(run), epochs=epochs,
+    result = sanitize_flow(str(corpus), DEMO_RECIPE.spec(bad), str(run), epochs=epochs, max_epochs=max_epochs,
                            samples_per_shard=1000, workers=workers)
     rejected = pq.read_table(run / "clean" / "rejected.parquet").column("key").to_pylist()
     quality = precision_recall(rejected, planted)
