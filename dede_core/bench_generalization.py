@@ -42,7 +42,7 @@ from dede_core.train import TrainConfig, detector_config, train_detector
 
 PHOTO_CLASSES = ("coffee", "rocket", "chelsea", "retina", "hubble_deep_field", "immunohistochemistry", "brick",
                  "grass", "gravel", "camera", "moon", "coins")
-RESULT_VERSION = 2  # raise when what a case computes changes beyond the configs in its result id
+RESULT_VERSION = 3  # raise when what a case computes changes beyond the configs in its result id
 TRAIN_WIDTH = 0.62  # crops for training (aux, shadow, probe) come from this left part of each photo
 
 
@@ -239,6 +239,11 @@ def _detector(cache: Path, name: str, aux: Tensor, spec: str, suite: SuiteConfig
     return path, config, train, note
 
 
+def _robust_z(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    median = np.median(reference)
+    return (values - median) / max(float(np.median(np.abs(reference - median))), 1e-12)
+
+
 def _sha(images: Tensor) -> str:
     import hashlib
 
@@ -290,6 +295,11 @@ def run_case(name: str, suite: SuiteConfig, cache: Path, log: Callable[[str], No
     rows["-knn_score (collapse, one-sided)"] = table_row(-knn[:n_neg], -knn[n_neg:], -s["calib_knn_score"])
     fused = metrics.rank_average(s["score"], density)
     rows["dede score + density (rank average)"] = table_row(fused[:n_neg], fused[n_neg:], None)
+    # Each score as robust z against the held-out images, then the larger: flagged when either is extreme.
+    z_score = _robust_z(np.log(s["score"]), np.log(s["calib_score"]))
+    fused = np.maximum(z_score, density)
+    calib_fused = np.maximum(_robust_z(np.log(s["calib_score"]), np.log(s["calib_score"])), calib_density)
+    rows["max(dede z, density) (calibrated fusion)"] = table_row(fused[:n_neg], fused[n_neg:], calib_fused)
     result.update(detector={"size": config.img_size, "patch": config.patch_size, "note": note,
                             "epochs": ckpt.meta.get("epoch"), "stopped": ckpt.meta.get("stopped"),
                             "health": ckpt.meta.get("health")},

@@ -32,7 +32,7 @@ from dede_core.detector_cache import load_detector_once
 from dede_core.images import ImageDecodeError, View, decode_views, image_size
 from dede_core.progress import Progress
 from dede_core.health import describe_health
-from dede_core.scoring import ScoreConfig, Scorer
+from dede_core.scoring import ScoreConfig, Scorer, for_checkpoint
 from dede_core.select import RUN_NAME
 from dede_core.sources import TarShardSource
 from schemas.manifest import ShardEntry, differences, read_manifest, write_json_atomic
@@ -371,6 +371,7 @@ def score_shards(shards_dir: str, *, detector: str, out_dir: str, score: ScoreCo
     load = load_detector_once if reuse_detector else load_detector
     model, encoder, ckpt = load(detector, encoder_spec=encoder)
     _check_args(knn_k, batch_size, workers, device, ckpt)
+    score = for_checkpoint(score, ckpt)
     scorer = Scorer(detector=model, encoder=encoder, config=score, device=device, references=ckpt.knn_bank)
     listing = json.dumps([[e.name, e.sha256] for e in manifest.shards]).encode()
     shards_id = f"{len(manifest.shards)} shards, sha256 {hashlib.sha256(listing).hexdigest()[:16]}"

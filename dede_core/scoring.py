@@ -212,4 +212,13 @@ def load_scorer(path: str, config: ScoreConfig = ScoreConfig(), *, device: str |
                 encoder_spec: str | None = None) -> tuple[Scorer, Checkpoint]:
     """A Scorer for a detector checkpoint (its reference embeddings from the checkpoint's k-NN bank)."""
     model, encoder, ckpt = load_detector(path, encoder_spec=encoder_spec)
+    config = for_checkpoint(config, ckpt)
     return Scorer(detector=model, encoder=encoder, config=config, device=device, references=ckpt.knn_bank), ckpt
+
+
+def for_checkpoint(config: ScoreConfig, ckpt: Checkpoint) -> ScoreConfig:
+    """`config`, without reference normalisation when the detector carries no k-NN bank to take references from
+    (its score is then the raw reconstruction error, and the recorded settings say so)."""
+    if ckpt.knn_bank is None or len(ckpt.knn_bank) == 0:
+        return dataclasses.replace(config, references=0)
+    return config

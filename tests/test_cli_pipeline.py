@@ -56,7 +56,7 @@ def test_clean_with_each_rule(name, scored, tmp_path, capsys):
     options = [o.replace("MEDIAN", repr(cut)) for o in options]
     out = tmp_path / "clean"
     report = name == "default-fpr"  # one report is enough: it is tested in test_report
-    args = ["clean", scored["shards"], "--scores", scored["scores"], "--out", str(out), *options]
+    args = ["clean", "--allow-weak-detector", scored["shards"], "--scores", scored["scores"], "--out", str(out), *options]
     assert main(args + ([] if report else ["--no-report"])) == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
@@ -76,7 +76,7 @@ def test_clean_with_each_rule(name, scored, tmp_path, capsys):
 
 
 def test_clean_refuses_bad_rule_options(scored, tmp_path, capsys):
-    base = ["clean", scored["shards"], "--scores", scored["scores"], "--out", str(tmp_path / "c"), "--no-report"]
+    base = ["clean", "--allow-weak-detector", scored["shards"], "--scores", scored["scores"], "--out", str(tmp_path / "c"), "--no-report"]
     assert main(base + ["--where", "score > 1", "--column", "knn_score"]) == 2
     assert "--column does not apply to --where" in capsys.readouterr().err
     assert main(base + ["--fpr", "1.5"]) == 2
@@ -104,7 +104,7 @@ def test_sql_writes_csv_and_parquet(scored, tmp_path, capsys):
 
 def test_sql_joins_rejected_and_manifest(scored, tmp_path, capsys):
     clean = tmp_path / "clean"
-    assert main(["clean", scored["shards"], "--scores", scored["scores"], "--out", str(clean), "--quantile", "0.5",
+    assert main(["clean", "--allow-weak-detector", scored["shards"], "--scores", scored["scores"], "--out", str(clean), "--quantile", "0.5",
                  "--no-report"]) == 0
     capsys.readouterr()
     query = ("SELECT (SELECT count(*) FROM rejected) AS dropped, (SELECT sum(samples) FROM manifest) AS samples, "
@@ -145,7 +145,7 @@ def test_command_help(command, capsys):
 
 def test_cli_sanitize_with_a_given_detector(scored, image_folder, encoder_spec, tmp_path, capsys, prefect_harness):
     run = tmp_path / "run"
-    args = ["sanitize", str(image_folder), "--encoder", encoder_spec, "--out", str(run), "--detector",
+    args = ["sanitize", "--allow-weak-detector", str(image_folder), "--encoder", encoder_spec, "--out", str(run), "--detector",
             scored["detector"], "--samples-per-shard", "20", "--quantile", "0.9", "--knn-k", "3", "--batch-size", "16",
             "--workers", "0", "--device", "cpu"]
     assert main(args) == 0

@@ -163,7 +163,7 @@ def pipeline(tmp_path_factory, encoder, zygote) -> dict:
     p["score"] = ["score", p["shards"], "--detector", detector, "--workers", "0", "--batch-size", "3", "--chunk", "8",
                   "--knn-k", "3", "--device", "cpu"]
     p["score_times"] = timeline(zygote, p["score"] + ["--out", root / "scores"], root / "score.log", root / "scores")
-    p["clean"] = ["clean", p["shards"], "--scores", root / "scores", "--quantile", "0.8", "--no-report"]
+    p["clean"] = ["clean", "--allow-weak-detector", p["shards"], "--scores", root / "scores", "--quantile", "0.8", "--no-report"]
     p["clean_times"] = timeline(zygote, p["clean"] + ["--out", root / "clean"], root / "clean.log", root / "clean")
     p["inputs"] = snapshot(root / "shards") | snapshot(root / "scores")
     return p
@@ -386,9 +386,9 @@ def test_reruns_with_another_detector_encoder_setting_or_rule_never_mix(pipeline
          ["score.seed: 0 -> 1"]),
         (["score", str(other_shards), "--detector", str(pipeline["detector"]), "--out", str(scores), *score],
          ["shards: '6 shards"]),
-        (["clean", shards, "--scores", str(tmp_path / "scores_b"), "--out", str(clean), "--quantile", "0.8",
+        (["clean", "--allow-weak-detector", shards, "--scores", str(tmp_path / "scores_b"), "--out", str(clean), "--quantile", "0.8",
           "--no-report"], ["detector_hash", "scores"]),
-        (["clean", shards, "--scores", str(scores), "--out", str(clean), "--quantile", "0.5", "--no-report"],
+        (["clean", "--allow-weak-detector", shards, "--scores", str(scores), "--out", str(clean), "--quantile", "0.5", "--no-report"],
          ["rule.value: 0.8 -> 0.5"]),
     ]
     capsys.readouterr()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ from flows.score import ShardsFailed, score_flow
 TINY = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
 SHARDS = ["000000.tar", "000001.tar", "000002.tar"]
 SCORE = dict(knn_k=3, batch_size=16, workers=0, device="cpu")
+WEAK_OK = dataclasses.replace(Rule.quantile(0.9), allow_weak_detector=True)  # 1-epoch test detectors fail the health check
 
 
 def tree(folder) -> dict[str, tuple[int, str]]:
@@ -46,7 +48,7 @@ def samples(folder, names=SHARDS) -> dict[str, dict]:
 def sanitized(tmp_path_factory, image_folder, encoder_spec, prefect_harness):
     run = tmp_path_factory.mktemp("run")
     kwargs = dict(epochs=1, train_batch_size=16, detector_overrides=TINY, samples_per_shard=20,
-                  rule=Rule.quantile(0.9).to_dict(), **SCORE)
+                  rule=WEAK_OK.to_dict(), **SCORE)
     first = sanitize_flow(str(image_folder), encoder_spec, str(run), **kwargs)
     before = tree(run)
     second = sanitize_flow(str(image_folder), encoder_spec, str(run), **kwargs)
@@ -90,7 +92,7 @@ def test_run_manifest_and_artifact(sanitized):
     assert record["counts"]["scores"] == {"rows": 48, "ok": 48, "decode_error": 0, "read_error": 0}
     assert record["counts"]["clean"]["kept"] + record["counts"]["clean"]["dropped"] == 48
     assert set(record["timings"]) == {"shard", "train", "score", "clean"}
-    assert record["config"]["rule"] == Rule.quantile(0.9).to_dict() and record["config"]["epochs"] == 1
+    assert record["config"]["rule"] == WEAK_OK.to_dict() and record["config"]["epochs"] == 1
     assert record["selection"]["threshold"] == result["threshold"]
     artifact = Artifact.get(ARTIFACT_KEY)
     assert artifact is not None and "| 48 | 3 | 48 |" in artifact.data

@@ -137,7 +137,7 @@ def run_pipeline(src: Path, root: Path, detector: str, *clean_options: str, scor
     assert main(["score", str(root / "shards"), "--detector", detector, "--out", str(root / "scores"), *SCORE]) \
         == score_rc
     if score_rc == 0:
-        assert main(["clean", str(root / "shards"), "--scores", str(root / "scores"), "--out", str(root / "clean"),
+        assert main(["clean", "--allow-weak-detector", str(root / "shards"), "--scores", str(root / "scores"), "--out", str(root / "clean"),
                      "--quantile", "0.9", "--no-report", *clean_options]) == 0
 
 
@@ -173,7 +173,7 @@ def test_broken_and_odd_images_end_as_rows_and_only_scored_ones_are_kept(tmp_pat
     by_key = {os.path.splitext(n)[0].replace(".", "_"): d for n, d in files.items()} | {"caf%E9": PNG}
     assert all(kept[k] == by_key[k] for k in kept)  # byte for byte
 
-    assert main(["clean", str(tmp_path / "shards"), "--scores", str(tmp_path / "scores"), "--out",
+    assert main(["clean", "--allow-weak-detector", str(tmp_path / "shards"), "--scores", str(tmp_path / "scores"), "--out",
                  str(tmp_path / "kept_all"), "--quantile", "0.9", "--no-report", "--keep-unscored"]) == 0
     kept_all = cleaned(tmp_path / "kept_all")
     assert {os.path.splitext(n)[0] for n in BROKEN} <= set(kept_all)  # asked for: kept, byte for byte
@@ -254,7 +254,7 @@ def test_a_broken_shard_is_recorded_and_the_others_finish(tmp_path, image_folder
     assert "000001.tar" in capsys.readouterr().err
     assert "not a readable" in json.loads((out / "_failed" / "000001.json").read_text())["error"]
     assert sorted(p.name for p in out.glob("[0-9]*.parquet")) == ["000000.parquet", "000002.parquet"]
-    clean = ["clean", str(shards), "--scores", str(out), "--out", str(tmp_path / "clean"), "--no-report"]
+    clean = ["clean", "--allow-weak-detector", str(shards), "--scores", str(out), "--out", str(tmp_path / "clean"), "--no-report"]
     assert main(clean) == 2  # never a cleaned corpus that silently lacks a shard
     err = capsys.readouterr().err
     assert "000001.tar" in err and "could not read" in err and not (tmp_path / "clean").exists()
@@ -293,7 +293,7 @@ def test_duplicate_keys_in_hand_made_shards_are_never_cleaned_silently(tmp_path,
     assert [(r["key"], r["status"]) for r in rows] == [("a", "ok"), ("b", "ok"), ("a", "read_error")]
     assert "duplicate key" in rows[2]["error"]
     capsys.readouterr()
-    assert main(["clean", str(shards), "--scores", str(out), "--out", str(tmp_path / "clean"), "--no-report"]) == 2
+    assert main(["clean", "--allow-weak-detector", str(shards), "--scores", str(out), "--out", str(tmp_path / "clean"), "--no-report"]) == 2
     assert "duplicate keys" in capsys.readouterr().err and not (tmp_path / "clean").exists()
 
 

@@ -3,6 +3,7 @@ the bytes equal a local run's, reruns skip finished shards, and `dede sql` reads
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 
@@ -22,7 +23,7 @@ s3fs = pytest.importorskip("s3fs")
 
 BUCKET = "dede-test"
 SCORE = dict(score=ScoreConfig(), knn_k=3, batch_size=8, workers=0, device="cpu", progress=False, log=lambda _: None)
-RULE = Rule.quantile(0.9)
+RULE = dataclasses.replace(Rule.quantile(0.9), allow_weak_detector=True)  # tiny test detectors
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +129,6 @@ def test_dede_sql_reads_remote_scores(s3, runs, capsys):
 def test_dede_clean_command_writes_report_to_s3(s3, runs):
     _, remote = runs
     out = f"{remote}/clean-cli"
-    assert main(["clean", f"{remote}/shards", "--scores", f"{remote}/scores", "--out", out, "--quantile", "0.9"]) == 0
+    assert main(["clean", "--allow-weak-detector", f"{remote}/shards", "--scores", f"{remote}/scores", "--out", out, "--quantile", "0.9"]) == 0
     assert s3.isfile(f"{out}/manifest.json") and b"dede selection report" in s3.cat_file(f"{out}/report.html")
     assert s3.cat_file(f"{out}/000000.tar") == s3.cat_file(f"{remote}/clean/000000.tar")

@@ -24,7 +24,7 @@ distributed = pytest.importorskip("distributed")
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test's own tasks travel to the workers
 
 SCORE = dict(knn_k=3, batch_size=8, workers=0, device="cpu")
-RULE = {"kind": "quantile", "value": 0.9, "column": "score"}
+RULE = {"kind": "quantile", "value": 0.9, "column": "score", "allow_weak_detector": True}  # tiny detectors
 
 
 def sha(path) -> str:
@@ -207,7 +207,7 @@ def test_dede_score_and_clean_commands_with_runner_dask(runs, corpus, tmp_path):
     assert "scored 6 shards (48 samples) on 2 worker processes" in done.stdout
     for path in sorted((local / "scores").glob("*.parquet")):
         assert sha(tmp_path / "scores" / path.name) == sha(path), path.name
-    assert main(["clean", shards, "--scores", str(tmp_path / "scores"), "--out", str(tmp_path / "clean"),
+    assert main(["clean", "--allow-weak-detector", shards, "--scores", str(tmp_path / "scores"), "--out", str(tmp_path / "clean"),
                  "--quantile", "0.9", "--no-report", "--runner", "dask", "--dask-workers", "2"]) == 0
     for path in sorted((local / "clean").glob("*.tar")):
         assert sha(tmp_path / "clean" / path.name) == sha(path), path.name
