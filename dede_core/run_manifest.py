@@ -88,7 +88,8 @@ def collect(*, config: dict[str, Any], paths: dict[str, str], timings: dict[str,
         "detector": detector_facts(paths["detector"]),
         "outputs": {name: os.path.abspath(path) for name, path in paths.items()},
         "counts": {"samples": manifest.samples, "shards": len(manifest.shards),
-                   "not_sharded": len(manifest.skipped), "scores": score_counts(paths["scores"]),
+                   "not_sharded": len(manifest.skipped), "retired": len(manifest.retired),
+                   "scores": score_counts(paths["scores"]),
                    "clean": summary["counts"]},
         "selection": {"rule": summary["rule_text"], "threshold": summary["threshold"], "how": summary["how"],
                       "keep_unscored": summary["keep_unscored"]},
@@ -96,6 +97,21 @@ def collect(*, config: dict[str, Any], paths: dict[str, str], timings: dict[str,
         "work": dict(work or {}),  # what each stage did in that run (e.g. shards scored vs. already done)
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def read(path: str | os.PathLike) -> dict[str, Any]:
+    """An existing run record."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def work_text(work: dict[str, Any]) -> str:
+    """One line: what this run found in the source and the work each stage did."""
+    sh, sc, cl = work.get("shard", {}), work.get("score", {}), work.get("clean", {})
+    return (f"source: {sh.get('added', 0)} added, {sh.get('changed', 0)} changed, {sh.get('removed', 0)} removed, "
+            f"{sh.get('unchanged', 0)} unchanged; {len(sh.get('new_shards', []))} new shard(s); scored "
+            f"{sc.get('scored', 0)} shard(s) ({sc.get('already_done', 0)} already done); cleaned "
+            f"{cl.get('written', 0)} shard(s) ({cl.get('already_done', 0)} unchanged)")
 
 
 def _stable(record: dict[str, Any]) -> dict[str, Any]:
@@ -118,8 +134,9 @@ def write(path: str | os.PathLike, record: dict[str, Any]) -> bool:
     return True
 
 
-def markdown(record: dict[str, Any]) -> str:
-    """A short Markdown summary of a run record (for a Prefect artifact or a terminal)."""
+def markdown(record: dict[str, Any], work: dict[str, Any] | None = None) -> str:
+    """A short Markdown summary of a run record (for a Prefect artifact or a terminal); `work`: this run's
+    findings and work (the record keeps those of the run that last changed the outputs)."""
     counts, sel, out = record["counts"], record["selection"], record["outputs"]
     clean, scores = counts["clean"], counts["scores"]
     threshold = "none (SQL predicate)" if sel["threshold"] is None else f"{sel['threshold']:.6g}"
@@ -139,6 +156,7 @@ def markdown(record: dict[str, Any]) -> str:
         "| --- | --- |",
     ]
     lines += [f"| {name} | `{path}` |" for name, path in out.items()]
+    lines += ["", f"**This run** {work_text(work if work is not None else record.get('work', {}))}"]
     if record.get("timings"):
         lines += ["", "Seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in record["timings"].items())]
     return "\n".join(lines) + "\n"

@@ -87,7 +87,17 @@ def run_config(ckpt: Checkpoint, score: ScoreConfig, *, knn_k: int, with_embeddi
             "device_type": torch.device(device).type, "shards": shards_id, "dede_version": __version__}
 
 
-def _claim_run(out_dir: str, config: dict[str, Any]) -> None:
+def _grown(out_dir: str, entries: list[ShardEntry]) -> bool:
+    """True when every shard finished in OUT is, unchanged, in the manifest (whose list has only grown)."""
+    by_name = {e.name: e.sha256 for e in entries}
+    for name in storage.listdir(storage.join(out_dir, DONE_DIR)):
+        marker = storage.read_json(storage.join(out_dir, DONE_DIR, name)) if name.endswith(".json") else {}
+        if marker and by_name.get(marker.get("shard")) != marker.get("sha256"):
+            return False
+    return True
+
+
+def _claim_run(out_dir: str, config: dict[str, Any], entries: list[ShardEntry]) -> None:
     """Write OUT/run.json if absent (atomically, first writer wins), else refuse when settings differ.
 
     At a URL the record is one put and the last writer wins: the dede-score flow writes it in its first task,
@@ -116,6 +126,9 @@ def _claim_run(out_dir: str, config: dict[str, Any]) -> None:
     old = storage.read_json(path)
     strip = lambda d: {k: v for k, v in d.items() if k not in IGNORED_ON_RERUN}  # noqa: E731
     diffs = differences(strip(old), strip(config))
+    if diffs and all(d.startswith("shards:") for d in diffs) and _grown(out_dir, entries):
+        write_json_atomic(path, config)  # the corpus grew (dede shard appended shards): same setup, more shards
+        return
     if diffs:
         raise ValueError(f"{out_dir} holds scores made with other settings ({'; '.join(diffs)}); scores of two "
                          f"setups never mix: score into a new folder, or delete {out_dir} to rescore all")
@@ -349,7 +362,7 @@ def score_shards(shards_dir: str, *, detector: str, out_dir: str, score: ScoreCo
     config = run_config(ckpt, score, knn_k=knn_k, with_embedding=with_embedding, device=device, shards_id=shards_id)
     for sub in (DONE_DIR, FAILED_DIR):
         storage.makedirs(storage.join(out_dir, sub))
-    _claim_run(out_dir, config)
+    _claim_run(out_dir, config, manifest.shards)
     run = _Run(out_dir, scorer, ckpt, config)
     if not storage.isfile(storage.join(out_dir, CALIBRATION_NAME)):
         run.write_calibration(batch_size)
