@@ -212,8 +212,9 @@ def _claim(out_dir: str, identity: dict[str, Any], paths: dict[str, str], shards
         diffs = differences(had, identity if "score_setup" in had else
                             {k: v for k, v in identity.items() if k != "score_setup"})
         if diffs:
+            moved = identity["rule"]["kind"] == "quantile" and all(d.startswith("threshold") for d in diffs)
             hint = ("; a quantile threshold moves when the corpus changes: use --fpr or --threshold for a corpus "
-                    "cleaned again as it grows" if identity["rule"]["kind"] == "quantile" else "")
+                    "cleaned again as it grows") if moved else ""
             raise ValueError(f"{out_dir} was cleaned with other settings ({'; '.join(diffs)}); clean into a new "
                              f"folder, or delete {out_dir} first{hint}")
         before = old.get("shards")
@@ -420,6 +421,8 @@ def plan_clean(shards_dir: str | os.PathLike, scores_dir: str | os.PathLike, out
     """Select, check the scores cover the shards, claim OUT (refusing other settings) and find the shards
     still to clean. Folders may be local paths or fsspec URLs."""
     shards_dir, scores_dir, out_dir = (storage.absolute(p) for p in (shards_dir, scores_dir, out_dir))
+    if storage.isdir(out_dir):
+        storage.sweep_temporaries(out_dir, (DONE_DIR,))  # left by a killed run; this run's tasks start later
     if out_dir in (shards_dir, scores_dir) or (
             not storage.is_url(out_dir) and os.path.realpath(out_dir) in (os.path.realpath(shards_dir),
                                                                           os.path.realpath(scores_dir))):

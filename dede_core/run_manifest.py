@@ -52,7 +52,7 @@ class StageTimer:
 def score_counts(scores_dir: str | os.PathLike) -> dict[str, int]:
     """Rows of the scores folder by status: {'rows', 'ok', 'decode_error', 'read_error'}."""
     from dede_core.sql import connect, run_query
-    from schemas.tables import STATUS_DECODE_ERROR, STATUS_OK, STATUS_READ_ERROR
+    from schemas.tables import STATUS_DECODE_ERROR, STATUS_OK, STATUS_READ_ERROR, STATUS_SKIPPED
 
     conn = connect(scores_dir)
     try:
@@ -61,7 +61,8 @@ def score_counts(scores_dir: str | os.PathLike) -> dict[str, int]:
         conn.close()
     by_status = dict(zip(table.column("status").to_pylist(), table.column("n").to_pylist()))
     counts = {"rows": sum(by_status.values())}
-    counts.update({s: int(by_status.get(s, 0)) for s in (STATUS_OK, STATUS_DECODE_ERROR, STATUS_READ_ERROR)})
+    statuses = (STATUS_OK, STATUS_DECODE_ERROR, STATUS_READ_ERROR, STATUS_SKIPPED)
+    counts.update({s: int(by_status.get(s, 0)) for s in statuses})
     return counts
 
 

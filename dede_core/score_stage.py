@@ -35,10 +35,11 @@ from dede_core.progress import Progress
 from dede_core.scoring import ScoreConfig, Scorer
 from dede_core.sources import TarShardSource
 from schemas.manifest import ShardEntry, differences, read_manifest, write_json_atomic
-from schemas.tables import (CALIBRATION, STATUS_DECODE_ERROR, STATUS_OK, STATUS_READ_ERROR, scores_schema,
-                            with_metadata)
+from schemas.tables import (CALIBRATION, STATUS_DECODE_ERROR, STATUS_OK, STATUS_READ_ERROR, STATUS_SKIPPED,
+                            scores_schema, with_metadata)
 
 RUN_NAME, CALIBRATION_NAME, DONE_DIR, FAILED_DIR = "run.json", "calibration.parquet", "_done", "_failed"
+SKIPPED_NAME = "skipped.parquet"  # the shards manifest's skipped entries as rows, so the scores account for all
 IGNORED_ON_RERUN = ("dede_version",)  # recorded, but a new release may finish an old run's shards
 
 
@@ -265,6 +266,24 @@ class _Run:
             storage.unlink(failed)  # an earlier failure is resolved
         return counts
 
+    def write_skipped(self, skipped: list[tuple[str, str]]) -> None:
+        """OUT/skipped.parquet: a row (status skipped, shard "", error = why) per source entry that `dede shard`
+        left out, so one query over the scores view accounts for every input; rewritten when the list changes."""
+        path = storage.join(self.out_dir, SKIPPED_NAME)
+        if storage.isfile(path):
+            with storage.open_read(path) as f:
+                had = pq.read_table(f, columns=["key", "error"]).to_pylist()
+            if [(r["key"], r["error"]) for r in had] == list(skipped):
+                return
+        elif not skipped:
+            return
+        n = len(skipped)
+        columns = {name: [None] * n for name in self.schema.names}
+        columns |= {"key": [k for k, _ in skipped], "error": [r for _, r in skipped], "shard": [""] * n,
+                    "position": list(range(n)), "status": [STATUS_SKIPPED] * n}
+        columns |= {name: [value] * n for name, value in self.constant.items()}
+        _write_parquet(pa.Table.from_pydict(columns, schema=self.schema), path)
+
     def write_calibration(self, batch_size: int) -> None:
         """OUT/calibration.parquet: the checkpoint's held-out images, scored exactly like the corpus."""
         keys, images = self.ckpt.calibration_keys, self.ckpt.calibration_images
@@ -366,6 +385,9 @@ def score_shards(shards_dir: str, *, detector: str, out_dir: str, score: ScoreCo
     run = _Run(out_dir, scorer, ckpt, config)
     if not storage.isfile(storage.join(out_dir, CALIBRATION_NAME)):
         run.write_calibration(batch_size)
+    if not shards:  # a whole-folder call (or a flow's first task): never two tasks at once
+        storage.sweep_temporaries(out_dir, (DONE_DIR, FAILED_DIR))
+        run.write_skipped(list(manifest.skipped))
     skipped = [e.name for e in entries if _is_done(out_dir, e)]
     scratch = storage.scratch(shards_dir)  # downloaded shards, when SHARDS is a URL
     try:

@@ -20,7 +20,7 @@ import pyarrow as pa
 from dede_core import storage
 from dede_core.sql import connect, has_view
 from schemas.sql import literal
-from schemas.tables import REJECTED, STATUS_OK
+from schemas.tables import REJECTED, STATUS_OK, STATUS_SKIPPED
 
 KINDS = ("fpr", "quantile", "threshold", "where")
 COLUMNS = ("score", "knn_score")
@@ -281,8 +281,10 @@ def judged_sql(rule: Rule, threshold: float | None, keep_unscored: bool, rows: s
 
 # Rows of samples the source no longer holds (the shards manifest's `retired`), registered as `retired_rows`.
 RETIRED = pa.schema([("shard", pa.string()), ("key", pa.string()), ("reason", pa.string())])
-JUDGED = "(SELECT s.*, r.reason AS retired_reason FROM scores s LEFT JOIN retired_rows r USING (shard, key))"
-LIVE = "(SELECT * FROM scores ANTI JOIN retired_rows USING (shard, key))"
+# Source entries `dede shard` left out (status skipped) are in no shard: there is nothing to clean of them.
+JUDGED = ("(SELECT s.*, r.reason AS retired_reason FROM scores s LEFT JOIN retired_rows r USING (shard, key) "
+          f"WHERE s.status <> '{STATUS_SKIPPED}')")
+LIVE = (f"(SELECT * FROM scores ANTI JOIN retired_rows USING (shard, key) WHERE status <> '{STATUS_SKIPPED}')")
 
 
 def select(scores_dir: str | os.PathLike, rule: Rule = DEFAULT_RULE, *, keep_unscored: bool = False,

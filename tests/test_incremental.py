@@ -129,3 +129,35 @@ def test_three_updates_equal_one_run_from_scratch(tmp_path, tiny_detector):
     assert {(r["shard"], r["key"], r["reason"]) for r in retired} <= \
         {(r["shard"], r["key"], r["reason"]) for r in rejected}
     assert sum(r["reason"] == "source_changed" for r in rejected) == 4
+
+
+def test_skipped_entries_are_score_rows_and_killed_runs_temporaries_are_swept(tmp_path, tiny_detector):
+    from dede_core.sql import connect, run_query
+
+    corpus, root = tmp_path / "corpus", tmp_path / "run"
+    for i in range(6):
+        put(corpus, f"a/img_{i:02d}.png", i)
+    (tmp_path / "outside.png").write_bytes(IMAGES[7])
+    (corpus / "a" / "link.png").symlink_to(tmp_path / "outside.png")
+    (corpus / "a" / "odd.png").mkdir()
+    _, _, cleaned = run(corpus, root, tiny_detector)
+    conn = connect(root / "scores")
+    try:
+        rows = run_query(conn, "SELECT status, key, shard, error FROM scores WHERE status = 'skipped' ORDER BY key")
+        total = run_query(conn, "SELECT count(*) AS n FROM scores").column("n")[0].as_py()
+    finally:
+        conn.close()
+    assert rows.column("key").to_pylist() == ["a/link", "a/odd"] and set(rows.column("shard").to_pylist()) == {""}
+    assert "outside the source root" in rows.column("error")[0].as_py()
+    assert total == 6 + 2 == cleaned.counts.total + 2  # every input is a row; only shard samples are cleaned
+    rejected = pq.read_table(root / "clean" / "rejected.parquet").column("key").to_pylist()
+    assert "a/link" not in rejected  # not a sample of any shard: nothing to clean
+
+    stale = [root / "shards" / ".000001.tar.k1ll3d.tmp", root / "scores" / ".000000.parquet.k1ll3d.tmp",
+             root / "scores" / "_done" / ".000000.json.k1ll3d.tmp", root / "clean" / "rejected.parquet.4242.tmp",
+             root / "clean" / "_done" / "000000.rejected.parquet.4242.tmp"]
+    for path in stale:
+        path.write_bytes(b"half")
+    update, scored, cleaned = run(corpus, root, tiny_detector)
+    assert (update.changes.new_shards, scored.scored, cleaned.written) == ([], [], [])
+    assert not [p for p in stale if p.exists()]
