@@ -33,8 +33,8 @@ any statement that writes are refused.
 
 Views:
   scores       every SCORES/<shard>.parquet: key, shard, position, label, width, height, status (ok |
-               decode_error | read_error), error, score, draws, knn_score, detector_hash, encoder_id
-               [, embedding]
+               decode_error | read_error | skipped), error, score, draws, knn_score, detector_hash,
+               encoder_id [, embedding]; status skipped: source entries dede shard left out (shard '')
   calibration  SCORES/calibration.parquet: key, score, knn_score of held-out auxiliary images
   rejected     with --rejected CLEAN: key, shard, score, reason of every dropped sample
   manifest     with --shards SHARDS: name, samples, bytes, sha256, first_key, last_key per shard

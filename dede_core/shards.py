@@ -340,7 +340,7 @@ def _classify(source: Source | ParquetRows, old: dict[str, source_index.Entry], 
 
 def _pending(source: Source | ParquetRows, todo: dict[int, tuple[str, int | None, int | None]],
              old: dict[str, source_index.Entry], classes: list[str] | None, changes: source_index.Changes,
-             index: dict[str, source_index.Entry], first: int, per_shard: int) -> Iterator[Sample]:
+             index: dict[str, source_index.Entry], first: int, per_shard: int, bar: Progress) -> Iterator[Sample]:
     """The samples to write, read once: new keys and keys whose bytes changed (a touched file whose bytes are
     the same stays where it is). Fills `changes` and the new `index` on the way."""
     remap = None
@@ -357,6 +357,7 @@ def _pending(source: Source | ParquetRows, todo: dict[int, tuple[str, int | None
         if was and was.sha256 == digest:
             index[sample.key] = source_index.Entry(item, was.shard, size, mtime, digest)
             changes.unchanged += 1
+            bar.update(1, "unchanged")
             continue
         written = len(changes.added) + len(changes.changed)
         (changes.changed if was else changes.added).append(sample.key)
@@ -404,8 +405,12 @@ def update_shards(src: str, out_dir: str, *, samples_per_shard: int = 10_000, im
     kept = list(done.shards) if done else []
     changes, index = source_index.Changes(), {}
     todo = _classify(source, old, changes, index)
+    if isinstance(source, ParquetRows) and done is not None and todo:
+        empty, keys = {k for k, _ in done.skipped}, source.keys()
+        if all(keys[i] in empty for i in todo):
+            todo = {}  # only its empty rows are left and the file is unchanged (its other rows are): not read
     bar = Progress(len(todo), desc="sharding", stream=None if progress and todo else io.StringIO())
-    samples = _pending(source, todo, old, classes, changes, index, len(kept), samples_per_shard)
+    samples = _pending(source, todo, old, classes, changes, index, len(kept), samples_per_shard, bar)
     unread: Counter = Counter()
     scratch = storage.scratch(out_dir)
     try:
@@ -416,9 +421,7 @@ def update_shards(src: str, out_dir: str, *, samples_per_shard: int = 10_000, im
             scratch.cleanup()
     changes.new_shards = [e.name for e in entries]
     bar.close(f"{len(entries)} new shards")
-    for key, was in old.items():
-        if key not in index:
-            changes.removed.append(key)
+    changes.removed = [key for key in old if key not in index]
     retired += [{"key": k, "shard": old[k].shard, "reason": source_index.REMOVED} for k in changes.removed]
     retired += [{"key": k, "shard": old[k].shard, "reason": source_index.CHANGED} for k in changes.changed]
     skipped = list(source.skipped)

@@ -37,7 +37,7 @@ def run_paths(out: str, detector: str | None = None) -> dict[str, str]:
             "manifest": os.path.join(run, run_manifest.MANIFEST_NAME)}
 
 
-TRAINING = ("encoder", "aux", "preset", "detector_overrides", "epochs", "train_batch_size", "train_seed", "device")
+TRAINING = ("encoder", "aux", "preset", "detector_overrides", "epochs", "train_batch_size", "train_seed")
 
 
 def _trained_before(paths: dict[str, str], config: dict[str, Any]) -> bool:

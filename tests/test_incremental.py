@@ -161,3 +161,28 @@ def test_skipped_entries_are_score_rows_and_killed_runs_temporaries_are_swept(tm
     update, scored, cleaned = run(corpus, root, tiny_detector)
     assert (update.changes.new_shards, scored.scored, cleaned.written) == ([], [], [])
     assert not [p for p in stale if p.exists()]
+
+
+def test_parquet_rows_are_fingerprinted_and_a_rerun_finds_what_changed(tmp_path):
+    import pyarrow as pa
+
+    def write(rows: list[bytes | None]) -> None:
+        pq.write_table(pa.table({"image": pa.array(rows, pa.binary())}), tmp_path / "data.parquet")
+
+    write([IMAGES[0], IMAGES[1], None, IMAGES[3]])
+    out = tmp_path / "shards"
+    first = update_shards(str(tmp_path / "data.parquet"), str(out), samples_per_shard=2, progress=False,
+                          log=lambda _: None)
+    assert first.changes.summary()["added"] == 3 and len(first.manifest.skipped) == 1
+    before = snapshot(out)
+    again = update_shards(str(tmp_path / "data.parquet"), str(out), samples_per_shard=2, progress=False,
+                          log=lambda _: None)
+    assert again.changes.unchanged == 3 and snapshot(out) == before  # stat unchanged: nothing read or written
+    write([IMAGES[0], IMAGES[5], None, IMAGES[3], IMAGES[6]])  # row 1 changed, row 4 added
+    update = update_shards(str(tmp_path / "data.parquet"), str(out), samples_per_shard=2, progress=False,
+                           log=lambda _: None)
+    assert (update.changes.added, update.changes.changed, update.changes.unchanged) == (["data_00000004"],
+                                                                                        ["data_00000001"], 2)
+    assert update.manifest.retired == [{"key": "data_00000001", "shard": "000000.tar", "reason": "source_changed"}]
+    assert {k: v for k, v in snapshot(out).items() if k.endswith(".tar") and k in before} == \
+        {k: v for k, v in before.items() if k.endswith(".tar")}
