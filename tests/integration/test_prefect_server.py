@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -192,14 +193,16 @@ def test_scheduled_sanitize_deployment_runs_on_a_process_worker(server, image_fo
     assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE", deployment
     new_keys = grow(corpus, 12)
     t0 = time.monotonic()
-    pair = [httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={}).json() for _ in range(2)]
-    pair = [wait_final(api, r["id"], timeout=400) for r in pair]
+    ids = [re.search(r"UUID: ([0-9a-f-]{36})", prefect(env, "deployment", "run", "dede-sanitize/sanitize")).group(1)
+           for _ in range(2)]
+    pair = [wait_final(api, run_id, timeout=400) for run_id in ids]
     timings["two_runs_s"] = time.monotonic() - t0
     assert [r["state_type"] for r in pair] == ["COMPLETED", "COMPLETED"], [r["state"] for r in pair]
     first, second = sorted(pair, key=lambda r: r["start_time"])
     assert second["start_time"] >= first["end_time"], (first, second)  # never both running
     history = [s["name"] for r in pair for s in httpx.get(f"{api}/flow_run_states/",
                                                           params={"flow_run_id": r["id"]}).json()]
+    assert "AwaitingConcurrencySlot" in history, history  # the server held the second run back
     record = json.loads((run_dir / "sanitize.json").read_text())
     assert record["counts"]["samples"] == 60 and record["counts"]["clean"]["total"] == 60
     assert record["work"]["shard"]["added"] == 12 and record["work"]["score"]["scored"] >= 1
