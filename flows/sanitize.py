@@ -98,7 +98,8 @@ def sanitize_flow(src: str, encoder: str, out: str, *, detector: str | None = No
             train_flow(aux or paths["shards"], encoder, os.path.dirname(paths["detector"]), preset_name=preset,
                        epochs=epochs, batch_size=train_batch_size, seed=train_seed, device=device,
                        workers=workers, overrides=detector_overrides)
-    work["train"] = {"trained_on": aux or paths["shards"]} if detector is None else {"given": paths["detector"]}
+    work["train"] = ({"given": paths["detector"]} if detector else {"reused": paths["detector"]} if trained
+                     else {"trained_on": aux or paths["shards"]})
     with timer.stage("score"):
         scored = score_flow(paths["shards"], paths["detector"], paths["scores"], seed=seed, draws=draws,
                             visible=visible, chunk=chunk, knn_k=knn_k, with_embedding=with_embedding,
