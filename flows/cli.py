@@ -112,8 +112,7 @@ def cmd_sanitize(args: argparse.Namespace) -> int:
     try:
         result = run_flow(
             "sanitize", sanitize_flow, args.src, args.encoder, args.out, detector=args.detector, aux=args.aux,
-            preset=args.preset,
-            detector_overrides=cli.detector_overrides(args), epochs=args.epochs,
+            preset=args.preset, detector_overrides=cli.detector_overrides(args), epochs=args.epochs,
             train_batch_size=args.train_batch_size, samples_per_shard=args.samples_per_shard, rule=rule.to_dict(),
             keep_unscored=args.keep_unscored, seed=args.seed, draws=args.draws, visible=args.visible,
             chunk=args.chunk, knn_k=args.knn_k, with_embedding=args.with_embedding, batch_size=args.batch_size,
@@ -152,9 +151,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     try:
         summary = run_flow("score", score_flow, args.shards, args.detector, args.out, seed=args.seed,
                            draws=args.draws, visible=args.visible, chunk=args.chunk, knn_k=args.knn_k,
-                             with_embedding=args.with_embedding, batch_size=args.batch_size, workers=args.workers,
-                             device=cli._device(args.device), encoder=args.encoder, runner=args.runner,
-                             dask_workers=args.dask_workers, cpu_bf16=args.bf16)
+                           with_embedding=args.with_embedding, batch_size=args.batch_size, workers=args.workers,
+                           device=cli._device(args.device), encoder=args.encoder, runner=args.runner,
+                           dask_workers=args.dask_workers, cpu_bf16=args.bf16)
     except ShardsFailed as exc:
         print(f"dede score: {exc}", file=sys.stderr)
         return 1
@@ -170,8 +169,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
     if parse_runner(args.runner, workers=args.dask_workers).kind == "local":
         return args.local_func(args)
     result = run_flow("clean", clean_flow, args.shards, args.scores, args.out,
-                      rule=cli.rule_from_args(args).to_dict(), keep_unscored=args.keep_unscored, report=not args.no_report, runner=args.runner,
-                        dask_workers=args.dask_workers)
+                      rule=cli.rule_from_args(args).to_dict(), keep_unscored=args.keep_unscored,
+                      report=not args.no_report, runner=args.runner, dask_workers=args.dask_workers)
     c = result["counts"]
     print(f"kept {c['kept']} of {c['total']} samples, dropped {c['dropped']}; {result['how']}")
     print(f"cleaned shards -> {result['out']}  (rejected: {result['rejected']})")
