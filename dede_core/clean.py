@@ -27,9 +27,10 @@ import pyarrow.parquet as pq
 
 from dede_core import storage
 from dede_core.progress import Progress
+from dede_core.source_index import CHANGED, REMOVED
 from dede_core.select import DEFAULT_RULE, Counts, Rule, Selection, select
 from dede_core.sources import clean_key, group_members  # the scorer's key rule, so keys match the scores
-from dede_core.sql import CALIBRATION_NAME, scores_files
+from dede_core.sql import CALIBRATION_NAME
 from schemas.manifest import Manifest, ShardEntry, differences, read_manifest, write_json_atomic, write_manifest
 from schemas.tables import REJECTED, with_metadata
 
@@ -40,6 +41,7 @@ REJECTED_NAME = "rejected.parquet"
 SUMMARY_NAME = "summary.json"
 MANIFEST_NAME = "manifest.json"
 CHUNK = 1 << 20
+RETIRED_REASONS = (REMOVED, CHANGED)  # samples the source no longer holds: dropped, never a duplicate
 
 
 @dataclass(frozen=True)
@@ -156,43 +158,83 @@ def _stem(name: str) -> str:
     return os.path.splitext(name)[0]
 
 
-def _scores_fingerprint(scores_dir: str) -> str:
-    """sha256 over each scores file's name, size, rows and run config: changes when anything is rescored."""
-    paths = scores_files(scores_dir)
-    calibration = storage.join(scores_dir, CALIBRATION_NAME)
-    paths += [calibration] if storage.isfile(calibration) else []
-    digest = hashlib.sha256()
-    for path in paths:
-        with storage.open_read(path) as f:
-            meta = pq.read_metadata(f)
-        config = (meta.metadata or {}).get(b"dede.config", b"").decode("utf-8", "replace")
-        digest.update(json.dumps([storage.basename(path), storage.getsize(path), meta.num_rows, config]).encode())
-    return digest.hexdigest()
+def _file_fingerprint(path: str) -> list[Any]:
+    """[name, size, rows, run config] of a scores file: changes when it is rescored."""
+    with storage.open_read(path) as f:
+        meta = pq.read_metadata(f)
+    config = (meta.metadata or {}).get(b"dede.config", b"").decode("utf-8", "replace")
+    return [storage.basename(path), storage.getsize(path), meta.num_rows, config]
 
 
-def _identity(sel: Selection, manifest: Manifest, scores_dir: str) -> dict[str, Any]:
-    """What makes two clean runs the same; paths are left out so moved folders still resume."""
-    shards = json.dumps([[e.name, e.sha256] for e in manifest.shards]).encode()
+def _score_setup(scores_dir: str) -> dict[str, Any] | None:
+    """The scores folder's run.json (what every score depends on) less its shard list, which may grow."""
+    path = storage.join(scores_dir, "run.json")
+    if not storage.isfile(path):
+        return None
+    return {k: v for k, v in storage.read_json(path).items() if k not in ("shards", "dede_version")}
+
+
+def _identity(sel: Selection, scores_dir: str) -> dict[str, Any]:
+    """What makes two clean runs the same; paths are left out so moved folders still resume. The shards and
+    scores are not in it: a grown corpus (more shards, more scores) is cleaned into the same OUT, and each
+    shard's marker says which shard, scores and retired samples it was cleaned from (_shard_ids)."""
     return {"format": FORMAT, "rule": sel.rule.to_dict(), "keep_unscored": sel.keep_unscored,
             "threshold": sel.threshold, "detector_hash": sel.detector_hash, "encoder_id": sel.encoder_id,
-            "scores": _scores_fingerprint(scores_dir), "shards": hashlib.sha256(shards).hexdigest()}
+            "score_setup": _score_setup(scores_dir)}
 
 
-def _claim(out_dir: str, identity: dict[str, Any], paths: dict[str, str]) -> None:
-    """Make OUT ours: new or empty, or holding a clean run with the same identity."""
+def _shard_ids(identity: dict[str, Any], manifest: Manifest, scores_dir: str) -> dict[str, str]:
+    """shard -> sha256 of everything its cleaned output depends on: the run's identity, the shard's bytes, its
+    scores file and the samples of it retired from the source. A marker with another id is cleaned again."""
+    calibration = storage.join(scores_dir, CALIBRATION_NAME)
+    common = [identity, _file_fingerprint(calibration) if storage.isfile(calibration) else None]
+    retired: dict[str, list] = {}
+    for r in manifest.retired:
+        retired.setdefault(r["shard"], []).append([r["key"], r["reason"]])
+    ids = {}
+    for e in manifest.shards:
+        scores = _file_fingerprint(storage.join(scores_dir, _stem(e.name) + ".parquet"))
+        part = [common, e.name, e.sha256, scores, sorted(retired.get(e.name, []))]
+        ids[e.name] = hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()
+    return ids
+
+
+LEGACY_IDENTITY = ("scores", "shards")  # in the identity of clean folders made before shards could be added
+
+
+def _claim(out_dir: str, identity: dict[str, Any], paths: dict[str, str], shards: list[list[str]]) -> None:
+    """Make OUT ours: new or empty, or holding a clean run with the same identity of the same shards (the
+    shard list may have grown at its end: a corpus updated by `dede shard`)."""
     config_path = storage.join(out_dir, CONFIG_NAME)
     if storage.isfile(config_path):
-        diffs = differences(storage.read_json(config_path).get("identity", {}), identity)
+        old = storage.read_json(config_path)
+        had = {k: v for k, v in old.get("identity", {}).items() if k not in LEGACY_IDENTITY}
+        diffs = differences(had, identity if "score_setup" in had else
+                            {k: v for k, v in identity.items() if k != "score_setup"})
         if diffs:
+            moved = identity["rule"]["kind"] == "quantile" and all(d.startswith("threshold") for d in diffs)
+            hint = ("; a quantile threshold moves when the corpus changes: use --fpr or --threshold for a corpus "
+                    "cleaned again as it grows") if moved else ""
             raise ValueError(f"{out_dir} was cleaned with other settings ({'; '.join(diffs)}); clean into a new "
-                             f"folder, or delete {out_dir} first")
+                             f"folder, or delete {out_dir} first{hint}")
+        before = old.get("shards")
+        if before is None and "shards" in old.get("identity", {}):  # a folder made before shards could be added
+            before_hash = old["identity"]["shards"]
+            if hashlib.sha256(json.dumps(shards).encode()).hexdigest() != before_hash:
+                raise ValueError(f"{out_dir} was cleaned from other shards; clean into a new folder, or delete "
+                                 f"{out_dir} first")
+        elif before is not None and shards[:len(before)] != before:
+            raise ValueError(f"{out_dir} was cleaned from other shards (its shard list is not the start of this "
+                             f"one); clean into a new folder, or delete {out_dir} first")
+        if before != shards:
+            write_json_atomic(config_path, {"identity": identity, "paths": paths, "shards": shards})
         return
     # A run killed while writing clean_config.json leaves only its temporary file: that folder is still ours.
     if storage.isdir(out_dir) and [n for n in storage.listdir(out_dir) if not n.startswith(f".{CONFIG_NAME}.")]:
         raise ValueError(f"{out_dir} is not empty and holds no dede clean run (no {CONFIG_NAME}); "
                          f"choose a new or empty folder")
     storage.makedirs(out_dir)
-    write_json_atomic(config_path, {"identity": identity, "paths": paths})
+    write_json_atomic(config_path, {"identity": identity, "paths": paths, "shards": shards})
 
 
 def _check_coverage(manifest: Manifest, sel: Selection, shards_dir: str, scores_dir: str) -> None:
@@ -262,6 +304,9 @@ def _clean_shard(job: ShardJob, src: str, scratch: str | None, *, scored: set[st
     index = index_tar(src)
     kept, rows = [], []
     for s in index.samples:
+        if job.dropped.get(s.key, (None, ""))[1] in RETIRED_REASONS:  # an old version: never in `seen`
+            rows.append((s.key, name, *job.dropped[s.key]))
+            continue
         if s.key in seen:
             rows.append((s.key, name, None, f"duplicate key (first seen in {seen[s.key]})"))
             continue
@@ -348,7 +393,7 @@ class CleanPlan:
     selection: Selection
     manifest: Manifest
     config: dict[str, Any]  # identity and paths, as in clean_config.json
-    identity_sha: str
+    shard_ids: dict[str, str]  # shard -> what its cleaned output depends on (_shard_ids)
     markers: dict[str, dict[str, Any] | None]  # shard -> marker of an earlier finished shard, None if pending
 
     @property
@@ -362,7 +407,13 @@ class CleanPlan:
         return ShardJob(entry=entry, shards_dir=self.shards_dir, scores_dir=self.scores_dir, out_dir=self.out_dir,
                         dropped={key: (score, reason) for key, score, reason in rows},
                         keep_unscored=self.selection.keep_unscored,
-                        unscored=self.selection.by_shard.get(name, Counts()).unscored, identity_sha=self.identity_sha)
+                        unscored=self.selection.by_shard.get(name, Counts()).unscored,
+                        identity_sha=self.shard_ids[name])
+
+    def live_keys(self, name: str, keys: list[str]) -> list[str]:
+        """A shard's keys less those retired from the source (they never count as duplicates)."""
+        gone = {r["key"] for r in self.manifest.retired if r["shard"] == name}
+        return [k for k in keys if k not in gone] if gone else keys
 
 
 def plan_clean(shards_dir: str | os.PathLike, scores_dir: str | os.PathLike, out_dir: str | os.PathLike,
@@ -370,21 +421,23 @@ def plan_clean(shards_dir: str | os.PathLike, scores_dir: str | os.PathLike, out
     """Select, check the scores cover the shards, claim OUT (refusing other settings) and find the shards
     still to clean. Folders may be local paths or fsspec URLs."""
     shards_dir, scores_dir, out_dir = (storage.absolute(p) for p in (shards_dir, scores_dir, out_dir))
+    if storage.isdir(out_dir):
+        storage.sweep_temporaries(out_dir, (DONE_DIR,))  # left by a killed run; this run's tasks start later
     if out_dir in (shards_dir, scores_dir) or (
             not storage.is_url(out_dir) and os.path.realpath(out_dir) in (os.path.realpath(shards_dir),
                                                                           os.path.realpath(scores_dir))):
         raise ValueError(f"--out {out_dir} is the shards or scores folder; give a new folder for the cleaned shards")
     manifest = read_manifest(shards_dir)
-    sel = select(scores_dir, rule, keep_unscored=keep_unscored)
+    sel = select(scores_dir, rule, keep_unscored=keep_unscored, retired=manifest.retired)
     _check_coverage(manifest, sel, shards_dir, scores_dir)
-    identity = _identity(sel, manifest, scores_dir)
+    identity = _identity(sel, scores_dir)
     config = {"identity": identity, "paths": {"shards_dir": shards_dir, "scores_dir": scores_dir}}
-    _claim(out_dir, identity, config["paths"])
+    _claim(out_dir, identity, config["paths"], [[e.name, e.sha256] for e in manifest.shards])
     storage.makedirs(storage.join(out_dir, DONE_DIR))
-    identity_sha = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    markers = {e.name: _marker(out_dir, e.name, identity_sha) for e in manifest.shards}
+    shard_ids = _shard_ids(identity, manifest, scores_dir)
+    markers = {e.name: _marker(out_dir, e.name, shard_ids[e.name]) for e in manifest.shards}
     return CleanPlan(shards_dir=shards_dir, scores_dir=scores_dir, out_dir=out_dir, selection=sel,
-                     manifest=manifest, config=config, identity_sha=identity_sha, markers=markers)
+                     manifest=manifest, config=config, shard_ids=shard_ids, markers=markers)
 
 
 def _finals(out_dir: str) -> list[str]:
@@ -418,9 +471,10 @@ def earlier_keys(plan: CleanPlan, keys: dict[str, list[str]]) -> dict[str, dict[
     first: dict[str, str] = {}
     out: dict[str, dict[str, str]] = {}
     for entry in plan.manifest.shards:
+        live = plan.live_keys(entry.name, keys[entry.name])
         if plan.markers[entry.name] is None:
-            out[entry.name] = {k: first[k] for k in keys[entry.name] if k in first}
-        for key in keys[entry.name]:
+            out[entry.name] = {k: first[k] for k in live if k in first}
+        for key in live:
             first.setdefault(key, entry.name)
     return out
 
@@ -482,7 +536,7 @@ def _run(plan: CleanPlan, progress: bool) -> dict[str, dict[str, Any]]:
     seen: dict[str, str] = {}
     for entry in plan.manifest.shards:
         if entry.name not in pending:  # finished earlier: only its keys matter, to spot duplicates later on
-            for key in sample_keys(plan.shards_dir, entry.name):
+            for key in plan.live_keys(entry.name, sample_keys(plan.shards_dir, entry.name)):
                 seen.setdefault(key, entry.name)
             continue
         markers[entry.name] = clean_shard(plan.job(entry.name), seen)

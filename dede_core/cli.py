@@ -33,8 +33,8 @@ any statement that writes are refused.
 
 Views:
   scores       every SCORES/<shard>.parquet: key, shard, position, label, width, height, status (ok |
-               decode_error | read_error), error, score, draws, knn_score, detector_hash, encoder_id
-               [, embedding]
+               decode_error | read_error | skipped), error, score, draws, knn_score, detector_hash,
+               encoder_id [, embedding]; status skipped: source entries dede shard left out (shard '')
   calibration  SCORES/calibration.parquet: key, score, knn_score of held-out auxiliary images
   rejected     with --rejected CLEAN: key, shard, score, reason of every dropped sample
   manifest     with --shards SHARDS: name, samples, bytes, sha256, first_key, last_key per shard
@@ -141,6 +141,7 @@ def rule_from_args(args: argparse.Namespace):
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    check_local_out(args.out, "data")
     from dede_core import datasets
 
     if args.dataset == "fashion-mnist":
@@ -158,6 +159,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    check_local_out(args.out, "train")
     import torch
 
     from dede_core.encoders import load_encoder
@@ -190,13 +192,41 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
-    from dede_core.shards import write_shards
+    from dede_core.shards import update_shards
 
-    manifest = write_shards(args.src, args.out, samples_per_shard=args.samples_per_shard,
-                            image_column=args.image_column, key_column=args.key_column,
-                            label_column=args.label_column)
-    print(f"{manifest.samples} samples in {len(manifest.shards)} shards -> {args.out}")
+    check_local_out(args.out, "shard", allow_url=True)
+    update = update_shards(args.src, args.out, samples_per_shard=args.samples_per_shard,
+                           image_column=args.image_column, key_column=args.key_column,
+                           label_column=args.label_column, follow_external_links=args.follow_external_links)
+    manifest = update.manifest
+    print(f"{manifest.samples} samples in {len(manifest.shards)} shards -> {args.out} "
+          f"(this run: {update.changes.text()})")
     return 0
+
+
+def check_local_out(out: str, command: str, *, allow_url: bool = False) -> None:
+    """Refuse an --out that looks like a URL a command cannot write to (it must never become a local folder
+    named 's3:'), and a URL for a scheme fsspec does not know."""
+    if "://" not in out and not out.startswith(("s3:", "gs:", "gcs:", "az:", "abfs:", "http:", "https:")):
+        return
+    if "://" not in out:
+        raise ValueError(f"--out {out!r} looks like a URL missing '//' (e.g. s3://bucket/run); give a URL or a "
+                         f"local folder")
+    if not allow_url:
+        raise ValueError(f"dede {command} writes its --out to local files only and {out} is a URL: give a local "
+                         f"folder (dede shard, score and clean take URL folders)")
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class(out.split("://", 1)[0])
+    except (ImportError, ValueError) as e:
+        raise ValueError(f"--out {out}: cannot write there ({e})") from None
+
+
+def add_follow_links_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--follow-external-links", action="store_true",
+                   help="image folder: also read links whose target lies outside SRC (default: such links are "
+                   "listed in the manifest's skipped, never read); for corpora you trust")
 
 
 def score_config(args: argparse.Namespace):
@@ -207,6 +237,7 @@ def score_config(args: argparse.Namespace):
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    check_local_out(args.out, "score", allow_url=True)
     from dede_core.score_stage import score_shards
 
     result = score_shards(args.shards, detector=args.detector, out_dir=args.out, score=score_config(args),
@@ -234,6 +265,7 @@ def add_score_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
+    check_local_out(args.out, "clean", allow_url=True)
     from dede_core.clean import clean
     from dede_core.health import describe_health
     from dede_core.report import write_report
@@ -358,13 +390,18 @@ def build_parser(extra_commands: Sequence[Callable[[Any], None]] = ()) -> argpar
     p = sub.add_parser("shard", help="pack a corpus into WebDataset shards with a manifest",
                        description="SRC: an image folder (a subfolder name is the class label), WebDataset "
                        "shards, or a Parquet file with an image-bytes column. Writes OUT/000000.tar, ... with "
-                       "the original bytes under stable keys, and OUT/manifest.json. Rerunning is a no-op.")
+                       "the original bytes under stable keys, and OUT/manifest.json. Rerunning brings OUT up to date "
+                       "with SRC: new and changed samples go into new shards after the existing ones (which "
+                       "stay byte-identical), removed and changed ones are listed as retired in the manifest "
+                       "(dede clean then drops them); an unchanged SRC is not read again (size and mtime "
+                       "checked) and nothing is written.")
     p.add_argument("src", help="image folder, .tar shard(s), or .parquet file (local path or fsspec URL)")
     p.add_argument("--out", required=True, help="shards folder to write")
     p.add_argument("--samples-per-shard", type=int, default=10_000, help="default 10000")
     p.add_argument("--image-column", default=None, help="Parquet: column of image bytes (default: detected)")
     p.add_argument("--key-column", default=None, help="Parquet: column of sample keys (default: row numbers)")
     p.add_argument("--label-column", default=None, help="Parquet: column of labels (default: 'label' if any)")
+    add_follow_links_option(p)
     p.set_defaults(func=cmd_shard)
 
     p = sub.add_parser("train", help="fit a DeDe detector for a victim encoder", epilog=EPILOG,

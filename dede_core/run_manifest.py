@@ -53,7 +53,7 @@ class StageTimer:
 def score_counts(scores_dir: str | os.PathLike) -> dict[str, int]:
     """Rows of the scores folder by status: {'rows', 'ok', 'decode_error', 'read_error'}."""
     from dede_core.sql import connect, run_query
-    from schemas.tables import STATUS_DECODE_ERROR, STATUS_OK, STATUS_READ_ERROR
+    from schemas.tables import STATUS_DECODE_ERROR, STATUS_OK, STATUS_READ_ERROR, STATUS_SKIPPED
 
     conn = connect(scores_dir)
     try:
@@ -62,7 +62,8 @@ def score_counts(scores_dir: str | os.PathLike) -> dict[str, int]:
         conn.close()
     by_status = dict(zip(table.column("status").to_pylist(), table.column("n").to_pylist()))
     counts = {"rows": sum(by_status.values())}
-    counts.update({s: int(by_status.get(s, 0)) for s in (STATUS_OK, STATUS_DECODE_ERROR, STATUS_READ_ERROR)})
+    statuses = (STATUS_OK, STATUS_DECODE_ERROR, STATUS_READ_ERROR, STATUS_SKIPPED)
+    counts.update({s: int(by_status.get(s, 0)) for s in statuses})
     return counts
 
 
@@ -89,7 +90,8 @@ def collect(*, config: dict[str, Any], paths: dict[str, str], timings: dict[str,
         "detector": detector_facts(paths["detector"]),
         "outputs": {name: os.path.abspath(path) for name, path in paths.items()},
         "counts": {"samples": manifest.samples, "shards": len(manifest.shards),
-                   "not_sharded": len(manifest.skipped), "scores": score_counts(paths["scores"]),
+                   "not_sharded": len(manifest.skipped), "retired": len(manifest.retired),
+                   "scores": score_counts(paths["scores"]),
                    "clean": summary["counts"]},
         "selection": {"rule": summary["rule_text"], "threshold": summary["threshold"], "how": summary["how"],
                       "keep_unscored": summary["keep_unscored"]},
@@ -97,6 +99,21 @@ def collect(*, config: dict[str, Any], paths: dict[str, str], timings: dict[str,
         "work": dict(work or {}),  # what each stage did in that run (e.g. shards scored vs. already done)
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def read(path: str | os.PathLike) -> dict[str, Any]:
+    """An existing run record."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def work_text(work: dict[str, Any]) -> str:
+    """One line: what this run found in the source and the work each stage did."""
+    sh, sc, cl = work.get("shard", {}), work.get("score", {}), work.get("clean", {})
+    return (f"source: {sh.get('added', 0)} added, {sh.get('changed', 0)} changed, {sh.get('removed', 0)} removed, "
+            f"{sh.get('unchanged', 0)} unchanged; {len(sh.get('new_shards', []))} new shard(s); scored "
+            f"{sc.get('scored', 0)} shard(s) ({sc.get('already_done', 0)} already done); cleaned "
+            f"{cl.get('written', 0)} shard(s) ({cl.get('already_done', 0)} unchanged)")
 
 
 def _stable(record: dict[str, Any]) -> dict[str, Any]:
@@ -119,8 +136,9 @@ def write(path: str | os.PathLike, record: dict[str, Any]) -> bool:
     return True
 
 
-def markdown(record: dict[str, Any]) -> str:
-    """A short Markdown summary of a run record (for a Prefect artifact or a terminal)."""
+def markdown(record: dict[str, Any], work: dict[str, Any] | None = None) -> str:
+    """A short Markdown summary of a run record (for a Prefect artifact or a terminal); `work`: this run's
+    findings and work (the record keeps those of the run that last changed the outputs)."""
     counts, sel, out = record["counts"], record["selection"], record["outputs"]
     clean, scores = counts["clean"], counts["scores"]
     threshold = "none (SQL predicate)" if sel["threshold"] is None else f"{sel['threshold']:.6g}"
@@ -141,6 +159,7 @@ def markdown(record: dict[str, Any]) -> str:
         "| --- | --- |",
     ]
     lines += [f"| {name} | `{path}` |" for name, path in out.items()]
+    lines += ["", f"**This run** {work_text(work if work is not None else record.get('work', {}))}"]
     if record.get("timings"):
         lines += ["", "Seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in record["timings"].items())]
     return "\n".join(lines) + "\n"

@@ -36,10 +36,11 @@ from dede_core.scoring import ScoreConfig, Scorer, for_checkpoint
 from dede_core.select import RUN_NAME
 from dede_core.sources import TarShardSource
 from schemas.manifest import ShardEntry, differences, read_manifest, write_json_atomic
-from schemas.tables import (CALIBRATION, STATUS_DECODE_ERROR, STATUS_OK, STATUS_READ_ERROR, scores_schema,
-                            with_metadata)
+from schemas.tables import (CALIBRATION, STATUS_DECODE_ERROR, STATUS_OK, STATUS_READ_ERROR, STATUS_SKIPPED,
+                            scores_schema, with_metadata)
 
 CALIBRATION_NAME, DONE_DIR, FAILED_DIR = "calibration.parquet", "_done", "_failed"
+SKIPPED_NAME = "skipped.parquet"  # the shards manifest's skipped entries as rows, so the scores account for all
 IGNORED_ON_RERUN = ("dede_version",)  # recorded, but a new release may finish an old run's shards
 
 
@@ -100,7 +101,17 @@ def run_config(ckpt: Checkpoint, score: ScoreConfig, *, knn_k: int, with_embeddi
             "device_type": torch.device(device).type, "shards": shards_id, "dede_version": __version__}
 
 
-def _claim_run(out_dir: str, config: dict[str, Any]) -> None:
+def _grown(out_dir: str, entries: list[ShardEntry]) -> bool:
+    """True when every shard finished in OUT is, unchanged, in the manifest (whose list has only grown)."""
+    by_name = {e.name: e.sha256 for e in entries}
+    for name in storage.listdir(storage.join(out_dir, DONE_DIR)):
+        marker = storage.read_json(storage.join(out_dir, DONE_DIR, name)) if name.endswith(".json") else {}
+        if marker and by_name.get(marker.get("shard")) != marker.get("sha256"):
+            return False
+    return True
+
+
+def _claim_run(out_dir: str, config: dict[str, Any], entries: list[ShardEntry]) -> None:
     """Write OUT/run.json if absent (atomically, first writer wins), else refuse when settings differ.
 
     At a URL the record is one put and the last writer wins: the dede-score flow writes it in its first task,
@@ -129,6 +140,9 @@ def _claim_run(out_dir: str, config: dict[str, Any]) -> None:
     old = storage.read_json(path)
     strip = lambda d: {k: v for k, v in d.items() if k not in IGNORED_ON_RERUN}  # noqa: E731
     diffs = differences(strip(old), strip(config))
+    if diffs and all(d.startswith("shards:") for d in diffs) and _grown(out_dir, entries):
+        write_json_atomic(path, config)  # the corpus grew (dede shard appended shards): same setup, more shards
+        return
     if diffs:
         raise ValueError(f"{out_dir} holds scores made with other settings ({'; '.join(diffs)}); scores of two "
                          f"setups never mix: score into a new folder, or delete {out_dir} to rescore all")
@@ -280,6 +294,24 @@ class _Run:
             storage.unlink(failed)  # an earlier failure is resolved
         return counts
 
+    def write_skipped(self, skipped: list[tuple[str, str]]) -> None:
+        """OUT/skipped.parquet: a row (status skipped, shard "", error = why) per source entry that `dede shard`
+        left out, so one query over the scores view accounts for every input; rewritten when the list changes."""
+        path = storage.join(self.out_dir, SKIPPED_NAME)
+        if storage.isfile(path):
+            with storage.open_read(path) as f:
+                had = pq.read_table(f, columns=["key", "error"]).to_pylist()
+            if [(r["key"], r["error"]) for r in had] == list(skipped):
+                return
+        elif not skipped:
+            return
+        n = len(skipped)
+        columns = {name: [None] * n for name in self.schema.names}
+        columns |= {"key": [k for k, _ in skipped], "error": [r for _, r in skipped], "shard": [""] * n,
+                    "position": list(range(n)), "status": [STATUS_SKIPPED] * n}
+        columns |= {name: [value] * n for name, value in self.constant.items()}
+        _write_parquet(pa.Table.from_pydict(columns, schema=self.schema), path)
+
     def write_calibration(self, batch_size: int) -> None:
         """OUT/calibration.parquet: the checkpoint's held-out images, scored exactly like the corpus."""
         keys, images, embeddings = self.ckpt.calibration_keys, self.ckpt.calibration_images, self.calibration_embeddings
@@ -378,11 +410,14 @@ def score_shards(shards_dir: str, *, detector: str, out_dir: str, score: ScoreCo
     config = run_config(ckpt, score, knn_k=knn_k, with_embedding=with_embedding, device=device, shards_id=shards_id)
     for sub in (DONE_DIR, FAILED_DIR):
         storage.makedirs(storage.join(out_dir, sub))
-    _claim_run(out_dir, config)
+    _claim_run(out_dir, config, manifest.shards)
     log(describe_health(ckpt.meta.get("health")))
     run = _Run(out_dir, scorer, ckpt, config)
     if not storage.isfile(storage.join(out_dir, CALIBRATION_NAME)):
         run.write_calibration(batch_size)
+    if not shards:  # a whole-folder call (or a flow's first task): never two tasks at once
+        storage.sweep_temporaries(out_dir, (DONE_DIR, FAILED_DIR))
+        run.write_skipped(list(manifest.skipped))
     skipped = [e.name for e in entries if _is_done(out_dir, e)]
     scratch = storage.scratch(shards_dir)  # downloaded shards, when SHARDS is a URL
     try:

@@ -21,7 +21,7 @@ from dede_core import storage
 from dede_core.health import describe_health, health_passed
 from dede_core.sql import connect, has_view
 from schemas.sql import literal
-from schemas.tables import REJECTED, STATUS_OK
+from schemas.tables import REJECTED, STATUS_OK, STATUS_SKIPPED
 
 RUN_NAME = "run.json"  # the score stage's record of its detector and settings (dede_core.score_stage)
 
@@ -201,8 +201,9 @@ def _check_one_detector(conn: duckdb.DuckDBPyConnection, scores_dir: str) -> tup
 
 
 def _check_unique_keys(conn: duckdb.DuckDBPyConnection, scores_dir: str) -> None:
+    """A key may repeat only in rows retired from the source (a changed sample's old version)."""
     dups = conn.execute(
-        "SELECT key, count(*), string_agg(shard, ', ') FROM scores GROUP BY key HAVING count(*) > 1 LIMIT 5"
+        f"SELECT key, count(*), string_agg(shard, ', ') FROM {LIVE} GROUP BY key HAVING count(*) > 1 LIMIT 5"
     ).fetchall()
     if dups:
         shown = "; ".join(f"{k!r} x{n} ({s})" for k, n, s in dups)
@@ -232,7 +233,7 @@ def _threshold(conn: duckdb.DuckDBPyConnection, rule: Rule, scores_dir: str) -> 
         return t, (f"{col} > {format_number(t)}, the {percentile_name(1 - rule.value)} percentile of {n} held-out "
                    f"calibration {noun} (fpr target {rule.value:g}, chosen without labels)")
     if rule.kind == "quantile":
-        t, n = _quantile(conn, "scores", col, rule.value, valid_sql(col))
+        t, n = _quantile(conn, LIVE, col, rule.value, valid_sql(col))
         if n == 0:
             raise ValueError(f"no scored sample with a finite {col} in {scores_dir}; nothing to take a quantile of")
         return t, (f"{col} > {format_number(t)}, the {percentile_name(rule.value)} percentile of this corpus' own "
@@ -265,8 +266,9 @@ def _check_column(conn: duckdb.DuckDBPyConnection, rule: Rule, scores_dir: str) 
                          f"select on score instead")
 
 
-def judged_sql(rule: Rule, threshold: float | None, keep_unscored: bool) -> str:
-    """SQL over the scores view: key, shard, position, score, unscored, reason (NULL when kept)."""
+def judged_sql(rule: Rule, threshold: float | None, keep_unscored: bool, rows: str = "scores") -> str:
+    """SQL over the scores view: key, shard, position, score, unscored, reason (NULL when kept). rows: the
+    relation judged, `scores` or LIVE (retired rows carry their reason in `retired_reason`)."""
     if rule.kind == "where":
         reason = literal(f"where: {rule.value}")
     else:
@@ -275,10 +277,13 @@ def judged_sql(rule: Rule, threshold: float | None, keep_unscored: bool) -> str:
     missing = "'not scored'" if rule.kind == "where" else literal(f"{STATUS_OK} but no {rule.column}")
     unscored_reason = (f"CASE WHEN status <> '{STATUS_OK}' THEN status || coalesce(': ' || error, '') "
                        f"ELSE {missing} END")
+    retired = rows != "scores"
     return (
-        f"SELECT key, shard, position, score, NOT {scored_sql(rule)} AS unscored, CASE "
-        f"WHEN NOT {scored_sql(rule)} THEN {'NULL' if keep_unscored else unscored_reason} "
-        f"WHEN {hit_sql(rule, threshold)} THEN {reason} END AS reason FROM scores"
+        f"SELECT key, shard, position, score, "
+        f"{'retired_reason IS NULL AND ' if retired else ''}NOT {scored_sql(rule)} AS unscored, CASE "
+        + ("WHEN retired_reason IS NOT NULL THEN retired_reason " if retired else "")
+        + f"WHEN NOT {scored_sql(rule)} THEN {'NULL' if keep_unscored else unscored_reason} "
+        f"WHEN {hit_sql(rule, threshold)} THEN {reason} END AS reason FROM {rows}"
     )
 
 
@@ -294,13 +299,27 @@ def check_health(scores_dir: str, rule: Rule) -> dict[str, Any] | None:
     return health
 
 
-def select(scores_dir: str | os.PathLike, rule: Rule = DEFAULT_RULE, *, keep_unscored: bool = False) -> Selection:
-    """Apply one rule to every row of SCORES/*.parquet; the dropped rows come back with their reasons."""
+# Rows of samples the source no longer holds (the shards manifest's `retired`), registered as `retired_rows`.
+RETIRED = pa.schema([("shard", pa.string()), ("key", pa.string()), ("reason", pa.string())])
+# Source entries `dede shard` left out (status skipped) are in no shard: there is nothing to clean of them.
+JUDGED = ("(SELECT s.*, r.reason AS retired_reason FROM scores s LEFT JOIN retired_rows r USING (shard, key) "
+          f"WHERE s.status <> '{STATUS_SKIPPED}')")
+LIVE = (f"(SELECT * FROM scores ANTI JOIN retired_rows USING (shard, key) WHERE status <> '{STATUS_SKIPPED}')")
+
+
+def select(scores_dir: str | os.PathLike, rule: Rule = DEFAULT_RULE, *, keep_unscored: bool = False,
+           retired: list[dict[str, str]] | None = None) -> Selection:
+    """Apply one rule to every row of SCORES/*.parquet; the dropped rows come back with their reasons.
+    retired: {key, shard, reason} of samples the source no longer holds (the shards manifest's `retired`):
+    dropped with that reason, and left out of a quantile rule's threshold."""
     if not isinstance(rule, Rule):
         raise ValueError(f"rule must be a Rule (Rule.fpr(0.05), ...), got {type(rule).__name__}")
     scores_dir = storage.absolute(scores_dir)  # a local path or a URL
     conn = connect(scores_dir)
     try:
+        columns = [[r[c] for r in retired or []] for c in RETIRED.names]
+        conn.register("retired_rows", pa.Table.from_arrays([pa.array(c, pa.string()) for c in columns],
+                                                           schema=RETIRED))
         detector, encoder = _check_one_detector(conn, scores_dir)
         health = check_health(scores_dir, rule)
         _check_unique_keys(conn, scores_dir)
@@ -309,7 +328,7 @@ def select(scores_dir: str | os.PathLike, rule: Rule = DEFAULT_RULE, *, keep_uns
         else:
             _check_column(conn, rule, scores_dir)
         threshold, how = _threshold(conn, rule, scores_dir)
-        judged = judged_sql(rule, threshold, keep_unscored)
+        judged = judged_sql(rule, threshold, keep_unscored, JUDGED)
         try:
             per_shard = conn.execute(
                 f"SELECT shard, count(*), count(reason), count(*) FILTER (WHERE unscored) FROM ({judged}) "

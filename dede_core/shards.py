@@ -8,6 +8,7 @@ and rerunning the same command is the recovery procedure.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -16,6 +17,7 @@ import sys
 import re
 import tempfile
 from collections import Counter
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
@@ -24,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from dede_core import storage
+from dede_core import source_index, storage
 from dede_core.progress import Progress
 from dede_core.sources import TAR_IMAGE_EXTENSIONS, Sample, Source, TarShardSource, clean_key, open_source
 from schemas.manifest import Manifest, ShardEntry, differences, manifest_path, read_manifest, write_manifest
@@ -118,17 +120,18 @@ class _ShardFile:
 
 
 def _write_all(samples: Iterator[Sample], out_dir: str, per_shard: int, classes: list[str] | None,
-               progress: Progress, unread: Counter, tmp_dir: str) -> list[ShardEntry]:
-    """Stream samples into shards of per_shard; counts in `unread` the extensions dede's tar reader skips."""
+               progress: Progress, unread: Counter, tmp_dir: str, first: int = 0) -> list[ShardEntry]:
+    """Stream samples into shards of per_shard numbered from `first`; counts in `unread` the extensions dede's
+    tar reader skips."""
     entries: list[ShardEntry] = []
     current: _ShardFile | None = None
     try:
         for sample in samples:
-            current = current or _ShardFile(out_dir, len(entries), tmp_dir)
+            current = current or _ShardFile(out_dir, first + len(entries), tmp_dir)
             ext = current.add(sample, classes)
             if ext not in TAR_IMAGE_EXTENSIONS:
                 unread[ext] += 1
-            progress.update(1, f"shard {len(entries)}")
+            progress.update(1, f"shard {first + len(entries)}")
             if len(current.keys) == per_shard:
                 entries.append(current.finish())
                 current = None
@@ -216,6 +219,10 @@ class ParquetRows:
     def keys(self) -> list[str]:
         return list(self._keys)
 
+    def item(self, i: int) -> tuple[str, str]:
+        """(row N, the file whose size and mtime fingerprint every row of it)."""
+        return f"row {i}", self.url
+
     def __iter__(self) -> Iterator[Sample]:
         row = 0
         with fsspec.open(self.url, "rb") as f:
@@ -252,13 +259,15 @@ def _source_id(src: str) -> str:
 
 
 def _open(src: str, options: dict[str, Any]) -> Source | ParquetRows:
+    options = dict(options)
+    follow = bool(options.pop("follow_external_links", False))
     if _is_parquet(src):
         return ParquetRows(src, **options)
     if any(v is not None for v in options.values()):
         raise ValueError(f"image_column, key_column and label_column apply to Parquet sources only, not {src}")
     if "://" in src:
         raise ValueError(f"remote sources are read for Parquet only; copy {src} locally first")
-    source = open_source(src)
+    source = open_source(src, follow_external_links=follow)
     if isinstance(source, TarShardSource) and os.path.isdir(src) and os.path.isfile(manifest_path(src)):
         source.classes = read_manifest(src).classes  # resharding our own shards keeps the class names
     return source
@@ -282,11 +291,12 @@ def _reusable(out_dir: str, wanted: dict[str, Any], log: Callable[[str], None]) 
     return old
 
 
-def _remove_stale(out_dir: str, entries: list[ShardEntry]) -> None:
-    """Drop shards numbered past the new last one and temp files of crashed runs: only the manifest's remain."""
-    keep = {e.name for e in entries}
+def _remove_stale(out_dir: str, entries: list[ShardEntry], index_file: str | None) -> None:
+    """Drop shards past the manifest's last one, older source indexes and temp files of killed runs."""
+    keep = {e.name for e in entries} | {index_file}
     for name in storage.listdir(out_dir):
-        if (re.fullmatch(r"\d{6}\.tar", name) and name not in keep) or re.fullmatch(r"\.\d{6}\.tar\..*\.tmp", name):
+        if ((re.fullmatch(r"\d{6}\.tar|source-\d{6}\.parquet", name) and name not in keep)
+                or re.fullmatch(r"\.(\d{6}\.tar|source-\d{6}\.parquet|manifest\.json)\..*\.tmp", name)):
             storage.unlink(storage.join(out_dir, name))
 
 
@@ -294,11 +304,76 @@ def _stderr(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def write_shards(src: str, out_dir: str, *, samples_per_shard: int = 10_000, image_column: str | None = None,
-                 key_column: str | None = None, label_column: str | None = None, progress: bool = True,
-                 log: Callable[[str], None] | None = None) -> Manifest:
+@dataclass(frozen=True)
+class ShardUpdate:
+    """What one `dede shard` call left on disk (manifest) and what it found and did (changes)."""
+
+    manifest: Manifest
+    changes: source_index.Changes
+
+
+def _merged_classes(old: list[str] | None, new: list[str] | None) -> list[str] | None:
+    """Old class names keep their index (their samples' .cls are written); new names are appended, sorted."""
+    if old is None:
+        return new
+    return old + sorted(set(new or []) - set(old))
+
+
+def _classify(source: Source | ParquetRows, old: dict[str, source_index.Entry], changes: source_index.Changes,
+              index: dict[str, source_index.Entry]) -> dict[int, tuple[str, int | None, int | None]]:
+    """Samples whose file kept its name, size and mtime are unchanged, unread (into `index`); the others come
+    back as {position: (item, size, mtime_ns)}, to be read and hashed."""
+    keys, stats, todo = source.keys(), {}, {}
+    for i, key in enumerate(keys):
+        item, path = source.item(i)
+        if path not in stats:
+            stats[path] = source_index.file_stat(path)
+        size, mtime = stats[path]
+        was = old.get(key)
+        if was and mtime is not None and (was.item, was.size, was.mtime_ns) == (item, size, mtime):
+            index[key] = was
+            changes.unchanged += 1
+        else:
+            todo[i] = (item, size, mtime)
+    return todo
+
+
+def _pending(source: Source | ParquetRows, todo: dict[int, tuple[str, int | None, int | None]],
+             old: dict[str, source_index.Entry], classes: list[str] | None, changes: source_index.Changes,
+             index: dict[str, source_index.Entry], first: int, per_shard: int, bar: Progress) -> Iterator[Sample]:
+    """The samples to write, read once: new keys and keys whose bytes changed (a touched file whose bytes are
+    the same stays where it is). Fills `changes` and the new `index` on the way."""
+    remap = None
+    if classes and source.classes and classes != source.classes:
+        remap = {i: classes.index(name) for i, name in enumerate(source.classes)}
+    if isinstance(source, ParquetRows):
+        rows = (s for s in source if s.meta["row"] in todo) if todo else iter(())
+        pairs = ((todo[s.meta["row"]], s) for s in rows)
+    else:
+        pairs = ((where, source[i]) for i, where in todo.items())
+    for (item, size, mtime), sample in pairs:
+        digest = source_index.sha256(sample.data)
+        was = old.get(sample.key)
+        if was and was.sha256 == digest:
+            index[sample.key] = source_index.Entry(item, was.shard, size, mtime, digest)
+            changes.unchanged += 1
+            bar.update(1, "unchanged")
+            continue
+        written = len(changes.added) + len(changes.changed)
+        (changes.changed if was else changes.added).append(sample.key)
+        index[sample.key] = source_index.Entry(item, f"{first + written // per_shard:06d}.tar", size, mtime, digest)
+        if remap is not None and sample.label is not None:
+            sample = dataclasses.replace(sample, label=remap[sample.label])
+        yield sample
+
+
+def update_shards(src: str, out_dir: str, *, samples_per_shard: int = 10_000, image_column: str | None = None,
+                  key_column: str | None = None, label_column: str | None = None, follow_external_links: bool = False,
+                  progress: bool = True, log: Callable[[str], None] | None = None) -> ShardUpdate:
     """Write SRC (image folder, WebDataset shards, or a Parquet file of image bytes) as OUT/NNNNNN.tar shards
-    plus OUT/manifest.json; returns the manifest. A rerun of a finished run does nothing."""
+    plus OUT/manifest.json, or bring an existing OUT up to date with SRC: new and changed samples go into new
+    shards after the existing ones (which stay byte-identical), removed and changed ones are listed in the
+    manifest's `retired`. A rerun over an unchanged SRC reads no image and writes nothing."""
     log = log or _stderr
     if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be a positive int (e.g. 10000), got {samples_per_shard!r}")
@@ -307,44 +382,85 @@ def write_shards(src: str, out_dir: str, *, samples_per_shard: int = 10_000, ima
         raise ValueError(f"--out {out_dir} is the source folder itself; shard into a new folder")
     options = {"image_column": image_column, "key_column": key_column, "label_column": label_column}
     options = options if _is_parquet(src) else {k: v for k, v in options.items() if v is not None}
+    if follow_external_links:
+        options["follow_external_links"] = True
     wanted = {"source": _source_id(src), "samples_per_shard": samples_per_shard, "options": options}
     storage.makedirs(out_dir)
     done = _reusable(out_dir, wanted, log)
-    if done is not None:
-        log(f"{out_dir} already sharded: {done.samples} samples in {len(done.shards)} shards; nothing to do")
-        return done
     source = _open(src, options)
     _check_unique(source)
     if len(source) == 0:
         raise ValueError(f"no samples in {src} (skipped: {source.skipped[:3]})")
-    if storage.isfile(manifest_path(out_dir)):
-        storage.unlink(manifest_path(out_dir))  # the shards are about to change: incomplete until done
-    bar = Progress(len(source), desc="sharding", stream=None if progress else io.StringIO())
-    samples = iter(source) if hasattr(source, "__iter__") else (source[i] for i in range(len(source)))
+    retired = list(done.retired) if done else []
+    if done is None:
+        old: dict[str, source_index.Entry] = {}
+    else:
+        old = source_index.read(out_dir, done.source_index)
+        if old is None:
+            log(f"{out_dir}: no source index (made by an older dede, or lost): hashing the shards and the source "
+                f"to find what changed")
+            old = source_index.from_shards(out_dir, [e.name for e in done.shards],
+                                           {(r["shard"], r["key"]) for r in retired})
+    classes = _merged_classes(done.classes if done else None, source.classes)
+    kept = list(done.shards) if done else []
+    changes, index = source_index.Changes(), {}
+    todo = _classify(source, old, changes, index)
+    if isinstance(source, ParquetRows) and done is not None and todo:
+        empty, keys = {k for k, _ in done.skipped}, source.keys()
+        if all(keys[i] in empty for i in todo):
+            todo = {}  # only its empty rows are left and the file is unchanged (its other rows are): not read
+    bar = Progress(len(todo), desc="sharding", stream=None if progress and todo else io.StringIO())
+    samples = _pending(source, todo, old, classes, changes, index, len(kept), samples_per_shard, bar)
     unread: Counter = Counter()
     scratch = storage.scratch(out_dir)
     try:
-        entries = _write_all(samples, out_dir, samples_per_shard, source.classes, bar, unread,
-                             scratch.name if scratch else out_dir)
+        entries = _write_all(samples, out_dir, samples_per_shard, classes, bar, unread,
+                             scratch.name if scratch else out_dir, first=len(kept))
     finally:
         if scratch:
             scratch.cleanup()
-    bar.close(f"{len(entries)} shards")
-    if not entries:
+    changes.new_shards = [e.name for e in entries]
+    bar.close(f"{len(entries)} new shards")
+    changes.removed = [key for key in old if key not in index]
+    retired += [{"key": k, "shard": old[k].shard, "reason": source_index.REMOVED} for k in changes.removed]
+    retired += [{"key": k, "shard": old[k].shard, "reason": source_index.CHANGED} for k in changes.changed]
+    skipped = list(source.skipped)
+    if isinstance(source, ParquetRows) and not todo and done is not None:
+        skipped = list(done.skipped)  # the file was not read again: its empty rows are as before
+    if done is not None and not (changes.added or changes.changed or changes.removed) and (
+            done.source_index and index == old and skipped == done.skipped):
+        log(f"{out_dir} already sharded: {done.samples} samples in {len(done.shards)} shards; source unchanged "
+            f"({changes.unchanged} samples); nothing to do")
+        _remove_stale(out_dir, done.shards, done.source_index["file"])
+        return ShardUpdate(done, changes)
+    if not kept and not entries:
         raise ValueError(f"no readable samples in {src} (skipped: {source.skipped[:3]})")
-    _remove_stale(out_dir, entries)
-    manifest = Manifest(source=wanted["source"], samples_per_shard=samples_per_shard,
-                        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), shards=entries,
-                        samples=sum(e.samples for e in entries), classes=source.classes,
-                        skipped=list(source.skipped), options=options)
+    if storage.isfile(manifest_path(out_dir)) and done is None:
+        storage.unlink(manifest_path(out_dir))  # resharding from scratch: incomplete until done
+    generation = (done.source_index or {}).get("generation", 0) + 1 if done else 1
+    ref = source_index.write(out_dir, index, generation)
+    shards = kept + entries
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    manifest = Manifest(source=wanted["source"], samples_per_shard=samples_per_shard, created=now, shards=shards,
+                        samples=sum(e.samples for e in shards), classes=classes, skipped=skipped,
+                        options=options, retired=retired, source_index=ref,
+                        changes=changes.summary() | {"at": now})
     write_manifest(out_dir, manifest)
-    if source.skipped:
-        log(f"warning: {len(source.skipped)} source entries were not sharded (see skipped in "
-            f"{manifest_path(out_dir)}), e.g. {source.skipped[0]}")
+    _remove_stale(out_dir, shards, ref["file"])
+    if done is not None:
+        log(f"{out_dir} updated from {src}: {changes.text()}")
+    if skipped:
+        log(f"warning: {len(skipped)} source entries were not sharded (see skipped in "
+            f"{manifest_path(out_dir)}), e.g. {skipped[0]}")
     if unread:
         log(f"warning: {sum(unread.values())} samples are stored as {', '.join(sorted(unread))}, which the tar "
             f"reader does not take as images ({'/'.join(TAR_IMAGE_EXTENSIONS)}): they will score as read_error")
-    return manifest
+    return ShardUpdate(manifest, changes)
+
+
+def write_shards(src: str, out_dir: str, **kwargs: Any) -> Manifest:
+    """update_shards, returning only the manifest (the shards folder's contract)."""
+    return update_shards(src, out_dir, **kwargs).manifest
 
 
 def list_shards(shards_dir: str) -> list[ShardEntry]:

@@ -82,17 +82,18 @@ def _read_range(path: str, offset: int, size: int) -> bytes:
 
 
 class ImageFolderSource:
-    """Images under a directory, recursively; the top-level subfolder names the class."""
+    """Images under a directory, recursively; the top-level subfolder names the class.
 
-    def __init__(self, root: str) -> None:
+    Links are followed only while their target stays inside the root (a folder assembled from symlinked subsets
+    works); a link leading outside it is listed in `skipped` unless follow_external_links. A directory named
+    like an image, a broken link and a link loop are listed in `skipped` too: nothing is read from outside SRC
+    unless asked, and nothing is left out silently.
+    """
+
+    def __init__(self, root: str, *, follow_external_links: bool = False) -> None:
         self.root = os.path.abspath(root)
-        rels = []
-        # Follow links like torchvision's ImageFolder: folders are often assembled from symlinked subsets.
-        for dirpath, _, filenames in os.walk(self.root, followlinks=True):
-            for name in filenames:
-                if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                    rel = os.path.relpath(os.path.join(dirpath, name), self.root)
-                    rels.append(rel.replace(os.sep, "/"))
+        self.skipped: list[tuple[str, str]] = []
+        rels = self._walk(os.path.realpath(self.root), follow_external_links)
         if not rels:
             raise ValueError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) found under {root}; expected {ACCEPTED}")
         rels.sort()
@@ -104,7 +105,52 @@ class ImageFolderSource:
         self.classes: list[str] | None = names or None
         index = {name: i for i, name in enumerate(names)}
         self._labels = [None if t is None else index[t] for t in top]
-        self.skipped: list[tuple[str, str]] = []  # collisions raise instead; kept for the Source protocol
+
+    def _skip(self, rel: str, reason: str) -> None:
+        self.skipped.append((clean_key(os.path.splitext(rel)[0]), f"{rel}: {reason}"))
+
+    def _outside(self, path: str, real_root: str) -> bool:
+        return os.path.commonpath([os.path.realpath(path), real_root]) != real_root
+
+    def _walk(self, real_root: str, follow_external: bool) -> list[str]:
+        """Relative paths of the image files, listing in `skipped` what is passed over and why."""
+        rels = []
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
+            for name in sorted(dirnames):
+                full = os.path.join(dirpath, name)
+                rel = os.path.relpath(full, self.root).replace(os.sep, "/")
+                if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                    self._skip(rel, "a directory named like an image (its files are read one by one)")
+                real = os.path.realpath(full)
+                why = None
+                if os.path.islink(full) and self._outside(full, real_root) and not follow_external:
+                    why = f"link to {real}, outside the source root (pass --follow-external-links to read it)"
+                elif os.path.islink(full) and os.path.commonpath([real, os.path.realpath(dirpath)]) == real:
+                    why = f"link loop: {real} holds this link"
+                if why:
+                    self._skip(rel, why)
+                    dirnames.remove(name)
+            for name in filenames:
+                if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                    continue
+                full = os.path.join(dirpath, name)
+                rel = os.path.relpath(full, self.root).replace(os.sep, "/")
+                if os.path.islink(full):
+                    if not os.path.exists(full):
+                        self._skip(rel, f"broken link to {os.readlink(full)}")
+                        continue
+                    if not os.path.isfile(full):
+                        self._skip(rel, "link to something that is not a file")
+                        continue
+                    if self._outside(full, real_root) and not follow_external:
+                        self._skip(rel, f"link to {os.path.realpath(full)}, outside the source root (pass "
+                                        f"--follow-external-links to read it)")
+                        continue
+                elif not os.path.isfile(full):
+                    self._skip(rel, "not a regular file")
+                    continue
+                rels.append(rel)
+        return rels
 
     def _check_unique(self) -> None:
         by_key: dict[str, list[str]] = {}
@@ -129,6 +175,11 @@ class ImageFolderSource:
 
     def keys(self) -> list[str]:
         return list(self._keys)
+
+    def item(self, i: int) -> tuple[str, str]:
+        """(the sample's name in the source, the file whose size and mtime fingerprint it)."""
+        rel = self._paths[_index(i, len(self._paths))]
+        return _SURROGATE.sub(_escape_surrogate, rel), os.path.join(self.root, rel)
 
 
 @dataclass(frozen=True)
@@ -258,13 +309,18 @@ class TarShardSource:
     def keys(self) -> list[str]:
         return list(self._keys)
 
+    def item(self, i: int) -> tuple[str, str]:
+        """(shard:offset of the image member, the shard file whose size and mtime fingerprint it)."""
+        e = self._entries[_index(i, len(self._entries))]
+        return _SURROGATE.sub(_escape_surrogate, f"{os.path.basename(e.shard)}@{e.offset}"), e.shard
 
-def _open_dir(path: str) -> Source:
+
+def _open_dir(path: str, follow_external_links: bool = False) -> Source:
     entries = sorted(os.listdir(path))
     tars = [os.path.join(path, n) for n in entries if n.lower().endswith(".tar")]
     tars = [t for t in tars if os.path.isfile(t)]
     if not tars:
-        return ImageFolderSource(path)
+        return ImageFolderSource(path, follow_external_links=follow_external_links)
     images = [n for n in entries if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
     if images:
         raise ValueError(
@@ -274,8 +330,9 @@ def _open_dir(path: str) -> Source:
     return TarShardSource(tars)
 
 
-def open_source(path: str) -> Source:
-    """A local path -> Source: image folder, one .tar, a directory of .tar files, or a brace pattern."""
+def open_source(path: str, *, follow_external_links: bool = False) -> Source:
+    """A local path -> Source: image folder, one .tar, a directory of .tar files, or a brace pattern.
+    follow_external_links: read an image folder's links whose target lies outside it (trusted corpora only)."""
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"path must be a string, got {type(path).__name__}; expected {ACCEPTED}")
     path = os.fspath(path)
@@ -293,7 +350,7 @@ def open_source(path: str) -> Source:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file or directory: {path}")
     if os.path.isdir(path):
-        return _open_dir(path)
+        return _open_dir(path, follow_external_links)
     if path.lower().endswith(".tar"):
         return TarShardSource([path])
     raise ValueError(f"cannot read {path}: expected {ACCEPTED} (compressed .tar.gz shards are not seekable)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 import tempfile
 from typing import IO, Any
 
@@ -121,6 +122,23 @@ def publish(local_tmp: str, dest: str) -> None:
         fs.put_file(local_tmp, inner)
     finally:
         os.unlink(local_tmp)
+
+
+TEMPORARY = re.compile(r"\..+\.tmp|.+\.\d+\.tmp")  # .NAME.XXXX.tmp (mkstemp) and NAME.PID.tmp
+
+
+def sweep_temporaries(folder: str, subfolders: tuple[str, ...] = ()) -> list[str]:
+    """Delete the temporary files a killed run left in a local folder (and its subfolders); returns their
+    names. Call it where a stage starts, before its parallel tasks: a live writer's temporary would go too."""
+    if is_url(folder):
+        return []  # at a URL temporaries are written locally, never in the folder
+    gone = []
+    for where in [folder] + [os.path.join(folder, s) for s in subfolders]:
+        for name in os.listdir(where) if os.path.isdir(where) else []:
+            if TEMPORARY.fullmatch(name) and os.path.isfile(os.path.join(where, name)):
+                os.unlink(os.path.join(where, name))
+                gone.append(name)
+    return gone
 
 
 def local_copy(path: str, folder: str) -> str:

@@ -20,6 +20,7 @@ from dede_core.report import write_report
 from dede_core.select import DEFAULT_RULE, Rule, select
 from flows import retry_transient
 from flows.runners import LOCAL, ShardRunner, parse_runner, worker_identity
+from schemas.manifest import read_manifest
 
 
 def _summary(result: CleanResult, workers: dict[str, str]) -> dict:
@@ -84,7 +85,8 @@ def _clean_on(where, shards: str, scores: str, out: str, rule: dict[str, Any], k
 @task(name="write-report", cache_policy=NONE)
 def report_task(scores: str, shards: str, out_html: str, rule: dict[str, Any], keep_unscored: bool) -> str:
     # The Selection is rebuilt from the scores (one query) rather than passed between tasks as an Arrow table.
-    selection = select(scores, Rule.from_dict(rule), keep_unscored=keep_unscored)
+    selection = select(scores, Rule.from_dict(rule), keep_unscored=keep_unscored,
+                       retired=read_manifest(shards).retired)
     return write_report(scores, shards, out_html, selection=selection)
 
 

@@ -6,7 +6,9 @@ Prefect is imported only when `sanitize` runs, so every other command (and --hel
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import Any, Callable
 
 from dede_core import cli
 
@@ -21,7 +23,12 @@ Run the whole pipeline as the Prefect flow dede-sanitize, into one RUN folder:
   RUN/report.html           histogram, counts, thumbnails of the selection
   RUN/sanitize.json         config, package versions, detector hash, counts, seconds per stage
 
-Rerunning the same command resumes an interrupted run; on a finished run it does no new work.
+Rerunning the same command resumes an interrupted run; on a finished run over an unchanged SRC it does no
+new work. Over a SRC that changed, a rerun shards only the new and changed images (new shards after the
+existing ones), scores them with the same detector and settings, and cleans with the same threshold; removed
+and changed images leave the cleaned corpus (reason source_removed / source_changed in rejected.parquet).
+It prints what it found (added, changed, removed, unchanged) and did; sanitize.json and the Prefect
+artifact dede-sanitize record it. See README, Scheduled and incremental cleaning.
 Without PREFECT_API_URL the flow runs on a temporary local Prefect server; with it, it reports
 to that server.
 """
@@ -30,6 +37,37 @@ RUNNER_HELP = ("where the shard tasks run: local (threads in this process; defau
                "started here: one process per GPU, pinned to it, or --dask-workers CPU processes), or "
                "dask://HOST:PORT (an existing Dask scheduler; its workers need dede and PREFECT_API_URL). "
                "Any runner writes the same bytes")
+
+
+# Prefect starts a temporary server when PREFECT_API_URL is unset and waits this long for it (Prefect's own
+# default is 20 s, which a loaded machine misses): our default unless the user set the setting.
+STARTUP_SETTING = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+STARTUP_DEFAULT_S = 180
+STARTUP_FAILED = "ephemeral Prefect API server"  # in Prefect's RuntimeError when the server did not come up
+
+
+def hold_on_busy_machine() -> None:
+    """Give the temporary Prefect server time to start on a busy machine; called before prefect is imported
+    (Prefect reads its settings from the environment when it is imported)."""
+    os.environ.setdefault(STARTUP_SETTING, str(STARTUP_DEFAULT_S))
+
+
+def run_flow(command: str, flow: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call a flow; when the temporary Prefect server did not start in time, try once more, then fail with a
+    message that names the setting. Every stage resumes from its markers, so a second call redoes nothing."""
+    for attempt in (1, 2):
+        try:
+            return flow(*args, **kwargs)
+        except RuntimeError as exc:
+            if STARTUP_FAILED not in str(exc):
+                raise
+            if attempt == 2:
+                raise ValueError(
+                    f"the temporary Prefect server did not start within {os.environ.get(STARTUP_SETTING)} s, "
+                    f"twice (the machine is busy?): set {STARTUP_SETTING} higher (e.g. 600), or PREFECT_API_URL "
+                    f"to a running server (`prefect server start`), and rerun `dede {command}`") from None
+            print(f"dede {command}: the temporary Prefect server did not start within "
+                  f"{os.environ.get(STARTUP_SETTING)} s; trying once more", file=sys.stderr)
 
 
 def add_runner_options(p: argparse.ArgumentParser) -> None:
@@ -56,6 +94,7 @@ def add_sanitize(sub) -> None:
     p.add_argument("--samples-per-shard", type=int, default=10_000, help="default 10000")
     p.add_argument("--group-size", type=int, default=1, help="shards per scoring task (default 1)")
     p.add_argument("--max-parallel", type=int, default=1, help="scoring tasks at a time (default 1)")
+    cli.add_follow_links_option(p)
     add_runner_options(p)
     cli.add_detector_options(p)
     cli.add_rule_options(p)
@@ -68,20 +107,25 @@ def cmd_sanitize(args: argparse.Namespace) -> int:
     from flows.sanitize import sanitize_flow
     from flows.score import ShardsFailed
 
+    cli.check_local_out(args.out, "sanitize")
     rule = cli.rule_from_args(args)
     try:
-        result = sanitize_flow(
-            args.src, args.encoder, args.out, detector=args.detector, aux=args.aux, preset=args.preset,
-            detector_overrides=cli.detector_overrides(args), epochs=args.epochs, max_epochs=args.max_epochs,
-            patience=args.patience,
+        result = run_flow(
+            "sanitize", sanitize_flow, args.src, args.encoder, args.out, detector=args.detector, aux=args.aux,
+            preset=args.preset, detector_overrides=cli.detector_overrides(args), epochs=args.epochs,
+            max_epochs=args.max_epochs, patience=args.patience,
             train_batch_size=args.train_batch_size, samples_per_shard=args.samples_per_shard, rule=rule.to_dict(),
             keep_unscored=args.keep_unscored, seed=args.seed, draws=args.draws, visible=args.visible,
             chunk=args.chunk, knn_k=args.knn_k, with_embedding=args.with_embedding, batch_size=args.batch_size,
             device=cli._device(args.device), workers=args.workers, group_size=args.group_size,
-            max_parallel=args.max_parallel, runner=args.runner, dask_workers=args.dask_workers)
+            max_parallel=args.max_parallel, runner=args.runner, dask_workers=args.dask_workers,
+            follow_external_links=args.follow_external_links)
     except ShardsFailed as exc:
         print(f"dede sanitize: {exc}", file=sys.stderr)
         return 1
+    from dede_core.run_manifest import work_text
+
+    print(f"this run: {work_text(result['work'])}")
     clean = result["counts"]["clean"]
     print(f"kept {clean['kept']} of {clean['total']} samples, dropped {clean['dropped']}; {result['how']}")
     for name in ("clean", "rejected", "report", "manifest"):
@@ -106,11 +150,11 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.only:
         raise ValueError("--only applies to --runner local; a Dask run scores every pending shard")
     try:
-        summary = score_flow(args.shards, args.detector, args.out, seed=args.seed, draws=args.draws,
-                             visible=args.visible, chunk=args.chunk, knn_k=args.knn_k,
-                             with_embedding=args.with_embedding, batch_size=args.batch_size, workers=args.workers,
-                             device=cli._device(args.device), encoder=args.encoder, runner=args.runner,
-                             dask_workers=args.dask_workers, cpu_bf16=args.bf16)
+        summary = run_flow("score", score_flow, args.shards, args.detector, args.out, seed=args.seed,
+                           draws=args.draws, visible=args.visible, chunk=args.chunk, knn_k=args.knn_k,
+                           with_embedding=args.with_embedding, batch_size=args.batch_size, workers=args.workers,
+                           device=cli._device(args.device), encoder=args.encoder, runner=args.runner,
+                           dask_workers=args.dask_workers, cpu_bf16=args.bf16)
     except ShardsFailed as exc:
         print(f"dede score: {exc}", file=sys.stderr)
         return 1
@@ -125,9 +169,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
     if parse_runner(args.runner, workers=args.dask_workers).kind == "local":
         return args.local_func(args)
-    result = clean_flow(args.shards, args.scores, args.out, rule=cli.rule_from_args(args).to_dict(),
-                        keep_unscored=args.keep_unscored, report=not args.no_report, runner=args.runner,
-                        dask_workers=args.dask_workers)
+    result = run_flow("clean", clean_flow, args.shards, args.scores, args.out,
+                      rule=cli.rule_from_args(args).to_dict(), keep_unscored=args.keep_unscored,
+                      report=not args.no_report, runner=args.runner, dask_workers=args.dask_workers)
     c = result["counts"]
     print(f"kept {c['kept']} of {c['total']} samples, dropped {c['dropped']}; {result['how']}")
     print(f"cleaned shards -> {result['out']}  (rejected: {result['rejected']})")
@@ -158,7 +202,7 @@ def add_demo(sub) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
-    run_demo(args.out, args.cache, corpus_size=args.corpus_size, poison_rate=args.poison_rate,
+    run_flow("demo", run_demo, args.out, args.cache, corpus_size=args.corpus_size, poison_rate=args.poison_rate,
              epochs=args.epochs, max_epochs=args.max_epochs, workers=args.workers)
     return 0
 
@@ -171,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    hold_on_busy_machine()
     return cli.main(argv, parser=build_parser())
 
 

@@ -22,6 +22,7 @@ from flows.clean import clean_flow
 from flows.score import score_flow
 from flows.shard import shard_flow
 from flows.train import train_flow
+from schemas.manifest import differences
 
 ARTIFACT_KEY = "dede-sanitize"
 
@@ -34,6 +35,23 @@ def run_paths(out: str, detector: str | None = None) -> dict[str, str]:
             "scores": os.path.join(run, "scores"), "clean": os.path.join(run, "clean"),
             "rejected": os.path.join(run, "clean", "rejected.parquet"), "report": os.path.join(run, "report.html"),
             "manifest": os.path.join(run, run_manifest.MANIFEST_NAME)}
+
+
+TRAINING = ("encoder", "aux", "preset", "detector_overrides", "epochs", "train_batch_size", "train_seed")
+
+
+def _trained_before(paths: dict[str, str], config: dict[str, Any]) -> bool:
+    """True when an earlier sanitize into RUN finished training on the corpus with these settings: a rerun over
+    a grown corpus keeps that detector (retraining on more shards would change every score and the threshold).
+    Other training settings are refused, naming what differs."""
+    if not os.path.isfile(paths["manifest"]) or not os.path.isfile(paths["detector"]):
+        return False
+    old = run_manifest.read(paths["manifest"])["config"]
+    diffs = differences({k: old.get(k) for k in TRAINING}, {k: config.get(k) for k in TRAINING})
+    if diffs:
+        raise ValueError(f"{paths['detector']} was trained by an earlier run with other settings "
+                         f"({'; '.join(diffs)}); sanitize into a new RUN folder")
+    return True
 
 
 @task(name="record-run", cache_policy=NONE)
@@ -55,7 +73,8 @@ def sanitize_flow(src: str, encoder: str, out: str, *, detector: str | None = No
                   rule: dict[str, Any] | None = None, keep_unscored: bool = False, seed: int = 0, draws: int = 1,
                   visible: int | None = None, chunk: int = 64, knn_k: int = 10, with_embedding: bool = False,
                   batch_size: int = 256, device: str = "cpu", workers: int = 0, group_size: int = 1,
-                  max_parallel: int = 1, runner: str = "local", dask_workers: int | None = None) -> dict:
+                  max_parallel: int = 1, runner: str = "local", dask_workers: int | None = None,
+                  follow_external_links: bool = False) -> dict:
     """Shard SRC, train a detector for ENCODER (unless `detector` is given), score, clean with `rule`
     (Rule.to_dict(); default fpr 0.05) and report, all under OUT. device: cpu or cuda[:N]. runner: where the
     score and clean stages run their shard tasks (local, dask, dask://HOST:PORT; flows/runners.py).
@@ -69,15 +88,20 @@ def sanitize_flow(src: str, encoder: str, out: str, *, detector: str | None = No
     timer, work = run_manifest.StageTimer(), {}
 
     with timer.stage("shard"):
-        shards = shard_flow(src, paths["shards"], samples_per_shard=samples_per_shard)
-    work["shard"] = {"samples": shards["samples"], "shards": len(shards["shards"])}
-    if detector is None:
+        shards = shard_flow(src, paths["shards"], samples_per_shard=samples_per_shard,
+                            follow_external_links=follow_external_links)
+    work["shard"] = {"samples": shards["samples"], "shards": len(shards["shards"]), **shards["changes"]}
+    trained = detector is None and aux is None and _trained_before(paths, config)
+    if trained:  # the corpus may have grown since: scores stay comparable only from the first run's detector
+        get_run_logger().info(f"reusing {paths['detector']}, trained on the corpus by the first run")
+    elif detector is None:
         with timer.stage("train"):
             train_flow(aux or paths["shards"], encoder, os.path.dirname(paths["detector"]), preset_name=preset,
                        epochs=epochs, max_epochs=max_epochs, patience=patience, batch_size=train_batch_size,
                        seed=train_seed, device=device,
                        workers=workers, overrides=detector_overrides)
-    work["train"] = {"trained_on": aux or paths["shards"]} if detector is None else {"given": paths["detector"]}
+    work["train"] = ({"given": paths["detector"]} if detector else {"reused": paths["detector"]} if trained
+                     else {"trained_on": aux or paths["shards"]})
     with timer.stage("score"):
         scored = score_flow(paths["shards"], paths["detector"], paths["scores"], seed=seed, draws=draws,
                             visible=visible, chunk=chunk, knn_k=knn_k, with_embedding=with_embedding,
@@ -91,7 +115,8 @@ def sanitize_flow(src: str, encoder: str, out: str, *, detector: str | None = No
     work["clean"] = {"written": len(cleaned["written"]), "already_done": len(cleaned["skipped"])}
 
     record = record_task(config, paths, timer.seconds, work)
-    create_markdown_artifact(markdown=run_manifest.markdown(record), key=ARTIFACT_KEY,
+    get_run_logger().info(run_manifest.work_text(work))
+    create_markdown_artifact(markdown=run_manifest.markdown(record, work), key=ARTIFACT_KEY,
                              description=f"dede sanitize of {src} into {paths['manifest']}")
-    return {"run": os.path.abspath(out), "paths": paths, "counts": record["counts"],
+    return {"run": os.path.abspath(out), "paths": paths, "counts": record["counts"], "work": work,
             "threshold": record["selection"]["threshold"], "how": record["selection"]["how"]}

@@ -5,24 +5,29 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from dede_core.shards import write_shards
+from dede_core.shards import update_shards
 from flows import retry_transient
 
 
 # Retried only for transient errors: a Parquet source may be a remote fsspec URL.
 @task(name="write-shards", cache_policy=NONE, retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
 def shard_task(src: str, out: str, samples_per_shard: int, image_column: str | None, key_column: str | None,
-               label_column: str | None) -> dict:
-    manifest = write_shards(src, out, samples_per_shard=samples_per_shard, image_column=image_column,
-                            key_column=key_column, label_column=label_column)
-    get_run_logger().info(f"{manifest.samples} samples in {len(manifest.shards)} shards -> {out}")
+               label_column: str | None, follow_external_links: bool = False) -> dict:
+    update = update_shards(src, out, samples_per_shard=samples_per_shard, image_column=image_column,
+                           key_column=key_column, label_column=label_column,
+                           follow_external_links=follow_external_links)
+    manifest = update.manifest
+    get_run_logger().info(f"{manifest.samples} samples in {len(manifest.shards)} shards -> {out}; this run: "
+                          f"{update.changes.text()}")
     return {"out": out, "samples": manifest.samples, "shards": [e.name for e in manifest.shards],
-            "not_sharded": len(manifest.skipped)}
+            "not_sharded": len(manifest.skipped), "changes": update.changes.summary()}
 
 
 @flow(name="dede-shard")
 def shard_flow(src: str, out: str, samples_per_shard: int = 10_000, image_column: str | None = None,
-               key_column: str | None = None, label_column: str | None = None) -> dict:
+               key_column: str | None = None, label_column: str | None = None,
+               follow_external_links: bool = False) -> dict:
     """Write SRC (image folder, WebDataset shards or a Parquet file of image bytes) as OUT/NNNNNN.tar +
-    OUT/manifest.json; a rerun of a finished run does nothing. Returns {out, samples, shards, not_sharded}."""
-    return shard_task(src, out, samples_per_shard, image_column, key_column, label_column)
+    OUT/manifest.json; a rerun brings OUT up to date with SRC (dede_core.shards.update_shards). Returns
+    {out, samples, shards, not_sharded, changes}."""
+    return shard_task(src, out, samples_per_shard, image_column, key_column, label_column, follow_external_links)

@@ -43,6 +43,10 @@ class Manifest:
     classes: list[str] | None = None  # label -> class name, when the source knows names
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) of source entries left out
     options: dict[str, Any] = field(default_factory=dict)  # how the source was read (e.g. Parquet columns)
+    # Samples still in a shard but no longer in the source: {key, shard, reason: source_removed|source_changed}.
+    retired: list[dict[str, str]] = field(default_factory=list)
+    source_index: dict[str, Any] | None = None  # {file, sha256, items, generation}: the per-sample fingerprints
+    changes: dict[str, Any] = field(default_factory=dict)  # what the last update found: added, changed, ...
     format: str = FORMAT
 
     def to_dict(self) -> dict[str, Any]:
@@ -65,7 +69,9 @@ def _parse(data: Any) -> Manifest:
     skipped = [(str(item["key"]), str(item["reason"])) for item in data.get("skipped", [])]
     manifest = Manifest(source=str(data["source"]), samples_per_shard=int(data["samples_per_shard"]),
                         created=str(data["created"]), shards=shards, samples=int(data["samples"]),
-                        classes=data.get("classes"), skipped=skipped, options=dict(data.get("options") or {}))
+                        classes=data.get("classes"), skipped=skipped, options=dict(data.get("options") or {}),
+                        retired=[{k: str(r[k]) for k in ("key", "shard", "reason")} for r in data.get("retired", [])],
+                        source_index=data.get("source_index"), changes=dict(data.get("changes") or {}))
     counted = sum(s.samples for s in shards)
     if counted != manifest.samples:
         raise ValueError(f"samples is {manifest.samples} but the shards list {counted}")
@@ -87,20 +93,19 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
                          f"delete the folder and shard again") from None
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """json to a temporary name in the same folder, fsync, rename: readers never see half a file. At a URL
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Bytes to a temporary name in the same folder, fsync, rename: readers never see half a file. At a URL
     (an object store, no rename) the object is written in one put, so it too appears whole."""
     path = os.fspath(path)
     if "://" in path:
         fs, inner = fsspec.core.url_to_fs(path)
-        fs.pipe_file(inner, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+        fs.pipe_file(inner, data)
         return
     folder, name = os.path.split(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder or ".")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; these records are shared with other readers
@@ -109,6 +114,11 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """json, written whole or not at all (write_bytes_atomic)."""
+    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def write_manifest(directory: str | os.PathLike, manifest: Manifest) -> None:

@@ -10,6 +10,7 @@ SCHEMA_VERSION = "1"
 STATUS_OK = "ok"  # decoded and scored
 STATUS_DECODE_ERROR = "decode_error"  # bytes present, not a usable image (error says why)
 STATUS_READ_ERROR = "read_error"  # the sample could not be read from its shard
+STATUS_SKIPPED = "skipped"  # a source entry `dede shard` left out (SCORES/skipped.parquet; shard is "")
 
 SCORES = pa.schema([
     pa.field("key", pa.string(), nullable=False),  # the WebDataset __key__, stable from ingest to clean
@@ -18,7 +19,7 @@ SCORES = pa.schema([
     pa.field("label", pa.int32()),  # class index from .cls, when present
     pa.field("width", pa.int32()),  # original image width, when decodable
     pa.field("height", pa.int32()),  # original image height, when decodable
-    pa.field("status", pa.string(), nullable=False),  # ok | decode_error | read_error
+    pa.field("status", pa.string(), nullable=False),  # ok | decode_error | read_error | skipped
     pa.field("error", pa.string()),  # the reason when status is not ok
     pa.field("score", pa.float64()),  # recon_error / 10th percentile of reference errors (null if not ok)
     pa.field("recon_error", pa.float64()),  # DeDe's error: mean over draws of the summed squared error

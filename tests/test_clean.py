@@ -115,7 +115,7 @@ def test_rerun_is_a_no_op_and_resumes_a_lost_shard(tmp_path):
     assert resumed.counts == again.counts
 
 
-def test_rerun_with_another_rule_or_scores_is_refused(tmp_path):
+def test_rerun_with_another_rule_is_refused_and_a_rescored_shard_is_cleaned_again(tmp_path):
     shards, scores, _ = corpus(tmp_path)
     out = tmp_path / "out"
     clean(shards, scores, out, Rule.threshold(T), progress=False)
@@ -124,8 +124,9 @@ def test_rerun_with_another_rule_or_scores_is_refused(tmp_path):
     with pytest.raises(ValueError, match="keep_unscored"):
         clean(shards, scores, out, Rule.threshold(T), keep_unscored=True, progress=False)
     write_scores(scores, [row("s0_0", "000000.tar", 0, 1.0)])  # rescored: another 000000.parquet
-    with pytest.raises(ValueError, match="scores"):
-        clean(shards, scores, out, Rule.threshold(T), progress=False)
+    again = clean(shards, scores, out, Rule.threshold(T), progress=False)
+    assert again.written == ["000000.tar"]  # its marker no longer matches its scores; 000001 is left alone
+    assert again.by_shard["000000.tar"].kept == 1
 
 
 def test_keep_unscored_keeps_undecodable_and_unscored_samples(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -156,3 +157,47 @@ def test_cli_sanitize_with_a_given_detector(scored, image_folder, encoder_spec, 
     # the same scores as the module's own scoring of the same shards with the same detector
     for name in ("000000.parquet", "000001.parquet", "000002.parquet"):
         assert pq.read_table(run / "scores" / name).equals(pq.read_table(f"{scored['scores']}/{name}"))
+
+
+def test_a_slow_temporary_prefect_server_gets_time_a_retry_and_a_message_naming_the_setting(monkeypatch, capsys):
+    from flows import cli as flows_cli
+
+    monkeypatch.delenv(flows_cli.STARTUP_SETTING, raising=False)
+    flows_cli.hold_on_busy_machine()
+    assert os.environ[flows_cli.STARTUP_SETTING] == str(flows_cli.STARTUP_DEFAULT_S)
+    monkeypatch.setenv(flows_cli.STARTUP_SETTING, "7")
+    flows_cli.hold_on_busy_machine()
+    assert os.environ[flows_cli.STARTUP_SETTING] == "7"  # the user's own setting wins
+
+    calls = []
+
+    def slow_then_up(x):
+        calls.append(x)
+        if len(calls) == 1:
+            raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server.")
+        return x
+
+    assert flows_cli.run_flow("score", slow_then_up, 3) == 3 and calls == [3, 3]
+    assert "trying once more" in capsys.readouterr().err
+
+    def never_up():
+        raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server.")
+
+    with pytest.raises(ValueError, match=f"{flows_cli.STARTUP_SETTING}.*dede sanitize"):
+        flows_cli.run_flow("sanitize", never_up)
+    with pytest.raises(RuntimeError, match="something else"):  # other errors are not retried
+        flows_cli.run_flow("sanitize", lambda: (_ for _ in ()).throw(RuntimeError("something else")))
+
+
+@pytest.mark.parametrize("argv", [["sanitize", "src", "--encoder", "e", "--out", "s3://bucket/run"],
+                                  ["sanitize", "src", "--encoder", "e", "--out", "s3:bucket"],
+                                  ["train", "src", "--encoder", "e", "--out", "gs://bucket/t"],
+                                  ["shard", "src", "--out", "s3:bucket/shards"]])
+def test_an_out_url_a_command_cannot_write_is_refused(argv, tmp_path, monkeypatch, capsys):
+    from flows.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "URL" in err and "--out" in err or "is a URL" in err, err
+    assert not list(tmp_path.iterdir())  # no local folder named s3: or gs:

@@ -386,9 +386,10 @@ def test_reruns_with_another_detector_encoder_setting_or_rule_never_mix(pipeline
          ["score.seed: 0 -> 1"]),
         (["score", str(other_shards), "--detector", str(pipeline["detector"]), "--out", str(scores), *score],
          ["shards: '6 shards"]),
-        (["clean", "--allow-weak-detector", shards, "--scores", str(tmp_path / "scores_b"), "--out", str(clean), "--quantile", "0.8",
-          "--no-report"], ["detector_hash", "scores"]),
-        (["clean", "--allow-weak-detector", shards, "--scores", str(scores), "--out", str(clean), "--quantile", "0.5", "--no-report"],
+        (["clean", "--allow-weak-detector", shards, "--scores", str(tmp_path / "scores_b"), "--out", str(clean),
+          "--quantile", "0.8", "--no-report"], ["detector_hash", "score_setup"]),
+        (["clean", "--allow-weak-detector", shards, "--scores", str(scores), "--out", str(clean), "--quantile", "0.5",
+          "--no-report"],
          ["rule.value: 0.8 -> 0.5"]),
     ]
     capsys.readouterr()

@@ -89,7 +89,7 @@ def test_run_manifest_and_artifact(sanitized):
     assert set(record["versions"]) == {"dede", "torch", "prefect", "duckdb", "pyarrow", "webdataset", "timm"}
     assert record["versions"]["prefect"].startswith("3.")
     assert record["detector"]["hash"] == load_checkpoint(run / "detector" / "detector.pt").content_hash
-    assert record["counts"]["scores"] == {"rows": 48, "ok": 48, "decode_error": 0, "read_error": 0}
+    assert record["counts"]["scores"] == {"rows": 48, "ok": 48, "decode_error": 0, "read_error": 0, "skipped": 0}
     assert record["counts"]["clean"]["kept"] + record["counts"]["clean"]["dropped"] == 48
     assert set(record["timings"]) == {"shard", "train", "score", "clean"}
     assert record["config"]["rule"] == WEAK_OK.to_dict() and record["config"]["epochs"] == 1
@@ -102,6 +102,35 @@ def test_second_run_does_no_work_and_changes_nothing(sanitized):
     run, first, second, before = sanitized
     assert tree(run) == before  # same bytes and mtimes: nothing was scored, cleaned or rewritten
     assert second["counts"] == first["counts"] and second["threshold"] == first["threshold"]
+
+
+def test_sanitize_rerun_over_a_grown_corpus_picks_up_the_new_images(image_folder, encoder_spec, tmp_path,
+                                                                    prefect_harness):
+    from prefect.artifacts import Artifact
+
+    corpus, run = tmp_path / "corpus", tmp_path / "run"
+    shutil.copytree(image_folder, corpus)
+    kwargs = dict(epochs=1, train_batch_size=16, detector_overrides=TINY, samples_per_shard=20,
+                  rule=Rule.fpr(0.2).to_dict(), **SCORE)
+    first = sanitize_flow(str(corpus), encoder_spec, str(run), **kwargs)
+    detector = tree(run / "detector")
+    shutil.copy(image_folder / "b" / "img_000.png", corpus / "a" / "new_0.png")  # two new images, one removed
+    shutil.copy(image_folder / "a" / "img_001.png", corpus / "a" / "new_1.png")
+    os.unlink(next((corpus / "b").glob("*.png")))
+    second = sanitize_flow(str(corpus), encoder_spec, str(run), **kwargs)
+    assert second["work"]["shard"] | {"new_shards": None} == {"added": 2, "changed": 0, "removed": 1,
+                                                              "unchanged": 47, "new_shards": None, "samples": 50,
+                                                              "shards": 4}
+    assert second["work"]["score"] == {"scored": 1, "already_done": 3}
+    assert tree(run / "detector") == detector  # the first run's detector scores the new images
+    assert second["threshold"] == first["threshold"]  # --fpr: from the calibration images, it does not move
+    assert second["counts"]["clean"]["total"] == 50 and second["counts"]["retired"] == 1
+    reasons = pq.read_table(run / "clean" / "rejected.parquet").column("reason").to_pylist()
+    assert reasons.count("source_removed") == 1
+    record = json.loads((run / "sanitize.json").read_text())
+    assert record["work"]["shard"]["added"] == 2 and "2 added" in Artifact.get(ARTIFACT_KEY).data
+    with pytest.raises(ValueError, match="epochs"):
+        sanitize_flow(str(corpus), encoder_spec, str(run), **(kwargs | {"epochs": 2}))
 
 
 def test_parallel_groups_equal_one_score_call(sanitized, tmp_path):

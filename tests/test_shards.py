@@ -70,7 +70,8 @@ def test_same_input_gives_identical_shards_and_a_lost_shard_is_rewritten(tmp_pat
     (tmp_path / "000007.tar").write_bytes(b"stale")  # left by an older, longer run
     (tmp_path / ".000002.tar.x1.tmp").write_bytes(b"crashed")
     assert write_shards(str(image_folder), str(tmp_path), samples_per_shard=20, progress=False).shards == again.shards
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["000000.tar", "000001.tar", "000002.tar", "manifest.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000000.tar", "000001.tar", "000002.tar", "manifest.json",
+                                                         "source-000001.parquet"]
 
 
 def test_parquet_source_hf_style(tmp_path):

@@ -153,3 +153,27 @@ def test_bad_paths(tmp_path):
     write(tmp_path / "fake.tar", b"not a tar at all" * 100)
     with pytest.raises(ValueError, match="not a readable"):
         open_source(str(tmp_path / "fake.tar"))
+
+
+def test_links_outside_the_root_and_image_named_folders_are_skipped_not_read(tmp_path):
+    from dede_core.sources import ImageFolderSource
+
+    outside = tmp_path / "private.png"
+    outside.write_bytes(b"\x89PNG\r\n\x1a\nprivate")
+    root = tmp_path / "corpus"
+    (root / "a" / "sub").mkdir(parents=True)
+    (root / "a" / "x.png").write_bytes(b"\x89PNG\r\n\x1a\nx")
+    (root / "a" / "inside.png").symlink_to(root / "a" / "x.png")  # inside the root: read
+    (root / "a" / "link.png").symlink_to(outside)
+    (root / "a" / "out_dir").symlink_to(tmp_path)
+    (root / "a" / "loop").symlink_to(root / "a")
+    (root / "a" / "broken.png").symlink_to(tmp_path / "missing.png")
+    (root / "a" / "dir.png").mkdir()
+    source = ImageFolderSource(str(root))
+    assert source.keys() == ["a/inside", "a/x"]
+    reasons = dict(source.skipped)
+    assert "outside the source root" in reasons["a/link"] and "--follow-external-links" in reasons["a/link"]
+    assert "outside the source root" in reasons["a/out_dir"] and "link loop" in reasons["a/loop"]
+    assert "broken link" in reasons["a/broken"] and "directory named like an image" in reasons["a/dir"]
+    trusted = ImageFolderSource(str(root), follow_external_links=True)
+    assert "a/link" in trusted.keys() and trusted[trusted.keys().index("a/link")].data.endswith(b"private")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 TINY = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
 PARAMS = {"epochs": 1, "train_batch_size": 16, "samples_per_shard": 20, "detector_overrides": TINY, "knn_k": 3,
-          "batch_size": 16, "workers": 0, "rule": {"kind": "quantile", "value": 0.9, "column": "score"}}
+          "batch_size": 16, "workers": 0, "rule": {"kind": "fpr", "value": 0.2, "column": "score"}}
 
 
 def free_port() -> int:
@@ -113,10 +115,25 @@ def prefect(env: dict, *args: str, timeout: float = 120) -> str:
     return done.stdout
 
 
+def grow(corpus: Path, n: int) -> list[str]:
+    """n new PNGs in the corpus' class folders; their keys."""
+    from PIL import Image
+
+    from conftest import smooth_images
+
+    keys = []
+    for i, image in enumerate(smooth_images(n, seed=99)):
+        key = f"{'ab'[i % 2]}/new_{i:03d}"
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(corpus / f"{key}.png")
+        keys.append(key)
+    return keys
+
+
 def test_scheduled_sanitize_deployment_runs_on_a_process_worker(server, image_folder, encoder_spec):
     api, env, started, tmp = server
-    run_dir = tmp / "run"
-    env = env | {"DEDE_HOME": str(REPO), "DEDE_CORPUS": str(image_folder), "DEDE_ENCODER": encoder_spec,
+    run_dir, corpus = tmp / "run", tmp / "corpus"
+    shutil.copytree(image_folder, corpus)  # grown below: the session's image folder stays as it is
+    env = env | {"DEDE_HOME": str(REPO), "DEDE_CORPUS": str(corpus), "DEDE_ENCODER": encoder_spec,
                  "DEDE_RUN": str(run_dir)}
     timings = {}
     t0 = time.monotonic()
@@ -138,7 +155,7 @@ def test_scheduled_sanitize_deployment_runs_on_a_process_worker(server, image_fo
 
     deployment = httpx.get(f"{api}/deployments/name/dede-sanitize/sanitize").json()
     assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
-    assert deployment["parameters"] == PARAMS | {"src": str(image_folder), "encoder": encoder_spec,
+    assert deployment["parameters"] == PARAMS | {"src": str(corpus), "encoder": encoder_spec,
                                                  "out": str(run_dir)}
     runs = httpx.post(f"{api}/flow_runs/filter", json={"deployments": {"id": {"any_": [deployment["id"]]}}}).json()
     manual = [r for r in runs if not r["auto_scheduled"]]
@@ -166,12 +183,39 @@ def test_scheduled_sanitize_deployment_runs_on_a_process_worker(server, image_fo
     cleaned = {s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in (run_dir / "clean").glob("*.tar")),
                                                     shardshuffle=False)}
     rejected = set(pq.read_table(run_dir / "clean" / "rejected.parquet").column("key").to_pylist())
-    assert len(rejected) == record["counts"]["clean"]["dropped"] == 5 and len(cleaned) == 43
+    dropped = record["counts"]["clean"]["dropped"]
+    assert len(rejected) == dropped and 0 < dropped < 48 and len(cleaned) == 48 - dropped
     assert not cleaned & rejected and (run_dir / "report.html").is_file()
+
+    # One run at a time (concurrency_limit 1, ENQUEUE): two runs asked for at once over a grown corpus; the
+    # second waits for the first, which picks up the new images; the second finds nothing new to do.
+    assert deployment["global_concurrency_limit"]["limit"] == 1, deployment
+    assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE", deployment
+    new_keys = grow(corpus, 12)
+    t0 = time.monotonic()
+    ids = [re.search(r"UUID: ([0-9a-f-]{36})", prefect(env, "deployment", "run", "dede-sanitize/sanitize")).group(1)
+           for _ in range(2)]
+    pair = [wait_final(api, run_id, timeout=400) for run_id in ids]
+    timings["two_runs_s"] = time.monotonic() - t0
+    assert [r["state_type"] for r in pair] == ["COMPLETED", "COMPLETED"], [r["state"] for r in pair]
+    first, second = sorted(pair, key=lambda r: r["start_time"])
+    assert second["start_time"] >= first["end_time"], (first, second)  # never both running
+    history = [s["name"] for r in pair for s in httpx.get(f"{api}/flow_run_states/",
+                                                          params={"flow_run_id": r["id"]}).json()]
+    assert "AwaitingConcurrencySlot" in history, history  # the server held the second run back
+    record = json.loads((run_dir / "sanitize.json").read_text())
+    assert record["counts"]["samples"] == 60 and record["counts"]["clean"]["total"] == 60
+    assert record["work"]["shard"]["added"] == 12 and record["work"]["score"]["scored"] >= 1
+    cleaned = {s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in (run_dir / "clean").glob("*.tar")),
+                                                    shardshuffle=False)}
+    rejected = set(pq.read_table(run_dir / "clean" / "rejected.parquet").column("key").to_pylist())
+    assert set(new_keys) <= cleaned | rejected and len(cleaned | rejected) == 60
     evidence = {"deployment": f"dede-sanitize/{deployment['name']}", "cron": deployment["schedules"][0]["schedule"],
                 "manual_run": {k: manual[0][k] for k in ("name", "state_type", "total_run_time")},
                 "cron_run": {k: cron_run[k] for k in ("name", "state_type", "auto_scheduled", "total_run_time")},
                 "scheduled_runs": len(scheduled), "next_scheduled": min(r["expected_start_time"] for r in scheduled),
+                "concurrent_pair": [{k: r[k] for k in ("name", "start_time", "end_time")} for r in (first, second)],
+                "pair_state_names": history,
                 "counts": record["counts"], "seconds": {k: round(v, 1) for k, v in timings.items()}}
     (Path(os.environ.get("DEDE_EVIDENCE_DIR", tmp)) / "prefect-server-evidence.json").write_text(
         json.dumps(evidence, indent=2))
