@@ -111,7 +111,7 @@ def test_sanitize_rerun_over_a_grown_corpus_picks_up_the_new_images(image_folder
     corpus, run = tmp_path / "corpus", tmp_path / "run"
     shutil.copytree(image_folder, corpus)
     kwargs = dict(epochs=1, train_batch_size=16, detector_overrides=TINY, samples_per_shard=20,
-                  rule=Rule.fpr(0.2).to_dict(), **SCORE)
+                  rule=dataclasses.replace(Rule.fpr(0.2), allow_weak_detector=True).to_dict(), **SCORE)
     first = sanitize_flow(str(corpus), encoder_spec, str(run), **kwargs)
     detector = tree(run / "detector")
     shutil.copy(image_folder / "b" / "img_000.png", corpus / "a" / "new_0.png")  # two new images, one removed
