@@ -130,7 +130,7 @@ def _rgb(images: Tensor) -> Tensor:
     return images.expand(-1, 3, -1, -1).contiguous() if images.shape[1] == 1 else images
 
 
-def _digest(*parts: Any) -> str:
+def config_digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -138,7 +138,7 @@ def _fit(cache: Path, name: str, images: Tensor, spec: str, config: DetectorConf
          log: Callable[[str], None]) -> Path:
     source = ArraySource(images, name)
     content = f"array:{name}:{hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]}"
-    out = cache / f"detector-{name}-{_digest(spec, config.to_dict(), dataclasses.asdict(train), content)}"
+    out = cache / f"detector-{name}-{config_digest(spec, config.to_dict(), dataclasses.asdict(train), content)}"
     return train_detector(source=source, data_id=content, encoder=load_encoder(spec), config=config,
                           train=train, out_dir=out, log=log)
 
@@ -149,7 +149,7 @@ def score_images(path: Path, images: Tensor, score: ScoreConfig = ScoreConfig(),
     fed its own view as the score stage feeds it, and the same of the checkpoint's held-out calibration images
     (keys prefixed calib_). Kept in `cache/scores` when a cache is given."""
     if cache is not None:
-        key = _digest(hashlib.sha256(path.read_bytes()).hexdigest(),
+        key = config_digest(hashlib.sha256(path.read_bytes()).hexdigest(),
                       hashlib.sha256(images.numpy().tobytes()).hexdigest(), dataclasses.asdict(score), knn_k)
         stored = cache / "scores" / f"{key}.npz"
         if stored.is_file():
@@ -315,7 +315,33 @@ def result_path(cache: Path, bench: BenchConfig, attack: str) -> Path:
     """Where one attack's finished result is kept: named by the attack's and the bench's settings."""
     settings = dataclasses.asdict(bench)
     settings.pop("attacks")
-    return cache / "results" / f"{attack}-{_digest(settings, dataclasses.asdict(ATTACKS[attack]))}.json"
+    return cache / "results" / f"{attack}-{config_digest(settings, dataclasses.asdict(ATTACKS[attack]))}.json"
+
+
+def cached_result(stored: Path, compute: Callable[[], dict[str, Any]], log: Callable[[str], None]
+                  ) -> dict[str, Any]:
+    """A finished result read from `stored`, or computed (its wall time added) and written there atomically."""
+    if stored.is_file():
+        log(f"reusing {stored}")
+        return json.loads(stored.read_text())
+    t0 = time.perf_counter()
+    result = compute()
+    result["wall_s"] = time.perf_counter() - t0
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    partial = stored.with_suffix(".partial")
+    partial.write_text(json.dumps(result))
+    partial.replace(stored)
+    return result
+
+
+def plot_curves(result: dict[str, Any], path: Path, title: str) -> None:
+    """The ROC plot of a result's `curves` ({label: (negatives, positives)}), which it then drops."""
+    if result.get("curves"):
+        curves = {}
+        for label, (neg, pos) in result.pop("curves").items():
+            fpr, tpr = metrics.roc_curve(neg, pos)
+            curves[label] = (fpr, tpr, metrics.auroc(neg, pos))
+        metrics.plot_roc(curves, path, title=title)
 
 
 def run_bench(bench: BenchConfig, cache_dir: str | Path, out_dir: str | Path, *, name: str = "detection",
@@ -333,24 +359,8 @@ def run_bench(bench: BenchConfig, cache_dir: str | Path, out_dir: str | Path, *,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "date": time.strftime("%Y-%m-%d")}
     for attack in bench.attacks:
-        stored = result_path(cache, bench, attack)
-        if stored.is_file():
-            result = json.loads(stored.read_text())
-            log(f"{attack}: reusing {stored}")
-        else:
-            t0 = time.perf_counter()
-            result = run_attack(attack, bench, cache, log)
-            result["wall_s"] = time.perf_counter() - t0
-            stored.parent.mkdir(parents=True, exist_ok=True)
-            partial = stored.with_suffix(".partial")
-            partial.write_text(json.dumps(result))
-            partial.replace(stored)
-        if result.get("curves"):
-            curves = {}
-            for label, (neg, pos) in result.pop("curves").items():
-                fpr, tpr = metrics.roc_curve(neg, pos)
-                curves[label] = (fpr, tpr, metrics.auroc(neg, pos))
-            metrics.plot_roc(curves, out / f"{name}-roc-{attack}.png", title=f"{attack} ({result['trigger']})")
+        result = cached_result(result_path(cache, bench, attack), lambda: run_attack(attack, bench, cache, log), log)
+        plot_curves(result, out / f"{name}-roc-{attack}.png", f"{attack} ({result['trigger']})")
         report["results"].append(result)
         report["wall_s"] = time.perf_counter() - started
         report["finished"] = len(report["results"]) == len(bench.attacks)
@@ -383,19 +393,22 @@ def render_markdown(report: dict[str, Any], name: str) -> str:
     for r in report["results"]:
         if not r.get("rows"):
             continue
-        lines += [f"### {r['attack']} ({r['eval_negatives']} clean + {r['eval_positives']} triggered)", "",
-                  "| detector | AUROC | TPR@1% | TPR@5% | label-free FPR | label-free TPR |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        best = max(row["auroc"] for row in r["rows"].values())
-        for label, row in r["rows"].items():
-            mark = " **(best)**" if row["auroc"] == best else ""
-            lf = (f"{row['label_free_fpr']:.3f} | {row['label_free_tpr']:.3f}" if "label_free_fpr" in row
-                  else "— | —")
-            lines.append(f"| {label}{mark} | {row['auroc']:.3f} | {row['tpr_at_1']:.3f} | {row['tpr_at_5']:.3f} "
-                         f"| {lf} |")
-        lines.append("")
+        lines += [f"### {r['attack']} ({r['eval_negatives']} clean + {r['eval_positives']} triggered)", ""]
+        lines += rows_markdown(r["rows"], "detector", mark_best=True)
     lines += _downstream_markdown(report)
     return "\n".join(lines) + "\n"
+
+
+def rows_markdown(rows: dict[str, dict[str, Any]], what: str, *, mark_best: bool = False) -> list[str]:
+    """A table of table_row results: AUROC, TPR at 1% and 5% FPR, the label-free threshold's FPR and TPR."""
+    lines = [f"| {what} | AUROC | TPR@1% | TPR@5% | label-free FPR | label-free TPR |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    best = max(row["auroc"] for row in rows.values())
+    for label, row in rows.items():
+        mark = " **(best)**" if mark_best and row["auroc"] == best else ""
+        lf = f"{row['label_free_fpr']:.3f} | {row['label_free_tpr']:.3f}" if "label_free_fpr" in row else "— | —"
+        lines.append(f"| {label}{mark} | {row['auroc']:.3f} | {row['tpr_at_1']:.3f} | {row['tpr_at_5']:.3f} | {lf} |")
+    return lines + [""]
 
 
 def _downstream_markdown(report: dict[str, Any]) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import itertools
 import json
 import platform
@@ -29,12 +30,13 @@ from torch import Tensor
 from dede_core import metrics
 from dede_core.attacks import apply_trigger
 from dede_core.attacks.badencoder import BackdoorConfig, backdoor_encoder, cached_backdoor
-from dede_core.bench_detection import ArraySource, score_images, table_row
+from dede_core.bench_detection import (ArraySource, cached_result, config_digest, plot_curves, rows_markdown,
+                                       score_images, table_row)
+from dede_core.checkpoint import load_checkpoint
 from dede_core.config import DetectorConfig
 from dede_core.datasets import load_fashion_mnist
 from dede_core.encoders import load_encoder
 from dede_core.health import RELIANCE_FLOOR
-from dede_core.checkpoint import load_checkpoint
 from dede_core.score_stage import density_score
 from dede_core.scoring import ScoreConfig
 from dede_core.ssl import knn_accuracy, linear_probe
@@ -232,7 +234,7 @@ def _detector(cache: Path, name: str, aux: Tensor, spec: str, suite: SuiteConfig
     config, note = detector_config("cpu", {"use_global": False} if ablation else {}, source)
     train = TrainConfig(**suite.train)
     content = f"array:{name}:{_sha(aux)}"
-    out = cache / f"detector-{name}-{_digest(spec, config.to_dict(), dataclasses.asdict(train), content)}"
+    out = cache / f"detector-{name}-{config_digest(spec, config.to_dict(), dataclasses.asdict(train), content)}"
     log(f"{name}: {note}")
     path = train_detector(source=source, data_id=content, encoder=load_encoder(spec), config=config, train=train,
                           out_dir=out, log=log)
@@ -245,15 +247,7 @@ def _robust_z(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
 
 def _sha(images: Tensor) -> str:
-    import hashlib
-
     return hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
-
-
-def _digest(*parts: Any) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _detector_rows(path: Path, eval_images: Tensor, n_neg: int, label: str, cache: Path
@@ -327,22 +321,8 @@ def run_suite(suite: SuiteConfig, cache_dir: str | Path, out_dir: str | Path, *,
                                          f"{torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d")}
     for case in suite.cases:
         stored = cache / "results" / f"gen-{case}-{_result_id(suite, case)}.json"
-        if stored.is_file():
-            result = json.loads(stored.read_text())
-            log(f"{case}: reusing {stored}")
-        else:
-            t0 = time.perf_counter()
-            result = run_case(case, suite, cache, log)
-            result["wall_s"] = time.perf_counter() - t0
-            stored.parent.mkdir(parents=True, exist_ok=True)
-            stored.with_suffix(".partial").write_text(json.dumps(result))
-            stored.with_suffix(".partial").replace(stored)
-        if result.get("curves"):
-            curves = {}
-            for label, (neg, pos) in result.pop("curves").items():
-                fpr, tpr = metrics.roc_curve(neg, pos)
-                curves[label] = (fpr, tpr, metrics.auroc(neg, pos))
-            metrics.plot_roc(curves, out / f"{name}-roc-{case}.png", title=case)
+        result = cached_result(stored, lambda: run_case(case, suite, cache, log), log)
+        plot_curves(result, out / f"{name}-roc-{case}.png", case)
         report["results"].append(result)
         report["wall_s"] = time.perf_counter() - started
         report["finished"] = len(report["results"]) == len(suite.cases)
@@ -354,7 +334,7 @@ def run_suite(suite: SuiteConfig, cache_dir: str | Path, out_dir: str | Path, *,
 def _result_id(suite: SuiteConfig, case: str) -> str:
     """Names a case's finished result: the suite, the case, its victim and dede's defaults (train and score)."""
     victim = VICTIMS[CASES[case].victim]
-    return _digest(RESULT_VERSION, dataclasses.asdict(suite), dataclasses.asdict(CASES[case]),
+    return config_digest(RESULT_VERSION, dataclasses.asdict(suite), dataclasses.asdict(CASES[case]),
                    dataclasses.asdict(victim), dataclasses.asdict(TrainConfig()), dataclasses.asdict(ScoreConfig()))
 
 
@@ -396,11 +376,5 @@ def render_markdown(report: dict[str, Any], name: str) -> str:
             lines += [f"No-embedding ablation health: embedding reliance "
                       f"{r['ablation_health']['embedding_reliance']:.3f} (passed: {r['ablation_health']['passed']}).",
                       ""]
-        lines += ["| score | AUROC | TPR@1% | TPR@5% | label-free FPR | label-free TPR |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        for label, row in r["rows"].items():
-            lf = (f"{row['label_free_fpr']:.3f} | {row['label_free_tpr']:.3f}" if "label_free_fpr" in row
-                  else "— | —")
-            lines.append(f"| {label} | {row['auroc']:.3f} | {row['tpr_at_1']:.3f} | {row['tpr_at_5']:.3f} | {lf} |")
-        lines.append("")
+        lines += rows_markdown(r["rows"], "score")
     return "\n".join(lines) + "\n"

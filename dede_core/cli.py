@@ -341,6 +341,15 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+def _subset(text: str, known: Sequence[str], what: str) -> tuple[str, ...]:
+    """'a,b' -> ('a', 'b'), each checked against `known`."""
+    names = tuple(text.split(","))
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {unknown}; choose from {sorted(known)}")
+    return names
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from dede_core import bench_detection
 
@@ -351,20 +360,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         suite = gen.tiny_suite() if args.tiny else gen.SuiteConfig()
         if args.cases:
-            unknown = sorted(set(args.cases.split(",")) - set(gen.CASES))
-            if unknown:
-                raise ValueError(f"unknown case(s) {unknown}; choose from {sorted(gen.CASES)}")
-            suite = dataclasses.replace(suite, cases=tuple(args.cases.split(",")))
+            suite = dataclasses.replace(suite, cases=_subset(args.cases, gen.CASES, "case"))
         name = "generalization-tiny" if args.tiny else "generalization"
         report = gen.run_suite(suite, args.cache, args.out, name=name)
         print(f"wrote {args.out}/{name}.md, {name}.json and ROC plots ({report['wall_s'] / 60:.1f} min)")
         return 0
     bench = bench_detection.tiny() if args.tiny else bench_detection.full()
     if args.attacks:
-        unknown = sorted(set(args.attacks.split(",")) - set(bench_detection.ATTACKS))
-        if unknown:
-            raise ValueError(f"unknown attack(s) {unknown}; choose from {sorted(bench_detection.ATTACKS)}")
-        bench = dataclasses.replace(bench, attacks=tuple(args.attacks.split(",")))
+        bench = dataclasses.replace(bench, attacks=_subset(args.attacks, bench_detection.ATTACKS, "attack"))
     name = "detection-tiny" if args.tiny else "detection"
     report = bench_detection.run_bench(bench, args.cache, args.out, name=name)
     print(f"wrote {args.out}/{name}.md, {name}.json and ROC plots ({report['wall_s'] / 60:.1f} min)")
