@@ -94,8 +94,10 @@ def test_run_manifest_and_artifact(sanitized):
     assert set(record["timings"]) == {"shard", "train", "score", "clean"}
     assert record["config"]["rule"] == WEAK_OK.to_dict() and record["config"]["epochs"] == 1
     assert record["selection"]["threshold"] == result["threshold"]
+    health = record["detector"]["health"]  # the 1-epoch test detector fails it: said in the record and artifact
+    assert health["passed"] is False and health["embedding_reliance"] < health["floor"]
     artifact = Artifact.get(ARTIFACT_KEY)
-    assert artifact is not None and "| 48 | 3 | 48 |" in artifact.data
+    assert artifact is not None and "| 48 | 3 | 48 |" in artifact.data and "CANNOT FIND BACKDOORS" in artifact.data
 
 
 def test_second_run_does_no_work_and_changes_nothing(sanitized):

@@ -52,6 +52,7 @@ def test_report_is_self_contained_with_threshold_and_escaped_keys(tmp_path):
     assert len(checker.images) == 1 + 4  # the histogram and four thumbnails, all inline
     assert "<script>" not in text and "x&lt;script&gt;alert(1)&lt;/script&gt;&amp;y" in text
     assert "bad &lt;bytes&gt;" in text  # the reason table shows the decode error, escaped
+    assert "detector health: not measured" in text  # a hand-made scores folder has no run.json
     flagged = text.split("<h2>Most flagged</h2>")[1].split("<h2>")[0]
     assert "x&lt;script" in flagged and "k6" in flagged  # the two highest scores (800, 700) are above 640
     below = text.split("<h2>Just below the threshold</h2>")[1].split("<h2>")[0]
