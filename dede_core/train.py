@@ -297,9 +297,9 @@ def train_detector(*, source: Source, data_id: str, encoder: FrozenEncoder, conf
 
     data_id names the training data (e.g. its path and sample count); a rerun into the same folder resumes
     when the data, encoder and settings match and refuses, naming the differences, when they do not.
-    After every epoch the held-out auxiliary images are reconstructed at the scoring visibility; with
-    `train.epochs` None that error decides when to stop. The finished checkpoint carries a label-free health
-    check of the detector (dede_core.health).
+    After every epoch the held-out auxiliary images give the reconstruction error at the scoring visibility and
+    the embedding reliance (dede_core.health); with `train.epochs` None the reliance decides when to stop and the
+    best epoch's weights are kept. The finished checkpoint carries the detector's health check.
     """
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
     out_dir, device = Path(out_dir), torch.device(device)
