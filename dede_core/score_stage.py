@@ -411,7 +411,8 @@ def score_shards(shards_dir: str, *, detector: str, out_dir: str, score: ScoreCo
     for sub in (DONE_DIR, FAILED_DIR):
         storage.makedirs(storage.join(out_dir, sub))
     _claim_run(out_dir, config, manifest.shards)
-    log(describe_health(ckpt.meta.get("health")))
+    if not shards:  # a whole-folder call, or a flow's first task: once per run, not once per shard group
+        log(describe_health(ckpt.meta.get("health")))
     run = _Run(out_dir, scorer, ckpt, config)
     if not storage.isfile(storage.join(out_dir, CALIBRATION_NAME)):
         run.write_calibration(batch_size)
