@@ -99,8 +99,9 @@ def _tune(trigger: str, **changes: Any) -> BackdoorConfig:
 VICTIMS = {
     "effnet64-sticker-photos": Victim("efficientnet-lite0?size=64", "photos", "sticker", {"fraction": 0.2},
                                       _tune("sticker")),
-    "effnet64-sticker-fashion": Victim("efficientnet-lite0?size=64", "fashion", "sticker", {"fraction": 0.2},
-                                       _tune("sticker")),
+    # At 28 px a 0.2 sticker (6 px) planted in 5 epochs on 1,000 images reached ASR 0.47: larger and longer.
+    "effnet64-sticker-fashion": Victim("efficientnet-lite0?size=64", "fashion", "sticker", {"fraction": 0.25},
+                                       _tune("sticker", shadow_images=2000, epochs=8)),
     "effnet96-blend-photos": Victim("efficientnet-lite0?size=96", "photos", "blend", {"alpha": 0.2},
                                     _tune("blend", shadow_images=800, epochs=4)),
 }
@@ -334,7 +335,8 @@ def run_suite(suite: SuiteConfig, cache_dir: str | Path, out_dir: str | Path, *,
 def _result_id(suite: SuiteConfig, case: str) -> str:
     """Names a case's finished result: the suite, the case, its victim and dede's defaults (train and score)."""
     victim = VICTIMS[CASES[case].victim]
-    return config_digest(RESULT_VERSION, dataclasses.asdict(suite), dataclasses.asdict(CASES[case]),
+    settings = {k: v for k, v in dataclasses.asdict(suite).items() if k != "cases"}  # not which others run
+    return config_digest(RESULT_VERSION, settings, dataclasses.asdict(CASES[case]),
                    dataclasses.asdict(victim), dataclasses.asdict(TrainConfig()), dataclasses.asdict(ScoreConfig()))
 
 
