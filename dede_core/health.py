@@ -18,9 +18,9 @@ from dede_core.masking import mask_noise
 from dede_core.model import DeDe
 
 # Below this embedding-reliance ratio a detector is reported as unable to find backdoors, and clean refuses it
-# unless told otherwise. The no-embedding ablation sits at 1.00 by construction; detectors that failed on held-out
-# attacks measured 1.13 and every detector of docs/results/detection*.md measured well above this
-# (the tables carry each value).
+# unless told otherwise. The no-embedding ablation sits at 1.00 by construction; a detector that failed on a held-out
+# attack measured 1.13 (issue #11), and the detectors of docs/results/generalization.md and the demo's measured
+# 2.87-5.84 (the tables carry each value).
 RELIANCE_FLOOR = 1.3
 CHUNK = 64  # rows per forward pass
 
@@ -74,7 +74,8 @@ def health_check(model: DeDe, calibration: dict[str, Any], device: torch.device)
         model.train(was_training)
     reliance = float(other.mean() / own.mean().clamp_min(1e-12))
     return {"embedding_reliance": round(reliance, 4), "own_better": round(float((own < other).double().mean()), 4),
-            "floor": RELIANCE_FLOOR, "passed": reliance >= RELIANCE_FLOOR, "images": len(images)}
+            "floor": RELIANCE_FLOOR, "passed": reliance >= RELIANCE_FLOOR, "images": len(images),
+            "own_error": float(own.mean())}
 
 
 def health_passed(health: dict[str, Any] | None) -> bool | None:

@@ -347,8 +347,12 @@ def train_detector(*, source: Source, data_id: str, encoder: FrozenEncoder, conf
         histories["loss_history"].append(_train_epoch(
             model, optimizer, aux, order, generator, train, device,
             lambda count, loss: progress.update(count, f"epoch {epoch + 1} loss {loss:.4f}")))
-        histories["held_out_history"].append(held_out_error(model, calibration, device))
-        histories["reliance_history"].append(health_check(model, calibration, device)["embedding_reliance"] or 0.0)
+        health = health_check(model, calibration, device)
+        # At 0 visible patches the check's own-embedding pass is the held-out error at the scoring visibility.
+        held_out = (health.get("own_error") if config.score_visible == 0 and health["embedding_reliance"] is not None
+                    else held_out_error(model, calibration, device))
+        histories["held_out_history"].append(held_out)
+        histories["reliance_history"].append(health["embedding_reliance"] or 0.0)
         epoch += 1
         reason = stop_reason(histories["reliance_history"], epoch, train, steps_per_epoch)
         best_at = best_epoch(histories["reliance_history"], train)
