@@ -124,7 +124,7 @@ def add_rule_options(p: argparse.ArgumentParser) -> None:
 
 def rule_from_args(args: argparse.Namespace):
     """The one Rule the add_rule_options flags describe (Rule.fpr(0.05) when none is given)."""
-    from dede_core.select import Rule
+    from dede_core.stages.select import Rule
 
     column = args.column or "score"
     if args.where is not None:
@@ -142,7 +142,7 @@ def rule_from_args(args: argparse.Namespace):
 
 def cmd_data(args: argparse.Namespace) -> int:
     check_local_out(args.out, "data")
-    from dede_core import datasets
+    from bench import datasets
 
     if args.dataset == "fashion-mnist":
         images, labels = datasets.load_fashion_mnist(args.split)
@@ -162,9 +162,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_local_out(args.out, "train")
     import torch
 
-    from dede_core.encoders import load_encoder
-    from dede_core.sources import open_source
-    from dede_core.train import TrainConfig, data_id, detector_config, train_detector
+    from dede_core.detector.encoders import load_encoder
+    from dede_core.io.sources import open_source
+    from dede_core.detector.train import TrainConfig, data_id, detector_config, train_detector
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     train = TrainConfig(epochs=args.epochs, max_epochs=args.max_epochs, patience=args.patience,
@@ -192,7 +192,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
-    from dede_core.shards import update_shards
+    from dede_core.stages.shard import update_shards
 
     check_local_out(args.out, "shard", allow_url=True)
     update = update_shards(args.src, args.out, samples_per_shard=args.samples_per_shard,
@@ -230,7 +230,7 @@ def add_follow_links_option(p: argparse.ArgumentParser) -> None:
 
 
 def score_config(args: argparse.Namespace):
-    from dede_core.scoring import ScoreConfig
+    from dede_core.detector.scorer import ScoreConfig
 
     return ScoreConfig(seed=args.seed, draws=args.draws, visible=args.visible, chunk=args.chunk,
                        cpu_bf16=getattr(args, "bf16", False))
@@ -238,7 +238,7 @@ def score_config(args: argparse.Namespace):
 
 def cmd_score(args: argparse.Namespace) -> int:
     check_local_out(args.out, "score", allow_url=True)
-    from dede_core.score_stage import score_shards
+    from dede_core.stages.score import score_shards
 
     result = score_shards(args.shards, detector=args.detector, out_dir=args.out, score=score_config(args),
                           knn_k=args.knn_k, with_embedding=args.with_embedding, batch_size=args.batch_size,
@@ -266,9 +266,9 @@ def add_score_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_clean(args: argparse.Namespace) -> int:
     check_local_out(args.out, "clean", allow_url=True)
-    from dede_core.clean import clean
-    from dede_core.health import describe_health
-    from dede_core.report import write_report
+    from dede_core.stages.clean import clean
+    from dede_core.detector.health import describe_health
+    from dede_core.stages.report import write_report
 
     rule = rule_from_args(args)
     result = clean(args.shards, args.scores, args.out, rule, keep_unscored=args.keep_unscored)
@@ -300,10 +300,10 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from dede_core.checkpoint import load_checkpoint
+    from dede_core.detector.checkpoint import load_checkpoint
 
-    from dede_core.encoders import parse_spec
-    from dede_core.health import describe_health
+    from dede_core.detector.encoders import parse_spec
+    from dede_core.detector.health import describe_health
 
     ckpt = load_checkpoint(args.checkpoint)
     meta = {k: v for k, v in ckpt.meta.items() if k != "identity"}
@@ -323,7 +323,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_bench_throughput(args: argparse.Namespace) -> int:
     import tempfile
 
-    from dede_core import bench_throughput as bt
+    from bench import throughput as bt
 
     bench = bt.ThroughputConfig(preset=args.preset, image_size=args.image_size,
                                 patch_size=args.patch_size or (4 if args.image_size <= 64 else 16),
@@ -351,12 +351,12 @@ def _subset(text: str, known: Sequence[str], what: str) -> tuple[str, ...]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from dede_core import bench_detection
+    from bench import detection as bench_detection
 
     if args.which == "throughput":
         return cmd_bench_throughput(args)
     if args.suite == "generalization":
-        from dede_core import bench_generalization as gen
+        from bench import generalization as gen
 
         suite = gen.tiny_suite() if args.tiny else gen.SuiteConfig()
         if args.cases:

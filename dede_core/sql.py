@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from dede_core import storage
+from dede_core.io import storage
 from schemas import sql as views
 
 CALIBRATION_NAME = "calibration.parquet"

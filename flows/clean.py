@@ -1,6 +1,6 @@
-"""Flow: write the cleaned corpus, then its HTML report (dede_core.report).
+"""Flow: write the cleaned corpus, then its HTML report (dede_core.stages.report).
 
-With the local runner one task cleans every shard in order (dede_core.clean.clean). With a Dask runner
+With the local runner one task cleans every shard in order (dede_core.stages.clean.clean). With a Dask runner
 (flows/runners.py) the same steps run shard by shard on the workers: plan (select, claim OUT), the sample keys
 of every shard (for the duplicate-key check across shards), one task per pending shard, then the final files.
 Both write the same bytes.
@@ -13,11 +13,11 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from dede_core import storage
-from dede_core.clean import (CleanPlan, CleanResult, ShardJob, clean, clean_shard, earlier_keys, finish_clean,
+from dede_core.io import storage
+from dede_core.stages.clean import (CleanPlan, CleanResult, ShardJob, clean, clean_shard, earlier_keys, finish_clean,
                              plan_clean, sample_keys, start_clean)
-from dede_core.report import write_report
-from dede_core.select import DEFAULT_RULE, Rule, select
+from dede_core.stages.report import write_report
+from dede_core.stages.select import DEFAULT_RULE, Rule, select
 from flows import retry_transient
 from flows.runners import LOCAL, ShardRunner, parse_runner, worker_identity
 from schemas.manifest import read_manifest

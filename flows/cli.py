@@ -123,7 +123,7 @@ def cmd_sanitize(args: argparse.Namespace) -> int:
     except ShardsFailed as exc:
         print(f"dede sanitize: {exc}", file=sys.stderr)
         return 1
-    from dede_core.run_manifest import work_text
+    from dede_core.stages.record import work_text
 
     print(f"this run: {work_text(result['work'])}")
     clean = result["counts"]["clean"]
@@ -200,7 +200,7 @@ def add_demo(sub) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from flows.demo import run_demo
+    from bench.demo import run_demo
 
     run_flow("demo", run_demo, args.out, args.cache, corpus_size=args.corpus_size, poison_rate=args.poison_rate,
              epochs=args.epochs, max_epochs=args.max_epochs, workers=args.workers)

@@ -8,7 +8,7 @@
                      a Prefect server they can reach and, for GPU work, `--resources GPU=1` each
 
 Tasks that use a GPU are annotated to need GPU=1, so Dask never runs two of them on one GPU at once, whatever
-a worker's thread count. Each worker process loads the detector once (dede_core.detector_cache).
+a worker's thread count. Each worker process loads the detector once (dede_core.detector.cache).
 """
 
 from __future__ import annotations

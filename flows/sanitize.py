@@ -4,7 +4,7 @@
 
 The detector is trained on AUX when given, else on the corpus shards themselves; a given --detector skips
 training. Every stage resumes or skips from its own markers, so rerunning the same sanitize into the same RUN
-does no new work and leaves the outputs as they are (RUN/sanitize.json included: see dede_core.run_manifest).
+does no new work and leaves the outputs as they are (RUN/sanitize.json included: see dede_core.stages.record).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
-from dede_core import run_manifest
-from dede_core.select import DEFAULT_RULE, Rule
+from dede_core.stages import record as run_manifest
+from dede_core.stages.select import DEFAULT_RULE, Rule
 from flows.clean import clean_flow
 from flows.score import score_flow
 from flows.shard import shard_flow

@@ -1,4 +1,4 @@
-"""Flow: score a shards folder, one task per group of shards (each task: dede_core.score_stage.score_shards).
+"""Flow: score a shards folder, one task per group of shards (each task: dede_core.stages.score.score_shards).
 
 The first task scores no shard (`shards=[]`): it pins the settings in OUT/run.json and writes
 OUT/calibration.parquet, so the group tasks that follow, in parallel threads or on Dask workers
@@ -13,9 +13,9 @@ import dataclasses
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from dede_core.score_stage import score_shards
-from dede_core.scoring import ScoreConfig
-from dede_core.shards import list_shards
+from dede_core.stages.score import score_shards
+from dede_core.detector.scorer import ScoreConfig
+from dede_core.stages.shard import list_shards
 from flows import retry_transient
 from flows.runners import LOCAL, ShardRunner, parse_runner, worker_identity
 

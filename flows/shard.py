@@ -1,11 +1,11 @@
-"""Flow: pack a corpus into WebDataset shards plus a manifest (one task: dede_core.shards.write_shards)."""
+"""Flow: pack a corpus into WebDataset shards plus a manifest (one task: dede_core.stages.shard.write_shards)."""
 
 from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from dede_core.shards import update_shards
+from dede_core.stages.shard import update_shards
 from flows import retry_transient
 
 
@@ -28,6 +28,6 @@ def shard_flow(src: str, out: str, samples_per_shard: int = 10_000, image_column
                key_column: str | None = None, label_column: str | None = None,
                follow_external_links: bool = False) -> dict:
     """Write SRC (image folder, WebDataset shards or a Parquet file of image bytes) as OUT/NNNNNN.tar +
-    OUT/manifest.json; a rerun brings OUT up to date with SRC (dede_core.shards.update_shards). Returns
+    OUT/manifest.json; a rerun brings OUT up to date with SRC (dede_core.stages.shard.update_shards). Returns
     {out, samples, shards, not_sharded, changes}."""
     return shard_task(src, out, samples_per_shard, image_column, key_column, label_column, follow_external_links)

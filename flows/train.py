@@ -1,4 +1,4 @@
-"""Flow: fit a DeDe detector for a victim encoder on auxiliary images (one task: dede_core.train)."""
+"""Flow: fit a DeDe detector for a victim encoder on auxiliary images (one task: dede_core.detector.train)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from dede_core.encoders import load_encoder
-from dede_core.sources import open_source
-from dede_core.train import TrainConfig, data_id, detector_config, train_detector
+from dede_core.detector.encoders import load_encoder
+from dede_core.io.sources import open_source
+from dede_core.detector.train import TrainConfig, data_id, detector_config, train_detector
 
 
 @task(name="train-detector", cache_policy=NONE)

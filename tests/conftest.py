@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def encoder_weights(tmp_path_factory) -> Path:
     """A width-8 CIFAR ResNet-18 with fixed random weights, saved as a state_dict."""
-    from dede_core.encoders import cifar_resnet18
+    from dede_core.detector.encoders import cifar_resnet18
 
     torch.manual_seed(1234)
     model = cifar_resnet18(width=8)
@@ -43,7 +43,7 @@ def encoder_spec(encoder_weights) -> str:
 
 @pytest.fixture(scope="session")
 def encoder(encoder_spec):
-    from dede_core.encoders import load_encoder
+    from dede_core.detector.encoders import load_encoder
 
     return load_encoder(encoder_spec)
 
@@ -88,9 +88,9 @@ def prefect_harness():
 @pytest.fixture(scope="session")
 def tiny_detector(tmp_path_factory, image_folder, encoder) -> str:
     """A one-epoch detector with a 1-block ViT, trained on image_folder (for stage and scale-out tests)."""
-    from dede_core.config import cpu
-    from dede_core.sources import open_source
-    from dede_core.train import TrainConfig, train_detector
+    from dede_core.detector.config import cpu
+    from dede_core.io.sources import open_source
+    from dede_core.detector.train import TrainConfig, train_detector
 
     tiny = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
     path = train_detector(source=open_source(str(image_folder)), data_id="tiny", encoder=encoder,

@@ -1,0 +1,439 @@
+"""`dede bench throughput`: the score stage against the forward-pass limit and a naive loop, and clean against a copy.
+
+One run on one device measures, on real Fashion-MNIST images written as PNG shards:
+  limit      encoder + detector forward on pre-decoded uint8 tensors in memory (Scorer.score), images/s
+  end-to-end score_shards: tar shards in, Parquet out, in a fresh process (peak RSS measured there), images/s
+  naive      a loop built like the reference implementation's evaluation: map-style Dataset decoding PNG files
+             with PIL, default DataLoader (no workers), fp32, one mask draw from global numpy state, one
+             encoder + decoder forward per batch, scores kept in memory (nothing written), images/s
+  clean      dede_core.stages.clean.clean on the scored shards against shutil.copyfile of the same tars, MB/s
+The detector has random weights and its k-NN bank random embeddings: speed does not depend on their values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from dede_core.detector.checkpoint import load_detector, save_checkpoint
+from dede_core.detector.config import preset
+from bench.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist, write_image_folder
+from dede_core.detector.encoders import cifar_resnet18, load_encoder, parse_spec
+from dede_core.io.loader import make_loader
+from dede_core.detector.model import DeDe
+from dede_core.detector.scorer import ScoreConfig, Scorer
+from dede_core.stages.select import Rule
+from dede_core.stages.shard import write_shards
+from dede_core.io.sources import TarShardSource
+
+# Issue #7's targets, as fractions.
+TARGETS = {"cpu_end_to_end_vs_limit": 0.85, "gpu_end_to_end_vs_limit": 0.70, "gpu_end_to_end_vs_naive": 3.0,
+           "clean_vs_copy": 0.50}
+
+
+@dataclass(frozen=True)
+class ThroughputConfig:
+    """One benchmark setting; saved in the JSON next to its numbers."""
+
+    preset: str = "cpu"  # detector preset (config.PRESETS), random weights
+    image_size: int = 32  # side of the corpus PNGs and of the detector's input
+    patch_size: int = 4  # detector patch side (4 at 32x32 as in the reference; 16 at 224x224 as in MAE)
+    encoder: str = "cifar-resnet18?width=64"  # victim spec; a cifar-resnet18 without weights= gets seeded ones
+    images: int = 10_000  # corpus scored end to end and by the naive loop; the memory check also scores 1/10
+    limit_seconds: float = 10.0  # the in-memory limit runs this long before and again after the end-to-end run
+    limit_images: int = 1024  # pre-decoded images held in memory for the limit
+    batch_size: int = 256  # decoded images per batch, for the stage and the naive loop
+    workers: int = 1  # decoding processes of the stage
+    chunk: int = 64  # ScoreConfig.chunk: rows per forward pass
+    samples_per_shard: int = 1000
+    knn_bank: int = 5000  # k-NN bank rows in the checkpoint (TrainConfig's default)
+    copies: int = 3  # clean and copy each run this often; the median counts
+    cpu_bf16: bool = True  # on the CPU, also measure the opt-in bf16 autocast (ScoreConfig.cpu_bf16): limit, end to end
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.images < 10:
+            raise ValueError(f"images must be >= 10 (the memory check also scores images // 10), got {self.images}")
+        for name in ("limit_images", "batch_size", "chunk", "samples_per_shard", "copies"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def _corpus_images(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first n Fashion-MNIST training images, zero-padded to 32x32, resized to size: uint8 (n, size, size)."""
+    images, labels = load_fashion_mnist("train")
+    if n > len(images):
+        raise ValueError(f"images must be <= {len(images)} (Fashion-MNIST train), got {n}")
+    x = torch.from_numpy(np.pad(images[:n], ((0, 0), (2, 2), (2, 2))))[:, None]
+    if size != 32:
+        x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False).round().clamp(0, 255)
+    return x[:, 0].to(torch.uint8).numpy(), labels[:n]
+
+
+def write_corpus(work: str, name: str, images: np.ndarray, labels: np.ndarray, samples_per_shard: int) -> str:
+    """PNG folder work/<name>-png, sharded into work/<name> by the project's own shard code; returns the shards."""
+    folder, shards = os.path.join(work, f"{name}-png"), os.path.join(work, name)
+    write_image_folder(images, labels, folder, class_names=FASHION_MNIST_CLASSES, prefix="fm")
+    write_shards(folder, shards, samples_per_shard=samples_per_shard, progress=False, log=lambda _: None)
+    return shards
+
+
+def write_detector(work: str, bench: ThroughputConfig) -> str:
+    """A seeded random detector for the bench's encoder, with a random k-NN bank and no calibration images."""
+    spec = parse_spec(bench.encoder)
+    torch.manual_seed(0)
+    if spec.kind == "cifar-resnet18" and not spec.option("weights"):
+        path = os.path.join(work, "encoder.pt")
+        torch.save(cifar_resnet18(width=spec.option("width"), in_chans=spec.option("chans")).state_dict(), path)
+        spec = parse_spec(f"{bench.encoder}&weights={path}" if "?" in bench.encoder else f"{bench.encoder}?weights={path}")
+    encoder = load_encoder(str(spec))
+    config = preset(bench.preset, img_size=bench.image_size, patch_size=bench.patch_size)
+    model = DeDe(config=config, global_dim=encoder.dim)
+    path = os.path.join(work, "detector.pt")
+    bank = torch.randn(bench.knn_bank, encoder.dim).half()
+    save_checkpoint(path, model=model, encoder_spec=encoder.spec, encoder_fingerprint=encoder.fingerprint,
+                    calibration={"keys": [], "knn_bank": bank})
+    return path
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_limit(detector: str, images: torch.Tensor, bench: ThroughputConfig, *, cpu_bf16: bool = False
+                  ) -> dict[str, float]:
+    """(a) Scorer.score, one batch_size slice at a time, on pre-decoded uint8 images already in memory, cycling
+    over them for limit_seconds."""
+    model, encoder, ckpt = load_detector(detector)
+    config = ScoreConfig(chunk=bench.chunk, cpu_bf16=cpu_bf16)
+    scorer = Scorer(detector=model, encoder=encoder, config=config, device=bench.device, references=ckpt.knn_bank)
+    keys = [f"k{i}" for i in range(len(images))]
+    scorer.score(images[:bench.chunk], keys[:bench.chunk])  # warm-up: allocator, kernels, lazy inits
+    device, done, start = torch.device(bench.device), 0, time.perf_counter()
+    while True:
+        at = done % len(keys)
+        scorer.score(images[at:at + bench.batch_size], keys[at:at + bench.batch_size])
+        _sync(device)
+        done += len(keys[at:at + bench.batch_size])
+        elapsed = time.perf_counter() - start
+        if elapsed >= bench.limit_seconds:
+            return {"images": done, "seconds": elapsed, "images_per_s": done / elapsed}
+
+
+def measure_decode(shards: str, bench: ThroughputConfig) -> dict[str, float]:
+    """Decoding alone, as the stage's workers do it (tar read + PIL decode), images/s: no model at all."""
+    config = preset(bench.preset, img_size=bench.image_size, patch_size=bench.patch_size)
+    tars = sorted(os.path.join(shards, n) for n in os.listdir(shards) if n.endswith(".tar"))
+    views = (config.view, load_encoder(bench.encoder).view)
+    loader = make_loader(TarShardSource(tars), views=views, batch_size=bench.batch_size, workers=bench.workers)
+    start, done = time.perf_counter(), 0
+    for batch in loader:
+        done += len(batch["key"])
+    elapsed = time.perf_counter() - start
+    return {"images": done, "seconds": elapsed, "images_per_s": done / elapsed}
+
+
+def child() -> None:
+    """Entry of the measuring process: the steps of the JSON job on stdin, in order, each timed; prints one JSON list.
+    A stage step also reports the process' peak RSS so far (ru_maxrss only grows: score small corpora first)."""
+    from dede_core.stages.score import score_shards
+
+    job = json.load(sys.stdin)
+    torch.set_num_threads(job["threads"])
+    bench = ThroughputConfig(**job["bench"])
+    reports = []
+    for step in job["steps"]:
+        if step["kind"] == "limit":
+            images = torch.load(step["images"], weights_only=True)
+            reports.append(measure_limit(step["detector"], images, bench, cpu_bf16=step["cpu_bf16"]))
+        elif step["kind"] == "naive":
+            reports.append(measure_naive(step["png_root"], step["detector"], bench))
+        else:
+            args = {name: value for name, value in step.items() if name != "kind"}
+            args["score"] = ScoreConfig(**args["score"])
+            start = time.perf_counter()
+            result = score_shards(progress=False, log=lambda _: None, **args)
+            elapsed = time.perf_counter() - start
+            # ru_maxrss is in KiB on Linux; RUSAGE_CHILDREN is the largest DataLoader worker (joined by now).
+            reports.append({"images": result.samples, "ok": result.ok, "seconds": elapsed,
+                            "images_per_s": result.samples / elapsed,
+                            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                            "worker_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024})
+    print(json.dumps(reports))
+
+
+def stage_step(shards: str, detector: str, out: str, bench: ThroughputConfig, *, cpu_bf16: bool) -> dict[str, Any]:
+    """(b) one score_shards call of the measuring process."""
+    return {"kind": "stage", "shards_dir": shards, "detector": detector, "out_dir": out,
+            "score": {"chunk": bench.chunk, "cpu_bf16": cpu_bf16}, "batch_size": bench.batch_size,
+            "workers": bench.workers, "device": bench.device}
+
+
+def measure_in_child(bench: ThroughputConfig, steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run the steps in one fresh interpreter that imports only dede_core: the limit, the stage and the naive loop
+    then share one process state (the CLI's own process also holds Prefect), and the peak RSS is the stage's own."""
+    job = {"threads": torch.get_num_threads(), "bench": asdict(bench), "steps": steps}
+    code = "from bench.throughput import child; child()"
+    done = subprocess.run([sys.executable, "-c", code], input=json.dumps(job), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the measuring process exited with {done.returncode}: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+class _PngFiles(Dataset):
+    """The reference's kind of dataset: one PNG file per item, PIL decode, ToTensor-like float in [0, 1]."""
+
+    def __init__(self, root: str) -> None:
+        self.paths = sorted(os.path.join(d, n) for d, _, names in os.walk(root) for n in names if n.endswith(".png"))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        with Image.open(self.paths[index]) as img:
+            array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255
+        return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def measure_naive(png_root: str, detector: str, bench: ThroughputConfig) -> dict[str, float]:
+    """(c) the reference-style loop: default DataLoader, fp32, numpy-global masks, one forward per whole batch."""
+    model, encoder, _ = load_detector(detector)
+    device = torch.device(bench.device)
+    model, encoder = model.to(device).eval(), encoder.to(device)
+    visible, length = model.config.score_visible, model.config.num_patches
+    np.random.seed(0)
+    scores, start = [], time.perf_counter()
+    with torch.no_grad():
+        for x01 in DataLoader(_PngFiles(png_root), batch_size=bench.batch_size):
+            x01 = x01.to(device)
+            embedding = encoder(x01)
+            x = model.normalize(x01)
+            noise = torch.from_numpy(np.random.rand(len(x01), length)).float().to(device)
+            latent, mask, ids_restore = model.forward_encoder(x, embedding, noise, visible)
+            scores.append(model.pixel_errors(x, model.forward_decoder(latent, ids_restore), mask).cpu())
+    elapsed = time.perf_counter() - start
+    done = int(sum(len(s) for s in scores))
+    return {"images": done, "seconds": elapsed, "images_per_s": done / elapsed}
+
+
+def _tar_bytes(shards: str) -> tuple[list[str], int]:
+    tars = sorted(os.path.join(shards, n) for n in os.listdir(shards) if n.endswith(".tar"))
+    return tars, sum(os.path.getsize(t) for t in tars)
+
+
+def measure_clean(shards: str, scores: str, work: str, bench: ThroughputConfig) -> dict[str, Any]:
+    """(d) clean (drop the top 5% by score) against shutil.copyfile of the same tars; median MB/s of `copies` runs."""
+    from dede_core.stages.clean import clean
+
+    tars, total = _tar_bytes(shards)
+    copy_s, synced_s, clean_s = [], [], []
+    for i in range(bench.copies):
+        for synced, times in ((False, copy_s), (True, synced_s)):
+            target = os.path.join(work, f"copy-{i}-{'fsync' if synced else 'plain'}")
+            os.makedirs(target)
+            start = time.perf_counter()
+            for tar in tars:
+                shutil.copyfile(tar, os.path.join(target, os.path.basename(tar)))
+                if synced:  # clean makes each shard durable before its marker; a plain copy does not
+                    fd = os.open(os.path.join(target, os.path.basename(tar)), os.O_RDONLY)
+                    os.fsync(fd)
+                    os.close(fd)
+            times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        clean(shards, scores, os.path.join(work, f"clean-{i}"), Rule.quantile(0.95), progress=False)
+        clean_s.append(time.perf_counter() - start)
+    copy, synced, cleaned = (statistics.median(t) for t in (copy_s, synced_s, clean_s))
+    return {"bytes": total, "shards": len(tars), "copy_seconds": copy, "clean_seconds": cleaned,
+            "copy_mb_per_s": total / 1e6 / copy, "copy_fsync_mb_per_s": total / 1e6 / synced,
+            "clean_mb_per_s": total / 1e6 / cleaned}
+
+
+def _machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(gib, 1), "gpu": gpu,
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "load_average": [round(v, 2) for v in os.getloadavg()], "host": platform.node()}
+
+
+def _ratios(results: dict[str, Any], device: str) -> dict[str, dict[str, Any]]:
+    """Each issue #7 target that applies on this device: measured ratio, target, met."""
+    limit, stage = results["limit"]["images_per_s"], results["end_to_end"]["images_per_s"]
+    naive, clean = results["naive"]["images_per_s"], results["clean"]
+    small, large = results["memory"]["small"]["peak_rss_mib"], results["end_to_end"]["peak_rss_mib"]
+    gpu = device.startswith("cuda")
+    ratios = {"end_to_end_vs_limit": (stage / limit, TARGETS["gpu_end_to_end_vs_limit" if gpu else
+                                                             "cpu_end_to_end_vs_limit"]),
+              "end_to_end_vs_naive": (stage / naive, TARGETS["gpu_end_to_end_vs_naive"] if gpu else None),
+              "clean_vs_copy": (clean["clean_mb_per_s"] / clean["copy_mb_per_s"], TARGETS["clean_vs_copy"]),
+              "peak_rss_large_vs_small": (large / small, None)}
+    return {name: {"ratio": ratio, "target": target, "met": None if target is None else ratio >= target}
+            for name, (ratio, target) in ratios.items()}
+
+
+def run_bench(bench: ThroughputConfig, work: str, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every measurement of one setting; work is a scratch folder (corpora, checkpoint, outputs)."""
+    os.makedirs(work, exist_ok=True)
+    started, small_n = time.perf_counter(), bench.images // 10
+    images, labels = _corpus_images(bench.images, bench.image_size)
+    shards = write_corpus(work, "corpus", images, labels, bench.samples_per_shard)
+    small = write_corpus(work, "corpus-small", images[:small_n], labels[:small_n], bench.samples_per_shard)
+    detector = write_detector(work, bench)
+    log(f"corpus: {bench.images} and {small_n} PNGs at {bench.image_size}x{bench.image_size}; device {bench.device}")
+    pre_decoded = os.path.join(work, "limit-images.pt")
+    torch.save(torch.from_numpy(images[:bench.limit_images])[:, None].expand(-1, 3, -1, -1).contiguous(), pre_decoded)
+    results: dict[str, Any] = {"decode": measure_decode(shards, bench)}
+    log(f"decode only ({bench.workers} workers): {results['decode']['images_per_s']:.1f} img/s")
+    bf16 = bench.cpu_bf16 and torch.device(bench.device).type == "cpu"
+    limit = {"kind": "limit", "detector": detector, "images": pre_decoded, "cpu_bf16": False}
+    # The limit brackets the stage (a drift in load shows); the 1/10 corpus runs first for the peak RSS.
+    steps = [limit, stage_step(small, detector, os.path.join(work, "scores-small"), bench, cpu_bf16=False),
+             stage_step(shards, detector, os.path.join(work, "scores"), bench, cpu_bf16=False), limit,
+             {"kind": "naive", "png_root": os.path.join(work, "corpus-png"), "detector": detector}]
+    if bf16:
+        steps += [stage_step(shards, detector, os.path.join(work, "scores-bf16"), bench, cpu_bf16=True),
+                  limit | {"cpu_bf16": True}]
+    measured = measure_in_child(bench, steps)
+    before, small_run, large_run, after, results["naive"] = measured[:5]
+    done, seconds = before["images"] + after["images"], before["seconds"] + after["seconds"]
+    results["limit"] = {"images": done, "seconds": seconds, "images_per_s": done / seconds,
+                        "before_images_per_s": before["images_per_s"], "after_images_per_s": after["images_per_s"]}
+    results["end_to_end"], results["memory"] = large_run, {"small": small_run}
+    log(f"limit (forward on in-memory tensors): {before['images_per_s']:.1f} img/s, then {after['images_per_s']:.1f}")
+    log(f"end to end (score_shards): {large_run['images_per_s']:.1f} img/s; peak RSS "
+        f"{small_run['peak_rss_mib']:.0f} MiB after {small_n} images, {large_run['peak_rss_mib']:.0f} after {bench.images}")
+    log(f"naive reference-style loop: {results['naive']['images_per_s']:.1f} img/s")
+    if bf16:
+        results["end_to_end_bf16"], results["limit_bf16"] = measured[5:]
+        log(f"opt-in bf16 on the CPU: limit {results['limit_bf16']['images_per_s']:.1f} img/s, end to end "
+            f"{results['end_to_end_bf16']['images_per_s']:.1f} img/s")
+    results["clean"] = measure_clean(shards, os.path.join(work, "scores"), work, bench)
+    log(f"clean {results['clean']['clean_mb_per_s']:.1f} MB/s, copy {results['clean']['copy_mb_per_s']:.1f} MB/s")
+    return {"config": asdict(bench), "machine": _machine(), "results": results,
+            "ratios": _ratios(results, bench.device), "wall_s": time.perf_counter() - started,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def setting_name(bench: ThroughputConfig) -> str:
+    """The section a setting's numbers go to, e.g. cpu-32px-cifar-resnet18-cpu."""
+    return f"{bench.preset}-{bench.image_size}px-{parse_spec(bench.encoder).kind}-{torch.device(bench.device).type}"
+
+
+def command_line(bench: ThroughputConfig) -> str:
+    """The `dede bench throughput` command that measures this setting."""
+    return (f"dede bench throughput --preset {bench.preset} --image-size {bench.image_size} --patch-size "
+            f"{bench.patch_size} --encoder '{bench.encoder}' --images {bench.images} --limit-seconds "
+            f"{bench.limit_seconds:g} --batch-size {bench.batch_size} --chunk {bench.chunk} --workers {bench.workers} "
+            f"--device {bench.device}{'' if bench.cpu_bf16 else ' --no-bf16'}")
+
+
+def _row(what: str, value: str, how: str) -> str:
+    return f"| {what} | {value} | {how} |"
+
+
+def _section(name: str, report: dict[str, Any]) -> list[str]:
+    cfg, m, r, q = report["config"], report["machine"], report["results"], report["ratios"]
+    rate = lambda part: f"{r[part]['images_per_s']:,.1f} img/s"  # noqa: E731
+    verdict = lambda name: ("" if q[name]["target"] is None else  # noqa: E731
+                            f" (target >= {q[name]['target']:g}: {'met' if q[name]['met'] else 'missed'})")
+    small_n, e2e = r["memory"]["small"], r["end_to_end"]
+    lines = [f"## {name}", "",
+             f"Device {cfg['device']}{' (' + m['gpu'] + ')' if m['gpu'] else ''}; preset `{cfg['preset']}` (random "
+             f"weights); images {cfg['image_size']}x{cfg['image_size']}, patch {cfg['patch_size']}; encoder "
+             f"`{cfg['encoder']}`; batch {cfg['batch_size']}, chunk {cfg['chunk']}, decoding workers "
+             f"{cfg['workers']}, torch threads {m['torch_threads']}. Date {report['date']}; machine: {m['cpu']}, "
+             f"{m['cores']} cores, {m['memory_gib']} GiB, torch {m['torch']}; load average at the end "
+             f"{', '.join(str(v) for v in m['load_average'])}; command `{report['command']}` "
+             f"({report['wall_s'] / 60:.1f} min).", "",
+             "| what | measured | how |", "| --- | --- | --- |",
+             _row("(a) limit: encoder + detector forward, in memory", rate("limit"),
+                  f"Scorer.score on {cfg['limit_images']} pre-decoded uint8 images, repeated for "
+                  f"{r['limit']['seconds']:.0f} s in all, half before and half after (b): "
+                  f"{r['limit']['before_images_per_s']:,.1f} then {r['limit']['after_images_per_s']:,.1f} img/s"),
+             _row("(b) end to end: score stage, tar shards in, Parquet out", rate("end_to_end"),
+                  f"score_shards on {e2e['images']:,} PNG samples in {e2e['seconds']:.1f} s (detector load "
+                  f"included); (a), (b) and (c) run in one fresh process that imports only dede_core"),
+             _row("(c) naive reference-style loop", rate("naive"),
+                  f"PIL Dataset over the PNG files, default DataLoader, fp32, numpy masks, whole-batch forward; "
+                  f"{r['naive']['images']:,} images, nothing written"),
+             *([_row("(a) limit, opt-in bf16 autocast (`dede score --bf16`)", rate("limit_bf16"), "as (a)"),
+                _row("(b) end to end, opt-in bf16 autocast", rate("end_to_end_bf16"),
+                     f"as (b); end to end / bf16 limit {r['end_to_end_bf16']['images_per_s'] / r['limit_bf16']['images_per_s']:.3f}")]
+               if "limit_bf16" in r else []),
+             _row("decoding alone (tar read + PIL decode)", rate("decode"),
+                  f"DataLoader, decoding workers {cfg['workers']}, no model"),
+             _row("(d) clean", f"{r['clean']['clean_mb_per_s']:,.1f} MB/s",
+                  f"dede_core.stages.clean.clean dropping the top 5% (--quantile 0.95), {r['clean']['bytes'] / 1e6:.1f} MB "
+                  f"in {r['clean']['shards']} shards, median of {cfg['copies']}"),
+             _row("(d) plain copy of the same shards", f"{r['clean']['copy_mb_per_s']:,.1f} MB/s",
+                  "shutil.copyfile of each tar, median of the same runs"),
+             _row("plain copy + fsync of each tar (reference only)", f"{r['clean']['copy_fsync_mb_per_s']:,.1f} MB/s",
+                  "clean fsyncs each shard before its marker; the target compares with the plain copy"),
+             _row("peak RSS of the score process", f"{small_n['peak_rss_mib']:.0f} MiB at {small_n['images']:,} images, "
+                  f"{e2e['peak_rss_mib']:.0f} MiB at {e2e['images']:,}",
+                  f"ru_maxrss of that process (the 1/10 corpus first, both after the first (a) run); its largest "
+                  f"decoding worker {small_n['worker_peak_rss_mib']:.0f} / "
+                  f"{e2e['worker_peak_rss_mib']:.0f} MiB"),
+             "", "| ratio | value |", "| --- | --- |",
+             f"| end to end / limit | {q['end_to_end_vs_limit']['ratio']:.3f}{verdict('end_to_end_vs_limit')} |",
+             f"| end to end / naive | {q['end_to_end_vs_naive']['ratio']:.2f}x{verdict('end_to_end_vs_naive')} |",
+             f"| clean / copy | {q['clean_vs_copy']['ratio']:.3f}{verdict('clean_vs_copy')} |",
+             f"| peak RSS, 10x corpus / 1x corpus | {q['peak_rss_large_vs_small']['ratio']:.3f} |", ""]
+    return lines
+
+
+NOTES = "## Notes"  # throughput.md from this heading on is written by hand and kept when the tables are redone
+
+
+def write_report(report: dict[str, Any], out_dir: str) -> tuple[str, str]:
+    """Merge one setting's report into OUT/throughput.json (other settings kept) and render OUT/throughput.md,
+    keeping its hand-written part (from the NOTES heading on)."""
+    os.makedirs(out_dir, exist_ok=True)
+    json_path, md_path = os.path.join(out_dir, "throughput.json"), os.path.join(out_dir, "throughput.md")
+    settings: dict[str, Any] = {}
+    if os.path.isfile(json_path):
+        with open(json_path) as f:
+            settings = json.load(f)
+    settings[setting_name(ThroughputConfig(**report["config"]))] = report
+    with open(json_path, "w") as f:
+        json.dump(settings, f, indent=2, sort_keys=True)
+    lines = ["# Scoring and cleaning throughput (issue #7)", "",
+             "Written by `dede bench throughput` (bench/throughput.py); every number is in "
+             "`throughput.json`. Corpus: the first Fashion-MNIST training images, zero-padded to 32x32 (and "
+             "resized for other sizes), written as grayscale PNGs and sharded by `dede_core.stages.shard`. The detector "
+             "and the cifar-resnet18 victim have seeded random weights, the k-NN bank random embeddings: speed "
+             "does not depend on their values. The checkpoint carries no calibration images, so the end-to-end "
+             "rate is the corpus alone.", ""]
+    for name in sorted(settings):
+        lines += _section(name, settings[name])
+    if os.path.isfile(md_path):
+        with open(md_path) as f:
+            kept = f.read()
+        if f"\n{NOTES}\n" in kept:
+            lines.append(kept[kept.index(f"\n{NOTES}\n") + 1:].rstrip() + "\n")
+    with open(md_path, "w") as f:
+        f.write("\n".join(lines))
+    return md_path, json_path

@@ -1,0 +1,546 @@
+"""Write the cleaned corpus: every shard again, minus the dropped samples, kept samples copied byte for byte.
+
+Kept members are copied as raw tar blocks (header and data), never decoded, so a kept sample is bit-identical to
+the source's. One shard at a time: temporary name, rename, then OUT/_done/<stem>.rejected.parquet and the marker
+OUT/_done/<stem>.json last. Rerunning the same command resumes; OUT/clean_config.json makes a rerun with another
+rule or other scores refuse. The folder ends with rejected.parquet, summary.json and manifest.json (written last,
+in the shards folder format, so the cleaned corpus can be scored again).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, BinaryIO, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from dede_core.io import storage
+from dede_core.io.progress import Progress
+from dede_core.io.source_index import CHANGED, REMOVED
+from dede_core.stages.select import DEFAULT_RULE, Counts, Rule, Selection, select
+from dede_core.io.sources import clean_key, group_members  # the scorer's key rule, so keys match the scores
+from dede_core.sql import CALIBRATION_NAME
+from schemas.manifest import Manifest, ShardEntry, differences, read_manifest, write_json_atomic, write_manifest
+from schemas.tables import REJECTED, with_metadata
+
+FORMAT = "dede-clean/1"
+CONFIG_NAME = "clean_config.json"
+DONE_DIR = "_done"
+REJECTED_NAME = "rejected.parquet"
+SUMMARY_NAME = "summary.json"
+MANIFEST_NAME = "manifest.json"
+CHUNK = 1 << 20
+RETIRED_REASONS = (REMOVED, CHANGED)  # samples the source no longer holds: dropped, never a duplicate
+
+
+@dataclass(frozen=True)
+class TarSample:
+    key: str
+    spans: list[tuple[int, int]]  # [start, end) of each member: its header blocks and its padded data
+
+
+@dataclass
+class TarIndex:
+    samples: list[TarSample] = field(default_factory=list)
+    others: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) of members that are no sample
+    gaps: list[tuple[int, int]] = field(default_factory=list)  # archive-level blocks (pax global headers): kept
+
+
+def _member_end(m: tarfile.TarInfo) -> int:
+    has_data = m.isreg() or m.type not in tarfile.SUPPORTED_TYPES  # the same test tarfile uses to skip data
+    return m.offset_data + (-(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE if has_data else 0)
+
+
+def index_tar(path: str) -> TarIndex:
+    """Samples of a WebDataset tar as byte spans, grouped as the scorer's source groups them."""
+    index = TarIndex()
+
+    def tracked(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+        """Every member, noting the archive-level blocks between them (pax global headers) as gaps."""
+        prev_end = 0
+        for m in tar:
+            if m.offset > prev_end:
+                index.gaps.append((prev_end, m.offset))
+            prev_end = _member_end(m)
+            yield m
+
+    def skip(m: tarfile.TarInfo, why: str) -> None:
+        index.others.append((clean_key(m.name), f"not a sample: member {m.name!r} {why}"))
+
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for key, group in group_members(tracked(tar), skip):
+                index.samples.append(TarSample(clean_key(key), [(m.offset, _member_end(m)) for m in group.values()]))
+    except (tarfile.TarError, EOFError) as e:
+        raise ValueError(f"{path} is not a readable uncompressed tar shard: {e}") from None
+    return index
+
+
+def _pump(src: BinaryIO, n: int, digest: Any, dst: BinaryIO | None, path: str) -> None:
+    while n > 0:
+        block = src.read(min(CHUNK, n))
+        if not block:
+            raise ValueError(f"{path} ended early: the shard changed while it was read; rerun")
+        digest.update(block)
+        if dst is not None:
+            dst.write(block)
+        n -= len(block)
+
+
+def _copy_spans(path: str, size: int, spans: list[tuple[int, int]], dst: BinaryIO) -> tuple[str, int, str]:
+    """Copy sorted byte spans of `path` into a new tar at dst, in one sequential read that also hashes the
+    whole source; returns (source sha256, bytes written, written sha256)."""
+    src_hash, out_hash = hashlib.sha256(), hashlib.sha256()
+
+    class Out:  # hash what is written, without a second read
+        def write(self, data: bytes) -> None:
+            out_hash.update(data)
+            dst.write(data)
+
+    out, pos, written = Out(), 0, 0
+    with open(path, "rb") as src:
+        for start, end in spans:
+            _pump(src, start - pos, src_hash, None, path)
+            _pump(src, end - start, src_hash, out, path)
+            pos, written = end, written + end - start
+        _pump(src, size - pos, src_hash, None, path)
+        if src.read(1):
+            raise ValueError(f"{path} grew while it was read; rerun")
+    # End of archive as tarfile writes it: two zero blocks, padded to a whole record.
+    trailer = 2 * tarfile.BLOCKSIZE
+    trailer += -(written + trailer) % tarfile.RECORDSIZE
+    out.write(bytes(trailer))
+    return src_hash.hexdigest(), written + trailer, out_hash.hexdigest()
+
+
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if merged and merged[-1][1] == start:
+            merged[-1] = (merged[-1][0], end)
+        else:
+            merged.append((start, end))
+    return merged
+
+
+@dataclass(frozen=True)
+class CleanResult:
+    """What clean wrote (or found already written) in out_dir."""
+
+    out_dir: str
+    selection: Selection
+    counts: Counts  # over every sample of the shards: total = kept + dropped
+    by_shard: dict[str, Counts]
+    written: list[str]  # shards cleaned by this call
+    skipped: list[str]  # shards already complete from an earlier call
+
+    @property
+    def rejected_path(self) -> str:
+        return os.path.join(self.out_dir, REJECTED_NAME)
+
+    @property
+    def summary_path(self) -> str:
+        return os.path.join(self.out_dir, SUMMARY_NAME)
+
+
+def _stem(name: str) -> str:
+    return os.path.splitext(name)[0]
+
+
+def _file_fingerprint(path: str) -> list[Any]:
+    """[name, size, rows, run config] of a scores file: changes when it is rescored."""
+    with storage.open_read(path) as f:
+        meta = pq.read_metadata(f)
+    config = (meta.metadata or {}).get(b"dede.config", b"").decode("utf-8", "replace")
+    return [storage.basename(path), storage.getsize(path), meta.num_rows, config]
+
+
+def _score_setup(scores_dir: str) -> dict[str, Any] | None:
+    """The scores folder's run.json (what every score depends on) less its shard list, which may grow."""
+    path = storage.join(scores_dir, "run.json")
+    if not storage.isfile(path):
+        return None
+    return {k: v for k, v in storage.read_json(path).items() if k not in ("shards", "dede_version")}
+
+
+def _identity(sel: Selection, scores_dir: str) -> dict[str, Any]:
+    """What makes two clean runs the same; paths are left out so moved folders still resume. The shards and
+    scores are not in it: a grown corpus (more shards, more scores) is cleaned into the same OUT, and each
+    shard's marker says which shard, scores and retired samples it was cleaned from (_shard_ids)."""
+    return {"format": FORMAT, "rule": sel.rule.to_dict(), "keep_unscored": sel.keep_unscored,
+            "threshold": sel.threshold, "detector_hash": sel.detector_hash, "encoder_id": sel.encoder_id,
+            "score_setup": _score_setup(scores_dir)}
+
+
+def _shard_ids(identity: dict[str, Any], manifest: Manifest, scores_dir: str) -> dict[str, str]:
+    """shard -> sha256 of everything its cleaned output depends on: the run's identity, the shard's bytes, its
+    scores file and the samples of it retired from the source. A marker with another id is cleaned again."""
+    calibration = storage.join(scores_dir, CALIBRATION_NAME)
+    common = [identity, _file_fingerprint(calibration) if storage.isfile(calibration) else None]
+    retired: dict[str, list] = {}
+    for r in manifest.retired:
+        retired.setdefault(r["shard"], []).append([r["key"], r["reason"]])
+    ids = {}
+    for e in manifest.shards:
+        scores = _file_fingerprint(storage.join(scores_dir, _stem(e.name) + ".parquet"))
+        part = [common, e.name, e.sha256, scores, sorted(retired.get(e.name, []))]
+        ids[e.name] = hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()
+    return ids
+
+
+LEGACY_IDENTITY = ("scores", "shards")  # in the identity of clean folders made before shards could be added
+
+
+def _claim(out_dir: str, identity: dict[str, Any], paths: dict[str, str], shards: list[list[str]]) -> None:
+    """Make OUT ours: new or empty, or holding a clean run with the same identity of the same shards (the
+    shard list may have grown at its end: a corpus updated by `dede shard`)."""
+    config_path = storage.join(out_dir, CONFIG_NAME)
+    if storage.isfile(config_path):
+        old = storage.read_json(config_path)
+        had = {k: v for k, v in old.get("identity", {}).items() if k not in LEGACY_IDENTITY}
+        diffs = differences(had, identity if "score_setup" in had else
+                            {k: v for k, v in identity.items() if k != "score_setup"})
+        if diffs:
+            moved = identity["rule"]["kind"] == "quantile" and all(d.startswith("threshold") for d in diffs)
+            hint = ("; a quantile threshold moves when the corpus changes: use --fpr or --threshold for a corpus "
+                    "cleaned again as it grows") if moved else ""
+            raise ValueError(f"{out_dir} was cleaned with other settings ({'; '.join(diffs)}); clean into a new "
+                             f"folder, or delete {out_dir} first{hint}")
+        before = old.get("shards")
+        if before is None and "shards" in old.get("identity", {}):  # a folder made before shards could be added
+            before_hash = old["identity"]["shards"]
+            if hashlib.sha256(json.dumps(shards).encode()).hexdigest() != before_hash:
+                raise ValueError(f"{out_dir} was cleaned from other shards; clean into a new folder, or delete "
+                                 f"{out_dir} first")
+        elif before is not None and shards[:len(before)] != before:
+            raise ValueError(f"{out_dir} was cleaned from other shards (its shard list is not the start of this "
+                             f"one); clean into a new folder, or delete {out_dir} first")
+        if before != shards:
+            write_json_atomic(config_path, {"identity": identity, "paths": paths, "shards": shards})
+        return
+    # A run killed while writing clean_config.json leaves only its temporary file: that folder is still ours.
+    if storage.isdir(out_dir) and [n for n in storage.listdir(out_dir) if not n.startswith(f".{CONFIG_NAME}.")]:
+        raise ValueError(f"{out_dir} is not empty and holds no dede clean run (no {CONFIG_NAME}); "
+                         f"choose a new or empty folder")
+    storage.makedirs(out_dir)
+    write_json_atomic(config_path, {"identity": identity, "paths": paths, "shards": shards})
+
+
+def _check_coverage(manifest: Manifest, sel: Selection, shards_dir: str, scores_dir: str) -> None:
+    names = {e.name for e in manifest.shards}
+    foreign = sorted(set(sel.by_shard) - names)
+    if foreign:
+        raise ValueError(f"{scores_dir} scores shard(s) {', '.join(foreign[:5])} that {shards_dir}/manifest.json "
+                         f"does not list: these scores belong to another corpus")
+    missing = [e.name for e in manifest.shards
+               if not storage.isfile(storage.join(scores_dir, _stem(e.name) + ".parquet"))]
+    if missing:
+        failed = []  # the scorer records shards it could not read in _failed/
+        for path in (storage.join(scores_dir, "_failed", _stem(n) + ".json") for n in missing):
+            if storage.isfile(path):
+                failed.append(storage.read_json(path).get("error", ""))
+        why = f"; the scorer could not read {len(failed)} of them, e.g. {failed[0]}" if failed else ""
+        raise ValueError(f"no scores for {len(missing)} shard(s) ({', '.join(missing[:5])}): expected "
+                         f"{scores_dir}/<stem>.parquet for each{why}; finish scoring (rerun `dede score`) first")
+
+
+def _write_parquet(table: pa.Table, path: str) -> None:
+    """Temporary name, then rename; at a URL, written locally and uploaded in one piece."""
+    if storage.is_url(path):
+        fd, tmp = tempfile.mkstemp(suffix=".parquet.tmp")
+        os.close(fd)
+    else:
+        tmp = f"{path}.{os.getpid()}.tmp"
+    pq.write_table(table, tmp)
+    storage.publish(tmp, path)
+
+
+def _rejected_table(rows: list[tuple[str, str, float | None, str]]) -> pa.Table:
+    columns = list(zip(*rows)) if rows else [[], [], [], []]
+    return pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(columns, REJECTED)], schema=REJECTED)
+
+
+def _scored_keys(scores_dir: str, name: str) -> set[str]:
+    path = storage.join(scores_dir, _stem(name) + ".parquet")
+    with storage.open_read(path) as f:
+        table = pq.read_table(f, columns=["key", "shard"])
+    others = set(table.column("shard").to_pylist()) - {name}
+    if others:
+        raise ValueError(f"{path} holds rows of shard(s) {sorted(others)[:3]}, not only {name}; rescore")
+    return set(table.column("key").to_pylist())
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything one shard's cleaning needs: small and picklable, so it can go to another process."""
+
+    entry: ShardEntry
+    shards_dir: str
+    scores_dir: str
+    out_dir: str
+    dropped: dict[str, tuple[float | None, str]]  # key -> (score, reason) of this shard's dropped samples
+    keep_unscored: bool
+    unscored: int  # unscored rows of this shard in the scores table
+    identity_sha: str  # the marker's claim that it belongs to this clean run
+
+
+def _clean_shard(job: ShardJob, src: str, scratch: str | None, *, scored: set[str],
+                 seen: dict[str, str]) -> dict[str, Any]:
+    """Write OUT/<name> holding the kept samples; return the marker (counts, bytes, sha256, rejected rows).
+    src is a local copy of the shard; the new shard is written in scratch when OUT is a URL, else in OUT."""
+    entry, out_dir, unscored = job.entry, job.out_dir, job.unscored
+    name = entry.name
+    index = index_tar(src)
+    kept, rows = [], []
+    for s in index.samples:
+        if job.dropped.get(s.key, (None, ""))[1] in RETIRED_REASONS:  # an old version: never in `seen`
+            rows.append((s.key, name, *job.dropped[s.key]))
+            continue
+        if s.key in seen:
+            rows.append((s.key, name, None, f"duplicate key (first seen in {seen[s.key]})"))
+            continue
+        seen[s.key] = name
+        if s.key in job.dropped:
+            rows.append((s.key, name, *job.dropped[s.key]))
+        elif s.key in scored or job.keep_unscored:
+            kept.append(s)
+            unscored += s.key not in scored
+        else:
+            rows.append((s.key, name, None, "not scored"))
+            unscored += 1
+    rows += [(key, name, None, reason) for key, reason in index.others]
+    stray = scored - {s.key for s in index.samples}
+    if stray:
+        raise ValueError(f"the scores of {name} hold {len(stray)} key(s) that {src} does not (e.g. "
+                         f"{sorted(stray)[:3]}): the scores belong to another corpus; rescore these shards")
+
+    spans = _merge(index.gaps + [span for s in kept for span in s.spans])
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=scratch or out_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            src_sha, size, sha = _copy_spans(src, entry.bytes, spans, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if src_sha != entry.sha256:
+            raise ValueError(f"{src} does not match the sha256 in its manifest; the shard changed: reshard")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a corpus is meant to be read by others
+        storage.publish(tmp, storage.join(out_dir, name))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _write_parquet(_rejected_table(rows), storage.join(out_dir, DONE_DIR, _stem(name) + ".rejected.parquet"))
+    counts = Counts(total=len(kept) + len(rows), kept=len(kept), dropped=len(rows), unscored=unscored)
+    return {"shard": name, "bytes": size, "sha256": sha, "samples": len(kept), "counts": counts.to_dict(),
+            "first_key": kept[0].key if kept else "", "last_key": kept[-1].key if kept else ""}
+
+
+def clean_shard(job: ShardJob, seen: dict[str, str] | None = None) -> dict[str, Any]:
+    """Clean one shard of a plan: OUT/<name>, then _done/<stem>.rejected.parquet, then the marker
+    _done/<stem>.json last; returns the marker. seen: key -> first shard, for the keys of this shard that an
+    earlier shard (manifest order) already holds (they are dropped as duplicates); it is updated in place."""
+    entry, out_dir = job.entry, job.out_dir
+    src = storage.join(job.shards_dir, entry.name)
+    if not storage.isfile(src) or storage.getsize(src) != entry.bytes:
+        raise ValueError(f"{src} is missing or not the {entry.bytes} bytes its manifest says; reshard")
+    if not storage.is_url(out_dir):
+        for stale in glob.glob(os.path.join(glob.escape(out_dir), f".{glob.escape(entry.name)}.*.tmp")):
+            os.unlink(stale)  # left by a killed run
+    scratch = storage.scratch(job.shards_dir) or storage.scratch(out_dir)
+    try:
+        where = scratch.name if scratch else None
+        marker = _clean_shard(job, storage.local_copy(src, where or ""), where if storage.is_url(out_dir) else None,
+                              scored=_scored_keys(job.scores_dir, entry.name), seen={} if seen is None else seen)
+    finally:
+        if scratch:
+            scratch.cleanup()
+    marker["identity"] = job.identity_sha
+    write_json_atomic(storage.join(out_dir, DONE_DIR, _stem(entry.name) + ".json"), marker)
+    return marker
+
+
+def _marker(out_dir: str, name: str, identity_sha: str) -> dict[str, Any] | None:
+    """The marker of a finished shard of this run, or None when the shard must be (re)written."""
+    path = storage.join(out_dir, DONE_DIR, _stem(name) + ".json")
+    try:
+        marker = storage.read_json(path)
+    except (OSError, ValueError):
+        return None
+    out = storage.join(out_dir, name)
+    part = storage.join(out_dir, DONE_DIR, _stem(name) + ".rejected.parquet")
+    ok = (marker.get("identity") == identity_sha and storage.isfile(part) and storage.isfile(out)
+          and storage.getsize(out) == marker.get("bytes"))
+    return marker if ok else None
+
+
+@dataclass(frozen=True)
+class CleanPlan:
+    """A clean run fixed before any shard is written: the selection, the claimed OUT, what is left to do."""
+
+    shards_dir: str
+    scores_dir: str
+    out_dir: str
+    selection: Selection
+    manifest: Manifest
+    config: dict[str, Any]  # identity and paths, as in clean_config.json
+    shard_ids: dict[str, str]  # shard -> what its cleaned output depends on (_shard_ids)
+    markers: dict[str, dict[str, Any] | None]  # shard -> marker of an earlier finished shard, None if pending
+
+    @property
+    def pending(self) -> list[str]:
+        return [e.name for e in self.manifest.shards if self.markers[e.name] is None]
+
+    def job(self, name: str) -> ShardJob:
+        entry = next(e for e in self.manifest.shards if e.name == name)
+        dropped = self.selection.dropped.filter(pc.equal(self.selection.dropped.column("shard"), name))
+        rows = zip(*(dropped.column(c).to_pylist() for c in ("key", "score", "reason")))
+        return ShardJob(entry=entry, shards_dir=self.shards_dir, scores_dir=self.scores_dir, out_dir=self.out_dir,
+                        dropped={key: (score, reason) for key, score, reason in rows},
+                        keep_unscored=self.selection.keep_unscored,
+                        unscored=self.selection.by_shard.get(name, Counts()).unscored,
+                        identity_sha=self.shard_ids[name])
+
+    def live_keys(self, name: str, keys: list[str]) -> list[str]:
+        """A shard's keys less those retired from the source (they never count as duplicates)."""
+        gone = {r["key"] for r in self.manifest.retired if r["shard"] == name}
+        return [k for k in keys if k not in gone] if gone else keys
+
+
+def plan_clean(shards_dir: str | os.PathLike, scores_dir: str | os.PathLike, out_dir: str | os.PathLike,
+               rule: Rule = DEFAULT_RULE, *, keep_unscored: bool = False) -> CleanPlan:
+    """Select, check the scores cover the shards, claim OUT (refusing other settings) and find the shards
+    still to clean. Folders may be local paths or fsspec URLs."""
+    shards_dir, scores_dir, out_dir = (storage.absolute(p) for p in (shards_dir, scores_dir, out_dir))
+    if storage.isdir(out_dir):
+        storage.sweep_temporaries(out_dir, (DONE_DIR,))  # left by a killed run; this run's tasks start later
+    if out_dir in (shards_dir, scores_dir) or (
+            not storage.is_url(out_dir) and os.path.realpath(out_dir) in (os.path.realpath(shards_dir),
+                                                                          os.path.realpath(scores_dir))):
+        raise ValueError(f"--out {out_dir} is the shards or scores folder; give a new folder for the cleaned shards")
+    manifest = read_manifest(shards_dir)
+    sel = select(scores_dir, rule, keep_unscored=keep_unscored, retired=manifest.retired)
+    _check_coverage(manifest, sel, shards_dir, scores_dir)
+    identity = _identity(sel, scores_dir)
+    config = {"identity": identity, "paths": {"shards_dir": shards_dir, "scores_dir": scores_dir}}
+    _claim(out_dir, identity, config["paths"], [[e.name, e.sha256] for e in manifest.shards])
+    storage.makedirs(storage.join(out_dir, DONE_DIR))
+    shard_ids = _shard_ids(identity, manifest, scores_dir)
+    markers = {e.name: _marker(out_dir, e.name, shard_ids[e.name]) for e in manifest.shards}
+    return CleanPlan(shards_dir=shards_dir, scores_dir=scores_dir, out_dir=out_dir, selection=sel,
+                     manifest=manifest, config=config, shard_ids=shard_ids, markers=markers)
+
+
+def _finals(out_dir: str) -> list[str]:
+    return [storage.join(out_dir, n) for n in (REJECTED_NAME, SUMMARY_NAME, MANIFEST_NAME)]
+
+
+def start_clean(plan: CleanPlan) -> bool:
+    """True when shards or final files are left to write; then OUT/manifest.json is removed first, since the
+    folder is incomplete until every shard is done again."""
+    if not plan.pending and all(storage.isfile(p) for p in _finals(plan.out_dir)):
+        return False
+    if storage.isfile(_finals(plan.out_dir)[2]):
+        storage.unlink(_finals(plan.out_dir)[2])
+    return True
+
+
+def sample_keys(shards_dir: str, name: str) -> list[str]:
+    """The sample keys of one shard, in order (the duplicate-key check across shards needs them)."""
+    path = storage.join(shards_dir, name)
+    scratch = storage.scratch(shards_dir)
+    try:
+        return [s.key for s in index_tar(storage.local_copy(path, scratch.name if scratch else "")).samples]
+    finally:
+        if scratch:
+            scratch.cleanup()
+
+
+def earlier_keys(plan: CleanPlan, keys: dict[str, list[str]]) -> dict[str, dict[str, str]]:
+    """For each pending shard, its keys that an earlier shard (manifest order) already holds -> that shard:
+    what a sequential clean would have in `seen` for it. keys: every shard's sample_keys."""
+    first: dict[str, str] = {}
+    out: dict[str, dict[str, str]] = {}
+    for entry in plan.manifest.shards:
+        live = plan.live_keys(entry.name, keys[entry.name])
+        if plan.markers[entry.name] is None:
+            out[entry.name] = {k: first[k] for k in live if k in first}
+        for key in live:
+            first.setdefault(key, entry.name)
+    return out
+
+
+def finish_clean(plan: CleanPlan, markers: dict[str, dict[str, Any]]) -> CleanResult:
+    """rejected.parquet, summary.json, then manifest.json last (a folder with a manifest is complete); markers:
+    shard -> marker of every shard cleaned since the plan was made."""
+    written = [e.name for e in plan.manifest.shards if plan.markers[e.name] is None]
+    done = {e.name: plan.markers[e.name] or markers[e.name] for e in plan.manifest.shards}
+    if written or not all(storage.isfile(p) for p in _finals(plan.out_dir)):
+        _finish(plan.out_dir, plan.selection, plan.manifest, [done[e.name] for e in plan.manifest.shards],
+                plan.config)
+    by_shard = {name: Counts(**m["counts"]) for name, m in done.items()}
+    return CleanResult(out_dir=plan.out_dir, selection=plan.selection, counts=sum(by_shard.values(), Counts()),
+                       by_shard=by_shard, written=written,
+                       skipped=[e.name for e in plan.manifest.shards if e.name not in set(written)])
+
+
+def _finish(out_dir: str, sel: Selection, manifest: Manifest, markers: list[dict[str, Any]],
+            config: dict[str, Any]) -> None:
+    parts = []
+    for m in markers:
+        with storage.open_read(storage.join(out_dir, DONE_DIR, _stem(m["shard"]) + ".rejected.parquet")) as f:
+            parts.append(pq.read_table(f))
+    meta = with_metadata(REJECTED, "rejected", json.dumps(config, sort_keys=True)).metadata
+    meta.update({b"dede.rule": sel.rule.label.encode(), b"dede.threshold": json.dumps(sel.threshold).encode()})
+    rejected = pa.concat_tables(parts).cast(REJECTED) if parts else _rejected_table([])
+    _write_parquet(rejected.replace_schema_metadata(meta), storage.join(out_dir, REJECTED_NAME))
+    by_shard = {m["shard"]: m["counts"] for m in markers}
+    total = sum((Counts(**c) for c in by_shard.values()), Counts())
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    summary = {"format": "dede-clean-summary/1", "created": now, **sel.to_dict(), "counts": total.to_dict(),
+               "shards": by_shard, **config["paths"]}
+    write_json_atomic(storage.join(out_dir, SUMMARY_NAME), summary)
+    entries = [ShardEntry(name=m["shard"], samples=m["samples"], bytes=m["bytes"], sha256=m["sha256"],
+                          first_key=m["first_key"], last_key=m["last_key"]) for m in markers]
+    write_manifest(out_dir, Manifest(
+        source=config["paths"]["shards_dir"], samples_per_shard=manifest.samples_per_shard, created=now,
+        shards=entries, samples=sum(e.samples for e in entries), classes=manifest.classes,
+        options={"cleaned_with": sel.rule.label, "threshold": sel.threshold, "keep_unscored": sel.keep_unscored}))
+
+
+def clean(shards_dir: str | os.PathLike, scores_dir: str | os.PathLike, out_dir: str | os.PathLike,
+          rule: Rule = DEFAULT_RULE, *, keep_unscored: bool = False, progress: bool = True) -> CleanResult:
+    """Write OUT/<shard>.tar with the samples the rule keeps, OUT/rejected.parquet, summary.json, manifest.json,
+    one shard after the other. Rerunning the same command resumes or does nothing; other settings into the
+    same OUT are refused. The dede-clean flow runs the same steps with shards in parallel."""
+    plan = plan_clean(shards_dir, scores_dir, out_dir, rule, keep_unscored=keep_unscored)
+    markers: dict[str, dict[str, Any]] = {}
+    if start_clean(plan) and plan.pending:
+        markers = _run(plan, progress)
+    return finish_clean(plan, markers)
+
+
+def _run(plan: CleanPlan, progress: bool) -> dict[str, dict[str, Any]]:
+    pending, markers = set(plan.pending), {}
+    bar = Progress(len(pending), desc="cleaning", unit="shards", stream=None if progress else io.StringIO())
+    start, read = time.perf_counter(), 0
+    seen: dict[str, str] = {}
+    for entry in plan.manifest.shards:
+        if entry.name not in pending:  # finished earlier: only its keys matter, to spot duplicates later on
+            for key in plan.live_keys(entry.name, sample_keys(plan.shards_dir, entry.name)):
+                seen.setdefault(key, entry.name)
+            continue
+        markers[entry.name] = clean_shard(plan.job(entry.name), seen)
+        read += entry.bytes
+        bar.update(1, f"{read / 1e6 / max(time.perf_counter() - start, 1e-9):.1f} MB/s")
+    bar.close(f"{read / 1e6:.1f} MB read")
+    return markers

@@ -1,0 +1,193 @@
+"""One self-contained HTML page about a selection: score histogram with the threshold, counts, how the threshold
+was chosen, and thumbnails of the most-flagged samples and of those just below the threshold.
+
+Images and the plot are inlined as base64 PNG, so the file can be mailed or archived alone. Every key and text
+from the data goes through html.escape: keys and error messages come from the corpus, not from us.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+import tarfile
+import tempfile
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+
+from dede_core.io import storage
+from dede_core.detector.health import describe_health
+from dede_core.stages.select import Selection, format_number, hit_sql, scored_sql
+from dede_core.io.sources import TAR_IMAGE_EXTENSIONS, clean_key, split_member
+from dede_core.sql import connect, has_view
+
+THUMB_MIN = 96  # small images (CIFAR's 32x32) are enlarged by a whole factor, nearest neighbour: no blur
+THUMB_MAX = 160
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
+th{background:#f3f3f3}.grid{display:flex;flex-wrap:wrap;gap:10px}
+figure{margin:0;width:170px;font-size:12px;word-break:break-all}
+figure img{image-rendering:pixelated;display:block;max-width:160px}.muted{color:#777}"""
+
+
+def _png_base64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _histogram(values: np.ndarray, calibration: np.ndarray | None, threshold: float | None, column: str) -> str:
+    """The histogram as base64 PNG; densities when the calibration scores are overlaid (sizes differ)."""
+    fig = Figure(figsize=(8, 3.4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    both = values if calibration is None else np.concatenate([values, calibration])
+    if both.size:
+        bins = np.histogram_bin_edges(both, bins=60)
+        density = calibration is not None
+        ax.hist(values, bins=bins, alpha=0.65, density=density, label=f"corpus ({values.size})")
+        if calibration is not None:
+            ax.hist(calibration, bins=bins, alpha=0.5, density=True, label=f"held-out calibration ({calibration.size})")
+        ax.set_ylabel("density" if density else "samples")
+    else:
+        ax.text(0.5, 0.5, "no scored samples", ha="center", transform=ax.transAxes)
+    if threshold is not None:
+        ax.axvline(threshold, color="crimson", linestyle="--", label=f"threshold {format_number(threshold)}")
+    ax.set_xlabel(column)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def read_images(shards_dir: str, wanted: dict[str, set[str]]) -> dict[str, bytes]:
+    """{key: image bytes} for the wanted keys of each shard, read member by member until all are found."""
+    found: dict[str, bytes] = {}
+    for shard, keys in wanted.items():
+        path = storage.join(shards_dir, shard)
+        if not storage.isfile(path):
+            continue
+        left = set(keys)
+        with storage.open_read(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for member in tar:
+                parsed = split_member(member.name) if member.isreg() else None
+                if parsed is None or parsed[1] not in TAR_IMAGE_EXTENSIONS:
+                    continue
+                key = clean_key(parsed[0])
+                if key in left:
+                    found[key] = tar.extractfile(member).read()
+                    left.discard(key)
+                    if not left:
+                        break
+    return found
+
+
+def _thumbnail(data: bytes | None) -> str:
+    """An <img> (or a note saying why there is none) for one sample's encoded bytes."""
+    if data is None:
+        return '<div class="muted">image not found in the shards</div>'
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        image = image.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - the corpus may hold anything; the report still renders
+        return f'<div class="muted">cannot decode: {html.escape(str(e))}</div>'
+    side = max(image.size)
+    if side < THUMB_MIN:
+        factor = math.ceil(THUMB_MIN / side)
+        image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+    elif side > THUMB_MAX:
+        image.thumbnail((THUMB_MAX, THUMB_MAX))
+    return f'<img alt="" src="data:image/png;base64,{_png_base64(image)}">'
+
+
+def _gallery(rows: list[tuple[str, str, float | None]], images: dict[str, bytes], column: str) -> str:
+    if not rows:
+        return '<p class="muted">none</p>'
+    figures = []
+    for key, shard, value in rows:
+        shown = "NULL" if value is None else format_number(value)
+        figures.append(f"<figure>{_thumbnail(images.get(key))}<figcaption>{html.escape(key)}<br>"
+                       f"{html.escape(column)} {html.escape(shown)} <span class=muted>{html.escape(shard)}"
+                       f"</span></figcaption></figure>")
+    return '<div class="grid">' + "".join(figures) + "</div>"
+
+
+def _table(header: list[str], rows: list[list[object]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def write_report(scores_dir: str | os.PathLike, shards_dir: str | os.PathLike, out_html: str | os.PathLike, *,
+                 selection: Selection, n_thumbs: int = 24) -> str:
+    """Write one self-contained HTML report of `selection` over SCORES and SHARDS; returns its path."""
+    if isinstance(n_thumbs, bool) or not isinstance(n_thumbs, int) or n_thumbs < 0:
+        raise ValueError(f"n_thumbs must be a non-negative int, got {n_thumbs!r}")
+    scores_dir, shards_dir, out_html = (os.fspath(p) for p in (scores_dir, shards_dir, out_html))
+    rule, threshold = selection.rule, selection.threshold
+    column = rule.column or "score"
+    scored, hit = scored_sql(rule), hit_sql(rule, threshold)
+    value_sql = f"SELECT {column} FROM {{view}} WHERE {column} IS NOT NULL AND isfinite({column})"
+    conn = connect(scores_dir)
+    try:
+        values = conn.sql(value_sql.format(view="scores") + f" AND {scored}").to_arrow_table().column(0).to_numpy()
+        calibration = None
+        if has_view(conn, "calibration"):
+            calibration = conn.sql(value_sql.format(view="calibration")).to_arrow_table().column(0).to_numpy()
+        top = (f"SELECT key, shard, {column} FROM scores WHERE {scored} AND {{cond}} "
+               f"ORDER BY {column} DESC NULLS LAST, key LIMIT ?")
+        flagged = conn.execute(top.format(cond=hit), [n_thumbs // 2]).fetchall()
+        below = conn.execute(top.format(cond=f"NOT {hit}"), [n_thumbs - n_thumbs // 2]).fetchall()
+    finally:
+        conn.close()
+    wanted: dict[str, set[str]] = {}
+    for key, shard, _ in flagged + below:
+        wanted.setdefault(shard, set()).add(key)
+    images = read_images(shards_dir, wanted)
+
+    c = selection.counts
+    reasons: dict[str, int] = {}
+    for reason in selection.dropped.column("reason").to_pylist():
+        reasons[reason] = reasons.get(reason, 0) + 1
+    top_reasons = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
+    below_title = "Just below the threshold" if threshold is not None else "Highest-scored samples kept"
+    unscored = "kept" if selection.keep_unscored else "dropped"
+    shown_threshold = "none" if threshold is None else f"{format_number(threshold)} (exactly {threshold!r})"
+    e = html.escape
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8"><title>dede selection report</title>',
+        f"<style>{_CSS}</style></head><body>", "<h1>dede selection report</h1>",
+        f"<p>scores <code>{e(storage.absolute(scores_dir))}</code>, shards <code>{e(storage.absolute(shards_dir))}"
+        f"</code><br>detector <code>{e(str(selection.detector_hash))}</code>, encoder "
+        f"<code>{e(str(selection.encoder_id))}</code></p>",
+        "<h2>How the threshold was chosen</h2>", f"<p>{e(selection.how)}</p>",
+        f"<p>rule <code>{e(rule.label)}</code>; threshold <b>{e(shown_threshold)}</b>; "
+        f"samples without a score are {unscored}.</p>",
+        f"<p class=health>{e(describe_health(selection.detector_health))}</p>",
+        "<h2>Counts</h2>",
+        _table(["total", "kept", "dropped", "unscored"], [[c.total, c.kept, c.dropped, c.unscored]]),
+        '<p class="muted">over the rows of the scores table</p>',
+        "<h2>Score distribution</h2>",
+        f'<img alt="histogram of {e(column)}" src="data:image/png;base64,'
+        f'{_histogram(values, calibration, threshold, column)}">',
+        "<h2>Most flagged</h2>", _gallery(flagged, images, column),
+        f"<h2>{below_title}</h2>", _gallery(below, images, column),
+        "<h2>Reasons for dropping</h2>", _table(["reason", "samples"], [[r, n] for r, n in top_reasons]),
+        "</body></html>",
+    ]
+    remote = storage.is_url(out_html)  # then written locally and uploaded in one piece
+    folder = tempfile.gettempdir() if remote else os.path.dirname(os.path.abspath(out_html))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{storage.basename(out_html)}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("\n".join(parts) + "\n")
+    storage.publish(tmp, out_html)
+    return out_html

@@ -1,0 +1,463 @@
+"""Score stage: a shards folder -> OUT/<shard>.parquet per shard, OUT/calibration.parquet and OUT/run.json.
+
+The shard is the unit of work: its Parquet file appears (temporary name + rename) only once every sample of it
+is scored, then `_done/<shard>.json` is written last; rerunning skips shards with both. Batches still span
+shards: one DataLoader runs over all pending shards and results are routed back to their shard by position.
+OUT/run.json pins the detector, encoder and score settings, so one folder never mixes scores of two setups.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from dede_core import __version__
+from dede_core.io import storage
+from dede_core.detector.checkpoint import Checkpoint, load_detector
+from dede_core.detector.cache import load_detector_once
+from dede_core.io.images import ImageDecodeError, View, decode_views, image_size
+from dede_core.io.progress import Progress
+from dede_core.detector.health import describe_health
+from dede_core.detector.scorer import ScoreConfig, Scorer, for_checkpoint
+from dede_core.stages.select import RUN_NAME
+from dede_core.io.sources import TarShardSource
+from schemas.manifest import ShardEntry, differences, read_manifest, write_json_atomic
+from schemas.tables import (CALIBRATION, STATUS_DECODE_ERROR, STATUS_OK, STATUS_READ_ERROR, STATUS_SKIPPED,
+                            scores_schema, with_metadata)
+
+CALIBRATION_NAME, DONE_DIR, FAILED_DIR = "calibration.parquet", "_done", "_failed"
+SKIPPED_NAME = "skipped.parquet"  # the shards manifest's skipped entries as rows, so the scores account for all
+IGNORED_ON_RERUN = ("dede_version",)  # recorded, but a new release may finish an old run's shards
+
+
+@dataclass(frozen=True)
+class ScoreStageResult:
+    """What one call did."""
+
+    scored: list[str]  # shards scored and written by this call
+    skipped: list[str]  # shards already complete (marker and Parquet present): not touched
+    failed: dict[str, str]  # unreadable shard -> why; also OUT/_failed/<stem>.json, retried on rerun
+    samples: int  # rows written by this call
+    ok: int  # of which scored
+    decode_errors: int
+    read_errors: int
+    elapsed_s: float
+    images_per_s: float
+
+
+def knn_distance(embedding: torch.Tensor, bank: torch.Tensor | None, k: int, *, chunk: int = 64
+                 ) -> torch.Tensor | None:
+    """(N, D) -> (N,) float32 Euclidean distance to the k-th nearest bank row (B, D); None without a bank.
+
+    Rows go through torch.cdist in fixed chunks of `chunk` (zero-padded), as in the Scorer: the matmul kernels
+    then always see one shape, so a row's distance does not depend on the batch it arrived in.
+    """
+    if bank is None or bank.shape[0] == 0:
+        return None
+    bank = bank.float()
+    out = []
+    for start in range(0, embedding.shape[0], chunk):
+        rows = embedding[start:start + chunk]
+        padded = torch.zeros(chunk, bank.shape[1], device=bank.device)
+        padded[:len(rows)] = rows.to(bank.device, torch.float32)
+        dist = torch.cdist(padded, bank, compute_mode="use_mm_for_euclid_dist")[:len(rows)]
+        out.append(dist.kthvalue(k, dim=1).values.cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def density_score(knn: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Two-sided density: |log k-distance - median| / MAD, the median and MAD over `reference` k-distances (the
+    held-out calibration images'). High when an embedding sits in an abnormally tight cluster (triggered embeddings
+    collapsing onto the target, with triggered neighbours in the bank) or abnormally far from everything (the same
+    collapse with a clean bank). Row by row, so batch-invariant."""
+    ref = torch.log(reference.double().clamp_min(1e-12))
+    median = ref.median()
+    mad = (ref - median).abs().median().clamp_min(1e-12)
+    return ((torch.log(knn.double().clamp_min(1e-12)) - median).abs() / mad).float()
+
+
+def run_config(ckpt: Checkpoint, score: ScoreConfig, *, knn_k: int, with_embedding: bool, device: str,
+               shards_id: str) -> dict[str, Any]:
+    """Everything a score depends on; saved as OUT/run.json and in every Parquet file's metadata."""
+    return {"detector_hash": ckpt.content_hash, "encoder_spec": ckpt.encoder_spec,
+            "encoder_fingerprint": ckpt.encoder_fingerprint, "detector_config": ckpt.config.to_dict(),
+            "score": score.to_dict(), "knn_k": knn_k, "with_embedding": with_embedding,
+            "detector_health": ckpt.meta.get("health"),
+            # bf16 autocast on CUDA gives other (close) numbers than the CPU: one folder holds one kind.
+            "device_type": torch.device(device).type, "shards": shards_id, "dede_version": __version__}
+
+
+def _grown(out_dir: str, entries: list[ShardEntry]) -> bool:
+    """True when every shard finished in OUT is, unchanged, in the manifest (whose list has only grown)."""
+    by_name = {e.name: e.sha256 for e in entries}
+    for name in storage.listdir(storage.join(out_dir, DONE_DIR)):
+        marker = storage.read_json(storage.join(out_dir, DONE_DIR, name)) if name.endswith(".json") else {}
+        if marker and by_name.get(marker.get("shard")) != marker.get("sha256"):
+            return False
+    return True
+
+
+def _claim_run(out_dir: str, config: dict[str, Any], entries: list[ShardEntry]) -> None:
+    """Write OUT/run.json if absent (atomically, first writer wins), else refuse when settings differ.
+
+    At a URL the record is one put and the last writer wins: the dede-score flow writes it in its first task,
+    before the parallel ones start."""
+    path = storage.join(out_dir, RUN_NAME)
+    if storage.is_url(out_dir):
+        if not storage.isfile(path):
+            if storage.listdir(storage.join(out_dir, DONE_DIR)):
+                raise ValueError(f"{out_dir} holds finished shards but no {RUN_NAME}: it cannot be told what "
+                                 f"made them; score into a new folder, or delete {out_dir}")
+            write_json_atomic(path, config)
+    elif not os.path.exists(path):
+        if os.listdir(os.path.join(out_dir, DONE_DIR)):
+            raise ValueError(f"{out_dir} holds finished shards but no {RUN_NAME}: it cannot be told what made "
+                             f"them; score into a new folder, or delete {out_dir}")
+        fd, tmp = tempfile.mkstemp(prefix=f".{RUN_NAME}.", suffix=".tmp", dir=out_dir)
+        with os.fdopen(fd, "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        os.chmod(tmp, 0o644)
+        try:
+            os.link(tmp, path)  # fails if a parallel worker got there first; then compare with its record
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    old = storage.read_json(path)
+    strip = lambda d: {k: v for k, v in d.items() if k not in IGNORED_ON_RERUN}  # noqa: E731
+    diffs = differences(strip(old), strip(config))
+    if diffs and all(d.startswith("shards:") for d in diffs) and _grown(out_dir, entries):
+        write_json_atomic(path, config)  # the corpus grew (dede shard appended shards): same setup, more shards
+        return
+    if diffs:
+        raise ValueError(f"{out_dir} holds scores made with other settings ({'; '.join(diffs)}); scores of two "
+                         f"setups never mix: score into a new folder, or delete {out_dir} to rescore all")
+
+
+def _select(entries: list[ShardEntry], wanted: list[str] | None) -> list[ShardEntry]:
+    if wanted is None:
+        return list(entries)
+    by_name = {e.name: e for e in entries} | {os.path.splitext(e.name)[0]: e for e in entries}
+    unknown = [w for w in wanted if os.path.basename(w) not in by_name]
+    if unknown:
+        raise ValueError(f"shards {unknown[:5]} are not in the manifest (it lists {entries[0].name} .. "
+                         f"{entries[-1].name})" if entries else f"shards {unknown[:5]}: the manifest lists none")
+    picked = {by_name[os.path.basename(w)].name for w in wanted}
+    return [e for e in entries if e.name in picked]
+
+
+class _ShardRows:
+    """One pending shard: its reader and its result columns, filled by position as batches come back."""
+
+    def __init__(self, entry: ShardEntry, source: TarShardSource) -> None:
+        self.entry, self.source, self.keys = entry, source, source.keys()
+        self.stem = os.path.splitext(entry.name)[0]
+        # Members the reader could not make a sample of come last, as read_error rows: nothing disappears.
+        n = len(self.keys) + len(source.skipped)
+        self.rows: list[dict[str, Any] | None] = [None] * n
+        for j, (key, reason) in enumerate(source.skipped):
+            self.rows[len(self.keys) + j] = {"key": key, "label": None, "width": None, "height": None,
+                                             "status": STATUS_READ_ERROR, "error": reason}
+        self.missing = len(self.keys)
+        self.started: float | None = None
+
+
+class _PendingSamples(Dataset):
+    """All pending shards as one map-style dataset: item -> decoded image plus where its row goes."""
+
+    def __init__(self, parts: list[_ShardRows], views: tuple[View, View]) -> None:
+        self.sources = [p.source for p in parts]
+        self.keys = [p.keys for p in parts]
+        self.starts = list(np.cumsum([0] + [len(k) for k in self.keys]))
+        self.views = views  # (the detector's, the victim encoder's)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        part = bisect.bisect_right(self.starts, index) - 1
+        position = index - int(self.starts[part])
+        blank = [torch.zeros(v.channels, v.size, v.size, dtype=torch.uint8) for v in self.views]
+        item = {"part": part, "position": position, "key": self.keys[part][position], "label": None,
+                "width": None, "height": None, "status": STATUS_OK, "error": None,
+                "image": blank[0], "victim": blank[1]}
+        try:
+            sample = self.sources[part][position]
+        except (OSError, ValueError) as exc:
+            return item | {"status": STATUS_READ_ERROR, "error": f"{type(exc).__name__}: {exc}"}
+        item["label"] = sample.label
+        try:
+            item["image"], item["victim"] = decode_views(sample.data, self.views)
+            item["width"], item["height"] = image_size(sample.data)
+        except ImageDecodeError as exc:
+            return item | {"status": STATUS_DECODE_ERROR, "error": str(exc)}
+        return item
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    batch = {name: [item[name] for item in items] for name in items[0] if name not in ("image", "victim")}
+    batch["image"] = torch.stack([item["image"] for item in items])
+    batch["victim"] = torch.stack([item["victim"] for item in items])
+    return batch
+
+
+def _open_part(shards_dir: str, entry: ShardEntry, scratch: str | None) -> _ShardRows:
+    """Index one shard; ValueError/OSError when it is missing, cut short or not a tar (the shard fails).
+    A shard at a URL is downloaded into `scratch` first: the reader needs random access."""
+    path = storage.join(shards_dir, entry.name)
+    size = storage.getsize(path)
+    if size != entry.bytes:
+        raise ValueError(f"{path} is {size} bytes but the manifest says {entry.bytes}: it changed or was cut "
+                         f"short since sharding; reshard or restore it")
+    return _ShardRows(entry, TarShardSource([storage.local_copy(path, scratch or "")]))
+
+
+def _write_parquet(table: pa.Table, path: str) -> None:
+    """Temporary name next to `path`, then rename; at a URL, written locally and uploaded in one piece."""
+    folder, name = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=None if storage.is_url(path) else folder)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.chmod(tmp, 0o644)
+        storage.publish(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class _Run:
+    """One call's fixed context: where to write, the scorer, the bank, the schema with its metadata."""
+
+    def __init__(self, out_dir: str, scorer: Scorer, ckpt: Checkpoint, config: dict[str, Any]) -> None:
+        self.out_dir, self.scorer, self.ckpt, self.config = out_dir, scorer, ckpt, config
+        self.knn_k, self.with_embedding = config["knn_k"], config["with_embedding"]
+        self.bank = None if ckpt.knn_bank is None else ckpt.knn_bank.to(scorer.device, torch.float32)
+        config_json = json.dumps(config, sort_keys=True)
+        self.schema = with_metadata(scores_schema(self.with_embedding), "scores", config_json)
+        self.calibration_schema = with_metadata(CALIBRATION, "calibration", config_json)
+        self.constant = {"draws": config["score"]["draws"], "detector_hash": ckpt.content_hash,
+                         "encoder_id": f"{ckpt.encoder_spec}#{ckpt.encoder_fingerprint[:16]}"}
+        self.calibration_embeddings = ckpt.calibration_embeddings
+        if ckpt.calibration_images is not None and self.calibration_embeddings is None:
+            # an older checkpoint: its held-out images are embedded as they are
+            self.calibration_embeddings = scorer.embed(ckpt.calibration_images)
+        # The held-out images' k-distances: the reference of the two-sided density score.
+        self.reference_knn = None
+        if self.calibration_embeddings is not None and len(self.calibration_embeddings):
+            self.reference_knn = knn_distance(self.calibration_embeddings, self.bank, self.knn_k,
+                                              chunk=scorer.config.chunk)
+
+    def score(self, images: torch.Tensor, keys: list[str], *, victim: torch.Tensor | None = None,
+              embedding: torch.Tensor | None = None) -> dict[str, list]:
+        """-> {score, recon_error, knn_score, density_score, embedding}, one list entry per key."""
+        out = self.scorer.score(images, keys, victim=victim, embedding=embedding)
+        knn = knn_distance(out.embedding, self.bank, self.knn_k, chunk=self.scorer.config.chunk)
+        none = [None] * len(keys)
+        density = none if knn is None or self.reference_knn is None else density_score(knn, self.reference_knn)
+        return {"score": out.score.tolist(), "recon_error": out.error.tolist(),
+                "knn_score": none if knn is None else knn.tolist(),
+                "density_score": density if isinstance(density, list) else density.tolist(),
+                "embedding": list(out.embedding.numpy())}
+
+    def write_shard(self, part: _ShardRows) -> Counter:
+        """OUT/<stem>.parquet (temp + rename), then the _done marker last; returns the status counts."""
+        columns = {name: [row.get(name) for row in part.rows] for name in self.schema.names
+                   if name not in self.constant}
+        columns |= {"shard": [part.entry.name] * len(part.rows), "position": list(range(len(part.rows)))}
+        columns |= {name: [value] * len(part.rows) for name, value in self.constant.items()}
+        _write_parquet(pa.Table.from_pydict(columns, schema=self.schema),
+                       storage.join(self.out_dir, f"{part.stem}.parquet"))
+        counts = Counter(columns["status"])
+        elapsed = 0.0 if part.started is None else time.perf_counter() - part.started
+        write_json_atomic(storage.join(self.out_dir, DONE_DIR, f"{part.stem}.json"),
+                          {"shard": part.entry.name, "rows": len(part.rows), "counts": counts,
+                           "elapsed_s": round(elapsed, 3), "sha256": part.entry.sha256,
+                           "detector_hash": self.ckpt.content_hash})
+        failed = storage.join(self.out_dir, FAILED_DIR, f"{part.stem}.json")
+        if storage.isfile(failed):
+            storage.unlink(failed)  # an earlier failure is resolved
+        return counts
+
+    def write_skipped(self, skipped: list[tuple[str, str]]) -> None:
+        """OUT/skipped.parquet: a row (status skipped, shard "", error = why) per source entry that `dede shard`
+        left out, so one query over the scores view accounts for every input; rewritten when the list changes."""
+        path = storage.join(self.out_dir, SKIPPED_NAME)
+        if storage.isfile(path):
+            with storage.open_read(path) as f:
+                had = pq.read_table(f, columns=["key", "error"]).to_pylist()
+            if [(r["key"], r["error"]) for r in had] == list(skipped):
+                return
+        elif not skipped:
+            return
+        n = len(skipped)
+        columns = {name: [None] * n for name in self.schema.names}
+        columns |= {"key": [k for k, _ in skipped], "error": [r for _, r in skipped], "shard": [""] * n,
+                    "position": list(range(n)), "status": [STATUS_SKIPPED] * n}
+        columns |= {name: [value] * n for name, value in self.constant.items()}
+        _write_parquet(pa.Table.from_pydict(columns, schema=self.schema), path)
+
+    def write_calibration(self, batch_size: int) -> None:
+        """OUT/calibration.parquet: the checkpoint's held-out images, scored exactly like the corpus."""
+        keys, images, embeddings = self.ckpt.calibration_keys, self.ckpt.calibration_images, self.calibration_embeddings
+        columns: dict[str, list] = {name: [] for name in self.calibration_schema.names}
+        for start in range(0, len(keys) if images is not None else 0, batch_size):
+            stop = start + batch_size
+            scored = self.score(images[start:stop], keys[start:stop], embedding=embeddings[start:stop])
+            for name in columns:  # knn and density are None when the detector carries no k-NN bank
+                columns[name] += keys[start:stop] if name == "key" else scored[name]
+        table = pa.Table.from_pydict(columns, schema=self.calibration_schema)
+        _write_parquet(table, storage.join(self.out_dir, CALIBRATION_NAME))
+
+
+def _route(batch: dict[str, Any], parts: list[_ShardRows], run: _Run) -> list[_ShardRows]:
+    """Score a batch, put each row into its shard; returns the shards this batch completed."""
+    ok = [i for i, status in enumerate(batch["status"]) if status == STATUS_OK]
+    results = run.score(batch["image"][ok], [batch["key"][i] for i in ok], victim=batch["victim"][ok]) if ok else {}
+    scored = {i: {name: values[j] for name, values in results.items()} for j, i in enumerate(ok)}
+    completed = []
+    now = time.perf_counter()
+    for i, (p, position) in enumerate(zip(batch["part"], batch["position"])):
+        part = parts[p]
+        part.started = part.started or now
+        row = {name: batch[name][i] for name in ("key", "label", "width", "height", "status", "error")}
+        if i in scored:
+            row |= scored[i]
+        part.rows[position] = row
+        part.missing -= 1
+        if part.missing == 0:
+            completed.append(part)
+    return completed
+
+
+def _check_args(knn_k: int, batch_size: int, workers: int, device: str, ckpt: Checkpoint) -> None:
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must be cpu, cuda or cuda:N (resolve 'auto' first), got {device!r}") from None
+    for name, value, low in (("knn_k", knn_k, 1), ("batch_size", batch_size, 1), ("workers", workers, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    bank = 0 if ckpt.knn_bank is None else ckpt.knn_bank.shape[0]
+    if 0 < bank < knn_k:
+        raise ValueError(f"knn_k={knn_k} but the detector's k-NN bank holds {bank} embeddings; pass knn_k <= {bank}")
+
+
+def _is_done(out_dir: str, entry: ShardEntry) -> bool:
+    stem = os.path.splitext(entry.name)[0]
+    return (storage.isfile(storage.join(out_dir, DONE_DIR, f"{stem}.json"))
+            and storage.isfile(storage.join(out_dir, f"{stem}.parquet")))
+
+
+def _open_parts(shards_dir: str, out_dir: str, todo: list[ShardEntry], log: Callable[[str], None],
+                scratch: str | None = None) -> tuple[list[_ShardRows], dict[str, str]]:
+    """Index the pending shards; a broken one is recorded in _failed/ and left out, the others go on."""
+    parts, failed = [], {}
+    for entry in todo:
+        try:
+            parts.append(_open_part(shards_dir, entry, scratch))
+        except (OSError, ValueError) as exc:
+            failed[entry.name] = f"{type(exc).__name__}: {exc}"
+            log(f"warning: shard {entry.name} cannot be read and is not scored: {failed[entry.name]}")
+            write_json_atomic(storage.join(out_dir, FAILED_DIR, f"{os.path.splitext(entry.name)[0]}.json"),
+                              {"shard": entry.name, "error": failed[entry.name]})
+    return parts, failed
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def score_shards(shards_dir: str, *, detector: str, out_dir: str, score: ScoreConfig = ScoreConfig(),
+                 knn_k: int = 10, with_embedding: bool = False, batch_size: int = 256, workers: int = 2,
+                 device: str = "cpu", shards: list[str] | None = None, progress: bool = True,
+                 log: Callable[[str], None] | None = None, encoder: str | None = None,
+                 reuse_detector: bool = False) -> ScoreStageResult:
+    """Score every sample of a shards folder (or the named `shards` of it) into OUT/<shard>.parquet.
+
+    Rerunning skips finished shards, retries failed ones, and refuses if the detector or settings changed.
+    `shards=[]` scores no shard but writes OUT/run.json and OUT/calibration.parquet (a flow's first task).
+    `encoder`: the victim's spec, when the detector's own must not be trusted to run code (checkpoint.load_detector).
+    `reuse_detector`: keep the loaded detector for the next call in this process (a worker's later tasks).
+    SHARDS and OUT may be fsspec URLs (dede_core.io.storage): shards are then downloaded one call at a time.
+    """
+    log, started = log or _stderr, time.perf_counter()
+    shards_dir, out_dir = os.fspath(shards_dir), os.fspath(out_dir)
+    manifest = read_manifest(shards_dir)
+    entries = _select(manifest.shards, shards)
+    load = load_detector_once if reuse_detector else load_detector
+    model, encoder, ckpt = load(detector, encoder_spec=encoder)
+    _check_args(knn_k, batch_size, workers, device, ckpt)
+    score = for_checkpoint(score, ckpt)
+    scorer = Scorer(detector=model, encoder=encoder, config=score, device=device, references=ckpt.knn_bank)
+    listing = json.dumps([[e.name, e.sha256] for e in manifest.shards]).encode()
+    shards_id = f"{len(manifest.shards)} shards, sha256 {hashlib.sha256(listing).hexdigest()[:16]}"
+    config = run_config(ckpt, score, knn_k=knn_k, with_embedding=with_embedding, device=device, shards_id=shards_id)
+    for sub in (DONE_DIR, FAILED_DIR):
+        storage.makedirs(storage.join(out_dir, sub))
+    _claim_run(out_dir, config, manifest.shards)
+    if not shards:  # a whole-folder call, or a flow's first task: once per run, not once per shard group
+        log(describe_health(ckpt.meta.get("health")))
+    run = _Run(out_dir, scorer, ckpt, config)
+    if not storage.isfile(storage.join(out_dir, CALIBRATION_NAME)):
+        run.write_calibration(batch_size)
+    if not shards:  # a whole-folder call (or a flow's first task): never two tasks at once
+        storage.sweep_temporaries(out_dir, (DONE_DIR, FAILED_DIR))
+        run.write_skipped(list(manifest.skipped))
+    skipped = [e.name for e in entries if _is_done(out_dir, e)]
+    scratch = storage.scratch(shards_dir)  # downloaded shards, when SHARDS is a URL
+    try:
+        parts, failed = _open_parts(shards_dir, out_dir, [e for e in entries if e.name not in skipped], log,
+                                    scratch.name if scratch else None)
+        counts = _score_parts(parts, run, batch_size=batch_size, workers=workers, progress=progress)
+    finally:
+        if scratch:
+            scratch.cleanup()
+    elapsed = time.perf_counter() - started
+    rows = sum(counts.values())
+    result = ScoreStageResult(scored=[p.entry.name for p in parts], skipped=skipped, failed=failed, samples=rows,
+                              ok=counts[STATUS_OK], decode_errors=counts[STATUS_DECODE_ERROR],
+                              read_errors=counts[STATUS_READ_ERROR], elapsed_s=elapsed,
+                              images_per_s=rows / elapsed if elapsed > 0 else 0.0)
+    log(f"scored {rows} samples in {len(parts)} shards ({result.images_per_s:.1f} img/s); {len(skipped)} "
+        f"already done; {len(failed)} unreadable{' (see ' + FAILED_DIR + '/)' if failed else ''} -> {out_dir}")
+    return result
+
+
+def _score_parts(parts: list[_ShardRows], run: _Run, *, batch_size: int, workers: int,
+                 progress: bool) -> Counter:
+    """Decode in workers, score batch by batch, write each shard as soon as its last sample is back."""
+    counts: Counter = Counter()
+    for part in [p for p in parts if p.missing == 0]:  # nothing readable inside: only read_error rows
+        counts += run.write_shard(part)
+    dataset = _PendingSamples(parts, (run.ckpt.config.view, run.scorer.encoder.view))
+    bar = Progress(len(dataset), desc="scoring", stream=None if progress and len(dataset) else io.StringIO())
+    done = len(parts) - sum(1 for p in parts if p.missing)
+    if len(dataset):
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                            collate_fn=_collate, prefetch_factor=4 if workers else None,
+                            pin_memory=run.scorer.device.type == "cuda")
+        for batch in loader:
+            for part in _route(batch, parts, run):
+                counts += run.write_shard(part)
+                part.rows = []  # free the finished shard's results
+                done += 1
+            bar.update(len(batch["key"]), f"shards {done}/{len(parts)}")
+    bar.close(f"shards {done}/{len(parts)}")
+    return counts
