@@ -34,7 +34,7 @@ from bench.datasets import load_mnist_digits
 from bench.downstream import DownstreamConfig, evaluate_filtering
 from dede_core.detector.encoders import load_encoder
 from dede_core.io.images import fit_tensor
-from dede_core.stages.score import knn_distance
+from dede_core.detector.knn import knn_distance
 from dede_core.detector.scorer import ScoreConfig, load_scorer
 from dede_core.io.sources import Sample
 from bench.ssl import SimCLRConfig, embed_all

@@ -37,7 +37,7 @@ from dede_core.detector.config import DetectorConfig
 from bench.datasets import load_fashion_mnist
 from dede_core.detector.encoders import load_encoder
 from dede_core.detector.health import RELIANCE_FLOOR
-from dede_core.stages.score import density_score
+from dede_core.detector.knn import density_score
 from dede_core.detector.scorer import ScoreConfig
 from bench.ssl import knn_accuracy, linear_probe
 from dede_core.detector.train import TrainConfig, detector_config, train_detector

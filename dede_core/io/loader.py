@@ -1,54 +1,74 @@
-"""Decoding samples in DataLoader workers: a failed decode is a row with a status, never a crash."""
+"""The one decode Dataset: every stage, training and the throughput benchmark decode samples through it.
+
+A sample that cannot be read or decoded becomes an item with a status and an error, never a crash: the score
+stage writes it as a row (styles 8), training leaves it out and lists it.
+"""
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dede_core.io.images import View, decode_views
+from dede_core.io.images import ImageDecodeError, View, decode_views, image_size
 from dede_core.io.sources import Source
+from schemas.tables import STATUS_DECODE_ERROR, STATUS_OK, STATUS_READ_ERROR
+
+TENSORS = "views"  # the one item field that is stacked into a batch; every other field becomes a list
 
 
 class DecodedSamples(Dataset):
-    """Map-style dataset over a Source: item i -> {index, key, views (one uint8 (C, S, S) per view), ok, error}.
+    """Map-style dataset over one or more Sources, end to end: item i -> {index, part, position, key, label,
+    width, height, status, error, ok, views (one uint8 (C, S, S) tensor per view)}.
 
-    Each sample is decoded once and fitted to every view (the detector's, the victim encoder's)."""
+    `part` and `position` say which source and which sample of it the item is. Each sample is decoded once and
+    fitted to every view (the detector's, the victim encoder's)."""
 
-    def __init__(self, source: Source, *, views: tuple[View, ...]) -> None:
-        self.source, self.views = source, tuple(views)
+    def __init__(self, sources: Source | Sequence[Source], *, views: tuple[View, ...]) -> None:
+        self.sources = list(sources) if isinstance(sources, (list, tuple)) else [sources]
+        self.starts = [int(s) for s in np.cumsum([0] + [len(s) for s in self.sources])]
+        self.views = tuple(views)
 
     def __len__(self) -> int:
-        return len(self.source)
+        return self.starts[-1]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        key = ""
+        part = bisect.bisect_right(self.starts, index) - 1
+        position = index - self.starts[part]
+        item = {"index": index, "part": part, "position": position, "key": "", "label": None, "width": None,
+                "height": None, "status": STATUS_OK, "error": None, "ok": True,
+                TENSORS: [torch.zeros(v.channels, v.size, v.size, dtype=torch.uint8) for v in self.views]}
         try:
-            sample = self.source[index]
-            key = sample.key
-            views = decode_views(sample.data, self.views)
-            return {"index": index, "key": key, "views": views, "ok": True, "error": ""}
-        except (ValueError, OSError) as exc:  # undecodable or unreadable sample: data, not a crash
-            blank = [torch.zeros(v.channels, v.size, v.size, dtype=torch.uint8) for v in self.views]
-            return {"index": index, "key": key, "views": blank, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            sample = self.sources[part][position]
+        except (OSError, ValueError) as exc:  # an unreadable sample: data, not a crash
+            return item | {"status": STATUS_READ_ERROR, "error": f"{type(exc).__name__}: {exc}", "ok": False}
+        item |= {"key": sample.key, "label": sample.label}
+        try:
+            item[TENSORS] = list(decode_views(sample.data, self.views))
+            item["width"], item["height"] = image_size(sample.data)
+        except ImageDecodeError as exc:
+            return item | {"status": STATUS_DECODE_ERROR, "error": str(exc), "ok": False}
+        return item
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
-        "key": [item["key"] for item in items],
-        "views": [torch.stack([item["views"][v] for item in items]) for v in range(len(items[0]["views"]))],
-        "ok": torch.tensor([item["ok"] for item in items], dtype=torch.bool),
-        "error": [item["error"] for item in items],
-    }
+    """Stack the views, keep every other field as a list; `index` and `ok` as tensors (what training masks with)."""
+    batch = {name: [item[name] for item in items] for name in items[0] if name != TENSORS}
+    batch[TENSORS] = [torch.stack([item[TENSORS][v] for item in items]) for v in range(len(items[0][TENSORS]))]
+    batch["index"] = torch.tensor(batch["index"], dtype=torch.long)
+    batch["ok"] = torch.tensor(batch["ok"], dtype=torch.bool)
+    return batch
 
 
-def make_loader(source: Source, *, views: tuple[View, ...], batch_size: int, workers: int,
+def make_loader(sources: Source | Sequence[Source], *, views: tuple[View, ...], batch_size: int, workers: int,
                 pin_memory: bool = False) -> DataLoader:
-    """Ordered loader (no shuffling): decoding in `workers` processes, batches spanning samples."""
+    """Ordered loader (no shuffling): decoding in `workers` processes, batches spanning samples and sources."""
     return DataLoader(
-        DecodedSamples(source, views=views),
+        DecodedSamples(sources, views=views),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

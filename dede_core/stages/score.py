@@ -8,7 +8,6 @@ OUT/run.json pins the detector, encoder and score settings, so one folder never 
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import io
 import json
@@ -24,15 +23,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from dede_core import __version__
 from dede_core.io import storage
 from dede_core.detector.checkpoint import Checkpoint, load_detector
 from dede_core.detector.cache import load_detector_once
-from dede_core.io.images import ImageDecodeError, View, decode_views, image_size
 from dede_core.io.progress import Progress
 from dede_core.detector.health import describe_health
+from dede_core.detector.knn import density_score, knn_distance
+from dede_core.io.loader import make_loader
 from dede_core.detector.scorer import ScoreConfig, Scorer, for_checkpoint
 from dede_core.stages.select import RUN_NAME
 from dede_core.io.sources import TarShardSource
@@ -58,37 +57,6 @@ class ScoreStageResult:
     read_errors: int
     elapsed_s: float
     images_per_s: float
-
-
-def knn_distance(embedding: torch.Tensor, bank: torch.Tensor | None, k: int, *, chunk: int = 64
-                 ) -> torch.Tensor | None:
-    """(N, D) -> (N,) float32 Euclidean distance to the k-th nearest bank row (B, D); None without a bank.
-
-    Rows go through torch.cdist in fixed chunks of `chunk` (zero-padded), as in the Scorer: the matmul kernels
-    then always see one shape, so a row's distance does not depend on the batch it arrived in.
-    """
-    if bank is None or bank.shape[0] == 0:
-        return None
-    bank = bank.float()
-    out = []
-    for start in range(0, embedding.shape[0], chunk):
-        rows = embedding[start:start + chunk]
-        padded = torch.zeros(chunk, bank.shape[1], device=bank.device)
-        padded[:len(rows)] = rows.to(bank.device, torch.float32)
-        dist = torch.cdist(padded, bank, compute_mode="use_mm_for_euclid_dist")[:len(rows)]
-        out.append(dist.kthvalue(k, dim=1).values.cpu())
-    return torch.cat(out) if out else torch.empty(0)
-
-
-def density_score(knn: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Two-sided density: |log k-distance - median| / MAD, the median and MAD over `reference` k-distances (the
-    held-out calibration images'). High when an embedding sits in an abnormally tight cluster (triggered embeddings
-    collapsing onto the target, with triggered neighbours in the bank) or abnormally far from everything (the same
-    collapse with a clean bank). Row by row, so batch-invariant."""
-    ref = torch.log(reference.double().clamp_min(1e-12))
-    median = ref.median()
-    mad = (ref - median).abs().median().clamp_min(1e-12)
-    return ((torch.log(knn.double().clamp_min(1e-12)) - median).abs() / mad).float()
 
 
 def run_config(ckpt: Checkpoint, score: ScoreConfig, *, knn_k: int, with_embedding: bool, device: str,
@@ -175,45 +143,6 @@ class _ShardRows:
                                              "status": STATUS_READ_ERROR, "error": reason}
         self.missing = len(self.keys)
         self.started: float | None = None
-
-
-class _PendingSamples(Dataset):
-    """All pending shards as one map-style dataset: item -> decoded image plus where its row goes."""
-
-    def __init__(self, parts: list[_ShardRows], views: tuple[View, View]) -> None:
-        self.sources = [p.source for p in parts]
-        self.keys = [p.keys for p in parts]
-        self.starts = list(np.cumsum([0] + [len(k) for k in self.keys]))
-        self.views = views  # (the detector's, the victim encoder's)
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        part = bisect.bisect_right(self.starts, index) - 1
-        position = index - int(self.starts[part])
-        blank = [torch.zeros(v.channels, v.size, v.size, dtype=torch.uint8) for v in self.views]
-        item = {"part": part, "position": position, "key": self.keys[part][position], "label": None,
-                "width": None, "height": None, "status": STATUS_OK, "error": None,
-                "image": blank[0], "victim": blank[1]}
-        try:
-            sample = self.sources[part][position]
-        except (OSError, ValueError) as exc:
-            return item | {"status": STATUS_READ_ERROR, "error": f"{type(exc).__name__}: {exc}"}
-        item["label"] = sample.label
-        try:
-            item["image"], item["victim"] = decode_views(sample.data, self.views)
-            item["width"], item["height"] = image_size(sample.data)
-        except ImageDecodeError as exc:
-            return item | {"status": STATUS_DECODE_ERROR, "error": str(exc)}
-        return item
-
-
-def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    batch = {name: [item[name] for item in items] for name in items[0] if name not in ("image", "victim")}
-    batch["image"] = torch.stack([item["image"] for item in items])
-    batch["victim"] = torch.stack([item["victim"] for item in items])
-    return batch
 
 
 def _open_part(shards_dir: str, entry: ShardEntry, scratch: str | None) -> _ShardRows:
@@ -329,14 +258,16 @@ class _Run:
 def _route(batch: dict[str, Any], parts: list[_ShardRows], run: _Run) -> list[_ShardRows]:
     """Score a batch, put each row into its shard; returns the shards this batch completed."""
     ok = [i for i, status in enumerate(batch["status"]) if status == STATUS_OK]
-    results = run.score(batch["image"][ok], [batch["key"][i] for i in ok], victim=batch["victim"][ok]) if ok else {}
+    image, victim = batch["views"]
+    results = run.score(image[ok], [batch["key"][i] for i in ok], victim=victim[ok]) if ok else {}
     scored = {i: {name: values[j] for name, values in results.items()} for j, i in enumerate(ok)}
     completed = []
     now = time.perf_counter()
     for i, (p, position) in enumerate(zip(batch["part"], batch["position"])):
         part = parts[p]
         part.started = part.started or now
-        row = {name: batch[name][i] for name in ("key", "label", "width", "height", "status", "error")}
+        row = {name: batch[name][i] for name in ("label", "width", "height", "status", "error")}
+        row["key"] = part.keys[position]  # known from the shard's index even when the sample cannot be read
         if i in scored:
             row |= scored[i]
         part.rows[position] = row
@@ -446,13 +377,12 @@ def _score_parts(parts: list[_ShardRows], run: _Run, *, batch_size: int, workers
     counts: Counter = Counter()
     for part in [p for p in parts if p.missing == 0]:  # nothing readable inside: only read_error rows
         counts += run.write_shard(part)
-    dataset = _PendingSamples(parts, (run.ckpt.config.view, run.scorer.encoder.view))
-    bar = Progress(len(dataset), desc="scoring", stream=None if progress and len(dataset) else io.StringIO())
+    loader = make_loader([p.source for p in parts], views=(run.ckpt.config.view, run.scorer.encoder.view),
+                         batch_size=batch_size, workers=workers, pin_memory=run.scorer.device.type == "cuda")
+    total = len(loader.dataset)
+    bar = Progress(total, desc="scoring", stream=None if progress and total else io.StringIO())
     done = len(parts) - sum(1 for p in parts if p.missing)
-    if len(dataset):
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                            collate_fn=_collate, prefetch_factor=4 if workers else None,
-                            pin_memory=run.scorer.device.type == "cuda")
+    if total:
         for batch in loader:
             for part in _route(batch, parts, run):
                 counts += run.write_shard(part)

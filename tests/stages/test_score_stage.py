@@ -7,7 +7,8 @@ import torch
 from dede_core.detector.checkpoint import load_detector
 from dede_core.detector.config import cpu
 from dede_core.io.images import decode_image
-from dede_core.stages.score import knn_distance, score_shards
+from dede_core.detector.knn import knn_distance
+from dede_core.stages.score import score_shards
 from dede_core.detector.scorer import ScoreConfig, Scorer
 from dede_core.stages.shard import write_shards
 from dede_core.io.sources import open_source
