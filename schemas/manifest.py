@@ -126,6 +126,56 @@ def write_manifest(directory: str | os.PathLike, manifest: Manifest) -> None:
     write_json_atomic(manifest_path(directory), manifest.to_dict())
 
 
+SPANS_FORMAT = "dede-spans/1"
+
+
+@dataclass(frozen=True)
+class ShardSpans:
+    """`<stem>.spans.json` beside a shard, format `dede-spans/1`: where each of its samples lies, so clean copies
+    the runs of kept samples without parsing the tar. Optional: a shard without one (or with one that does not
+    match its manifest entry) is parsed as before."""
+
+    shard: str  # the shard's file name, e.g. 000003.tar
+    bytes: int  # the shard's size and sha256 when the spans were recorded: must match its manifest entry
+    sha256: str
+    keys: list[str]  # sample keys in shard order
+    offsets: list[int]  # len(keys) + 1: sample i is [offsets[i], offsets[i + 1]), its tar headers and padded data;
+    # the last offset is where the end-of-archive blocks start
+    format: str = SPANS_FORMAT
+
+
+def spans_path(directory: str | os.PathLike, shard: str) -> str:
+    """DIR/<stem>.spans.json for shard <stem>.tar."""
+    name = f"{os.path.splitext(shard)[0]}.spans.json"
+    directory = os.fspath(directory)
+    return f"{directory.rstrip('/')}/{name}" if "://" in directory else os.path.join(directory, name)
+
+
+def write_spans(directory: str | os.PathLike, spans: ShardSpans) -> None:
+    """Write the shard's spans file atomically (before the manifest, which marks the folder complete)."""
+    write_json_atomic(spans_path(directory, spans.shard), dataclasses.asdict(spans))
+
+
+def read_spans(directory: str | os.PathLike, entry: ShardEntry) -> ShardSpans | None:
+    """The spans of a manifest entry's shard; None when there is no spans file or it is not for these bytes
+    (another shard's, a stale one, a damaged one), so the caller parses the tar instead."""
+    fs, inner = fsspec.core.url_to_fs(spans_path(directory, entry.name))
+    try:
+        with fs.open(inner, "r", encoding="utf-8") as f:
+            data = json.load(f)
+        spans = ShardSpans(**data)
+    except (OSError, ValueError, TypeError):
+        return None
+    offsets, n = spans.offsets, len(spans.keys)
+    ok = (spans.format == SPANS_FORMAT and (spans.shard, spans.bytes, spans.sha256) == (entry.name, entry.bytes,
+                                                                                        entry.sha256)
+          and n == entry.samples and len(offsets) == n + 1 and n > 0
+          and (spans.keys[0], spans.keys[-1]) == (entry.first_key, entry.last_key)
+          and all(isinstance(o, int) for o in offsets) and offsets[0] == 0 and offsets[-1] <= entry.bytes
+          and all(a < b for a, b in zip(offsets, offsets[1:])))
+    return spans if ok else None
+
+
 def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     """'name: old -> new' for every (nested) field that differs; empty when the two settings agree."""
     diffs = []

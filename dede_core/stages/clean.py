@@ -19,7 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, BinaryIO, Iterator
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -27,11 +27,13 @@ import pyarrow.parquet as pq
 
 from dede_core.io import storage
 from dede_core.io.progress import Progress
+from dede_core.io.tarspans import copy_runs, merge_runs
 from dede_core.io.source_index import CHANGED, REMOVED
 from dede_core.stages.select import DEFAULT_RULE, Counts, Rule, Selection, select
 from dede_core.io.sources import clean_key, group_members  # the scorer's key rule, so keys match the scores
 from dede_core.sql import CALIBRATION_NAME
-from schemas.manifest import Manifest, ShardEntry, differences, read_manifest, write_json_atomic, write_manifest
+from schemas.manifest import (Manifest, ShardEntry, differences, read_manifest, read_spans, write_json_atomic,
+                             write_manifest)
 from schemas.tables import REJECTED, with_metadata
 
 FORMAT = "dede-clean/1"
@@ -40,7 +42,6 @@ DONE_DIR = "_done"
 REJECTED_NAME = "rejected.parquet"
 SUMMARY_NAME = "summary.json"
 MANIFEST_NAME = "manifest.json"
-CHUNK = 1 << 20
 RETIRED_REASONS = (REMOVED, CHANGED)  # samples the source no longer holds: dropped, never a duplicate
 
 
@@ -87,51 +88,13 @@ def index_tar(path: str) -> TarIndex:
     return index
 
 
-def _pump(src: BinaryIO, n: int, digest: Any, dst: BinaryIO | None, path: str) -> None:
-    while n > 0:
-        block = src.read(min(CHUNK, n))
-        if not block:
-            raise ValueError(f"{path} ended early: the shard changed while it was read; rerun")
-        digest.update(block)
-        if dst is not None:
-            dst.write(block)
-        n -= len(block)
-
-
-def _copy_spans(path: str, size: int, spans: list[tuple[int, int]], dst: BinaryIO) -> tuple[str, int, str]:
-    """Copy sorted byte spans of `path` into a new tar at dst, in one sequential read that also hashes the
-    whole source; returns (source sha256, bytes written, written sha256)."""
-    src_hash, out_hash = hashlib.sha256(), hashlib.sha256()
-
-    class Out:  # hash what is written, without a second read
-        def write(self, data: bytes) -> None:
-            out_hash.update(data)
-            dst.write(data)
-
-    out, pos, written = Out(), 0, 0
-    with open(path, "rb") as src:
-        for start, end in spans:
-            _pump(src, start - pos, src_hash, None, path)
-            _pump(src, end - start, src_hash, out, path)
-            pos, written = end, written + end - start
-        _pump(src, size - pos, src_hash, None, path)
-        if src.read(1):
-            raise ValueError(f"{path} grew while it was read; rerun")
-    # End of archive as tarfile writes it: two zero blocks, padded to a whole record.
-    trailer = 2 * tarfile.BLOCKSIZE
-    trailer += -(written + trailer) % tarfile.RECORDSIZE
-    out.write(bytes(trailer))
-    return src_hash.hexdigest(), written + trailer, out_hash.hexdigest()
-
-
-def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    merged: list[tuple[int, int]] = []
-    for start, end in sorted(spans):
-        if merged and merged[-1][1] == start:
-            merged[-1] = (merged[-1][0], end)
-        else:
-            merged.append((start, end))
-    return merged
+def recorded_index(shards_dir: str, entry: ShardEntry) -> TarIndex | None:
+    """The shard's samples from the spans the shard stage recorded (no tar parsing); None without them."""
+    spans = read_spans(shards_dir, entry)
+    if spans is None:
+        return None
+    offsets = spans.offsets
+    return TarIndex(samples=[TarSample(key, [(offsets[i], offsets[i + 1])]) for i, key in enumerate(spans.keys)])
 
 
 @dataclass(frozen=True)
@@ -301,7 +264,7 @@ def _clean_shard(job: ShardJob, src: str, scratch: str | None, *, scored: set[st
     src is a local copy of the shard; the new shard is written in scratch when OUT is a URL, else in OUT."""
     entry, out_dir, unscored = job.entry, job.out_dir, job.unscored
     name = entry.name
-    index = index_tar(src)
+    index = recorded_index(job.shards_dir, entry) or index_tar(src)
     kept, rows = [], []
     for s in index.samples:
         if job.dropped.get(s.key, (None, ""))[1] in RETIRED_REASONS:  # an old version: never in `seen`
@@ -325,11 +288,12 @@ def _clean_shard(job: ShardJob, src: str, scratch: str | None, *, scored: set[st
         raise ValueError(f"the scores of {name} hold {len(stray)} key(s) that {src} does not (e.g. "
                          f"{sorted(stray)[:3]}): the scores belong to another corpus; rescore these shards")
 
-    spans = _merge(index.gaps + [span for s in kept for span in s.spans])
+    runs = merge_runs(index.gaps + [span for s in kept for span in s.spans])
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=scratch or out_dir)
     try:
         with os.fdopen(fd, "wb") as f:
-            src_sha, size, sha = _copy_spans(src, entry.bytes, spans, f)
+            copied = copy_runs(src, entry.bytes, runs, f)
+            src_sha, size, sha = copied.source_sha256, copied.bytes, copied.sha256
             f.flush()
             os.fsync(f.fileno())
         if src_sha != entry.sha256:

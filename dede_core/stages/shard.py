@@ -29,7 +29,9 @@ import webdataset as wds
 from dede_core.io import source_index, storage
 from dede_core.io.progress import Progress
 from dede_core.io.sources import TAR_IMAGE_EXTENSIONS, Sample, Source, TarShardSource, clean_key, open_source
-from schemas.manifest import Manifest, ShardEntry, differences, manifest_path, read_manifest, write_manifest
+from dede_core.io.tarspans import SpanRecorder
+from schemas.manifest import (Manifest, ShardEntry, ShardSpans, differences, manifest_path, read_manifest, spans_path,
+                              write_manifest, write_spans)
 
 # Magic numbers of the formats dede decodes -> the extension a shard stores them under.
 MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
@@ -88,30 +90,35 @@ class _ShardFile:
     scratch folder when OUT is a URL (the finished file is then uploaded in one piece)."""
 
     def __init__(self, out_dir: str, index: int, tmp_dir: str) -> None:
-        self.name = f"{index:06d}.tar"
+        self.name, self.out_dir = f"{index:06d}.tar", out_dir
         self.path = storage.join(out_dir, self.name)
         fd, self.tmp = tempfile.mkstemp(prefix=f".{self.name}.", suffix=".tmp", dir=tmp_dir)
         self.handle = os.fdopen(fd, "wb")
         self.file = _HashingFile(self.handle)
         self.writer = wds.TarWriter(self.file, encoder=False, mtime=MEMBER_MTIME)
         self.keys: list[str] = []
+        self.spans = SpanRecorder()
 
     def add(self, sample: Sample, classes: list[str] | None) -> str:
         """Append one sample; returns the extension its image went under."""
         record = _record(sample, classes)
+        self.spans.before(self.writer)
         self.writer.write(record)
         self.keys.append(sample.key)
         return next(k for k in record if k not in ("__key__", "cls", "json"))
 
     def finish(self) -> ShardEntry:
+        offsets = self.spans.end(self.writer)
         self.writer.close()
         self.handle.flush()
         os.fsync(self.handle.fileno())
         self.handle.close()
         os.chmod(self.tmp, 0o644)  # mkstemp makes 0600; shards are shared data
         storage.publish(self.tmp, self.path)
-        return ShardEntry(name=self.name, samples=len(self.keys), bytes=self.file.bytes,
-                          sha256=self.file.sha256.hexdigest(), first_key=self.keys[0], last_key=self.keys[-1])
+        entry = ShardEntry(name=self.name, samples=len(self.keys), bytes=self.file.bytes,
+                           sha256=self.file.sha256.hexdigest(), first_key=self.keys[0], last_key=self.keys[-1])
+        write_spans(self.out_dir, ShardSpans(entry.name, entry.bytes, entry.sha256, self.keys, offsets))
+        return entry
 
     def abort(self) -> None:
         self.handle.close()
@@ -293,10 +300,11 @@ def _reusable(out_dir: str, wanted: dict[str, Any], log: Callable[[str], None]) 
 
 def _remove_stale(out_dir: str, entries: list[ShardEntry], index_file: str | None) -> None:
     """Drop shards past the manifest's last one, older source indexes and temp files of killed runs."""
-    keep = {e.name for e in entries} | {index_file}
+    keep = {e.name for e in entries} | {storage.basename(spans_path(out_dir, e.name)) for e in entries} | {index_file}
     for name in storage.listdir(out_dir):
-        if ((re.fullmatch(r"\d{6}\.tar|source-\d{6}\.parquet", name) and name not in keep)
-                or re.fullmatch(r"\.(\d{6}\.tar|source-\d{6}\.parquet|manifest\.json)\..*\.tmp", name)):
+        if ((re.fullmatch(r"\d{6}\.tar|\d{6}\.spans\.json|source-\d{6}\.parquet", name) and name not in keep)
+                or re.fullmatch(r"\.(\d{6}\.tar|\d{6}\.spans\.json|source-\d{6}\.parquet|manifest\.json)\..*\.tmp",
+                                name)):
             storage.unlink(storage.join(out_dir, name))
 
 

@@ -68,10 +68,12 @@ def test_same_input_gives_identical_shards_and_a_lost_shard_is_rewritten(tmp_pat
     assert again.shards == manifest.shards  # same keys, same bytes, same sha256
     (tmp_path / "000001.tar").unlink()
     (tmp_path / "000007.tar").write_bytes(b"stale")  # left by an older, longer run
+    (tmp_path / "000007.spans.json").write_bytes(b"stale")
     (tmp_path / ".000002.tar.x1.tmp").write_bytes(b"crashed")
     assert write_shards(str(image_folder), str(tmp_path), samples_per_shard=20, progress=False).shards == again.shards
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["000000.tar", "000001.tar", "000002.tar", "manifest.json",
-                                                         "source-000001.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "000000.spans.json", "000000.tar", "000001.spans.json", "000001.tar", "000002.spans.json", "000002.tar",
+        "manifest.json", "source-000001.parquet"]
 
 
 def test_parquet_source_hf_style(tmp_path):
