@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: test test-integration demo install data clean
+.PHONY: test test-integration demo install data clean bench-gpu
 
 install: $(STAMP)
 
@@ -36,6 +36,12 @@ test-integration: $(STAMP)
 # The whole pipeline on real images: builds (once) a backdoored encoder, sanitizes a poisoned Fashion-MNIST corpus.
 demo: $(STAMP) data
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(VENV)/bin/dede demo
+
+# The GPU figures in one short unattended run on a CUDA machine (under 8 minutes; never part of `make test`): the
+# gpu-marked tests, then the throughput bench on CUDA at 32 and 224 px, rows with the device's name written to
+# docs/results/throughput.md. Exits 2 without CUDA.
+bench-gpu: $(STAMP)
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(PY) -m bench.gpu_check --out docs/results
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -33,7 +32,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from dede_core.detector.checkpoint import load_detector, save_checkpoint
 from dede_core.detector.config import preset
+from bench import throughput_report
 from bench.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist, write_image_folder
+from bench.throughput_report import machine
 from dede_core.detector.encoders import cifar_resnet18, load_encoder, parse_spec
 from dede_core.io.loader import make_loader
 from dede_core.detector.model import DeDe
@@ -265,20 +266,6 @@ def measure_clean(shards: str, scores: str, work: str, bench: ThroughputConfig) 
             "clean_mb_per_s": total / 1e6 / cleaned}
 
 
-def _machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(gib, 1), "gpu": gpu,
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "load_average": [round(v, 2) for v in os.getloadavg()], "host": platform.node()}
-
-
 def _ratios(results: dict[str, Any], device: str) -> dict[str, dict[str, Any]]:
     """Each issue #7 target that applies on this device: measured ratio, target, met."""
     limit, stage = results["limit"]["images_per_s"], results["end_to_end"]["images_per_s"]
@@ -332,7 +319,7 @@ def run_bench(bench: ThroughputConfig, work: str, *, log: Callable[[str], None] 
             f"{results['end_to_end_bf16']['images_per_s']:.1f} img/s")
     results["clean"] = measure_clean(shards, os.path.join(work, "scores"), work, bench)
     log(f"clean {results['clean']['clean_mb_per_s']:.1f} MB/s, copy {results['clean']['copy_mb_per_s']:.1f} MB/s")
-    return {"config": asdict(bench), "machine": _machine(), "results": results,
+    return {"config": asdict(bench), "machine": machine(), "results": results,
             "ratios": _ratios(results, bench.device), "wall_s": time.perf_counter() - started,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
@@ -350,90 +337,6 @@ def command_line(bench: ThroughputConfig) -> str:
             f"--device {bench.device}{'' if bench.cpu_bf16 else ' --no-bf16'}")
 
 
-def _row(what: str, value: str, how: str) -> str:
-    return f"| {what} | {value} | {how} |"
-
-
-def _section(name: str, report: dict[str, Any]) -> list[str]:
-    cfg, m, r, q = report["config"], report["machine"], report["results"], report["ratios"]
-    rate = lambda part: f"{r[part]['images_per_s']:,.1f} img/s"  # noqa: E731
-    verdict = lambda name: ("" if q[name]["target"] is None else  # noqa: E731
-                            f" (target >= {q[name]['target']:g}: {'met' if q[name]['met'] else 'missed'})")
-    small_n, e2e = r["memory"]["small"], r["end_to_end"]
-    lines = [f"## {name}", "",
-             f"Device {cfg['device']}{' (' + m['gpu'] + ')' if m['gpu'] else ''}; preset `{cfg['preset']}` (random "
-             f"weights); images {cfg['image_size']}x{cfg['image_size']}, patch {cfg['patch_size']}; encoder "
-             f"`{cfg['encoder']}`; batch {cfg['batch_size']}, chunk {cfg['chunk']}, decoding workers "
-             f"{cfg['workers']}, torch threads {m['torch_threads']}. Date {report['date']}; machine: {m['cpu']}, "
-             f"{m['cores']} cores, {m['memory_gib']} GiB, torch {m['torch']}; load average at the end "
-             f"{', '.join(str(v) for v in m['load_average'])}; command `{report['command']}` "
-             f"({report['wall_s'] / 60:.1f} min).", "",
-             "| what | measured | how |", "| --- | --- | --- |",
-             _row("(a) limit: encoder + detector forward, in memory", rate("limit"),
-                  f"Scorer.score on {cfg['limit_images']} pre-decoded uint8 images, repeated for "
-                  f"{r['limit']['seconds']:.0f} s in all, half before and half after (b): "
-                  f"{r['limit']['before_images_per_s']:,.1f} then {r['limit']['after_images_per_s']:,.1f} img/s"),
-             _row("(b) end to end: score stage, tar shards in, Parquet out", rate("end_to_end"),
-                  f"score_shards on {e2e['images']:,} PNG samples in {e2e['seconds']:.1f} s (detector load "
-                  f"included); (a), (b) and (c) run in one fresh process that imports only dede_core"),
-             _row("(c) naive reference-style loop", rate("naive"),
-                  f"PIL Dataset over the PNG files, default DataLoader, fp32, numpy masks, whole-batch forward; "
-                  f"{r['naive']['images']:,} images, nothing written"),
-             *([_row("(a) limit, opt-in bf16 autocast (`dede score --bf16`)", rate("limit_bf16"), "as (a)"),
-                _row("(b) end to end, opt-in bf16 autocast", rate("end_to_end_bf16"),
-                     f"as (b); end to end / bf16 limit {r['end_to_end_bf16']['images_per_s'] / r['limit_bf16']['images_per_s']:.3f}")]
-               if "limit_bf16" in r else []),
-             _row("decoding alone (tar read + PIL decode)", rate("decode"),
-                  f"DataLoader, decoding workers {cfg['workers']}, no model"),
-             _row("(d) clean", f"{r['clean']['clean_mb_per_s']:,.1f} MB/s",
-                  f"dede_core.stages.clean.clean dropping the top 5% (--quantile 0.95), {r['clean']['bytes'] / 1e6:.1f} MB "
-                  f"in {r['clean']['shards']} shards, median of {cfg['copies']}"),
-             _row("(d) plain copy of the same shards", f"{r['clean']['copy_mb_per_s']:,.1f} MB/s",
-                  "shutil.copyfile of each tar, median of the same runs"),
-             _row("plain copy + fsync of each tar (reference only)", f"{r['clean']['copy_fsync_mb_per_s']:,.1f} MB/s",
-                  "clean fsyncs each shard before its marker; the target compares with the plain copy"),
-             _row("peak RSS of the score process", f"{small_n['peak_rss_mib']:.0f} MiB at {small_n['images']:,} images, "
-                  f"{e2e['peak_rss_mib']:.0f} MiB at {e2e['images']:,}",
-                  f"ru_maxrss of that process (the 1/10 corpus first, both after the first (a) run); its largest "
-                  f"decoding worker {small_n['worker_peak_rss_mib']:.0f} / "
-                  f"{e2e['worker_peak_rss_mib']:.0f} MiB"),
-             "", "| ratio | value |", "| --- | --- |",
-             f"| end to end / limit | {q['end_to_end_vs_limit']['ratio']:.3f}{verdict('end_to_end_vs_limit')} |",
-             f"| end to end / naive | {q['end_to_end_vs_naive']['ratio']:.2f}x{verdict('end_to_end_vs_naive')} |",
-             f"| clean / copy | {q['clean_vs_copy']['ratio']:.3f}{verdict('clean_vs_copy')} |",
-             f"| peak RSS, 10x corpus / 1x corpus | {q['peak_rss_large_vs_small']['ratio']:.3f} |", ""]
-    return lines
-
-
-NOTES = "## Notes"  # throughput.md from this heading on is written by hand and kept when the tables are redone
-
-
 def write_report(report: dict[str, Any], out_dir: str) -> tuple[str, str]:
-    """Merge one setting's report into OUT/throughput.json (other settings kept) and render OUT/throughput.md,
-    keeping its hand-written part (from the NOTES heading on)."""
-    os.makedirs(out_dir, exist_ok=True)
-    json_path, md_path = os.path.join(out_dir, "throughput.json"), os.path.join(out_dir, "throughput.md")
-    settings: dict[str, Any] = {}
-    if os.path.isfile(json_path):
-        with open(json_path) as f:
-            settings = json.load(f)
-    settings[setting_name(ThroughputConfig(**report["config"]))] = report
-    with open(json_path, "w") as f:
-        json.dump(settings, f, indent=2, sort_keys=True)
-    lines = ["# Scoring and cleaning throughput (issue #7)", "",
-             "Written by `dede bench throughput` (bench/throughput.py); every number is in "
-             "`throughput.json`. Corpus: the first Fashion-MNIST training images, zero-padded to 32x32 (and "
-             "resized for other sizes), written as grayscale PNGs and sharded by `dede_core.stages.shard`. The detector "
-             "and the cifar-resnet18 victim have seeded random weights, the k-NN bank random embeddings: speed "
-             "does not depend on their values. The checkpoint carries no calibration images, so the end-to-end "
-             "rate is the corpus alone.", ""]
-    for name in sorted(settings):
-        lines += _section(name, settings[name])
-    if os.path.isfile(md_path):
-        with open(md_path) as f:
-            kept = f.read()
-        if f"\n{NOTES}\n" in kept:
-            lines.append(kept[kept.index(f"\n{NOTES}\n") + 1:].rstrip() + "\n")
-    with open(md_path, "w") as f:
-        f.write("\n".join(lines))
-    return md_path, json_path
+    """Merge one setting's report into OUT/throughput.json and render OUT/throughput.md (bench.throughput_report)."""
+    return throughput_report.write_report(setting_name(ThroughputConfig(**report["config"])), report, out_dir)

@@ -99,8 +99,8 @@ def copy_runs(src: str, size: int, runs: list[tuple[int, int]], dst: BinaryIO) -
     out = _Output(dst.fileno(), kernel=local and hasattr(os, "copy_file_range"))
     buffer = memoryview(bytearray(min(CHUNK, max(size, 1))))
     at, pos = 0, 0  # the first run not yet wholly written; source bytes read
-    with (open(src, "rb", buffering=0) if local else storage.open_read(src)) as f, \
-            ThreadPoolExecutor(max_workers=2) as pool:
+    pool = _hashing_pool()
+    with open(src, "rb", buffering=0) if local else storage.open_read(src) as f:
         while pos < size:
             n = f.readinto(buffer[:min(len(buffer), size - pos)])
             if not n:
@@ -151,6 +151,17 @@ class _Output:
                 os.ftruncate(self.fd, self.written)
         _write_all(self.fd, data)
         self.written += len(data)
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}  # pid -> its pool: a forked child has none of its parent's threads
+
+
+def _hashing_pool() -> ThreadPoolExecutor:
+    """The process' two hashing threads, started on first use (starting threads per shard costs ms under load)."""
+    pid = os.getpid()
+    if pid not in _POOLS:
+        _POOLS[pid] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dede-hash")
+    return _POOLS[pid]
 
 
 def _update_all(digest: Any, views: list[memoryview]) -> None:

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from bench import clean_speed, gpu_check
 from bench import throughput as bt
 from dede_core.cli import main
 
@@ -60,3 +61,46 @@ def test_cuda_run(tmp_path):
     report = bt.run_bench(bench, str(tmp_path), log=lambda _: None)
     check_report(report, "cuda")
     assert report["machine"]["gpu"] == torch.cuda.get_device_name(0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_gpu_check_refuses_without_cuda(tmp_path, capsys):
+    assert gpu_check.main(["--no-tests", "--out", str(tmp_path / "out")]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):  # the CPU is only for checking the steps
+        gpu_check.main(["--device", "cpu", "--out", str(tmp_path / "out")])
+
+
+def test_gpu_check_runs_every_step_on_the_cpu(tmp_path):
+    """make bench-gpu's script with --device cpu --tiny: the gpu tests (here one, skipped), both sizes, the rows."""
+    out = tmp_path / "results"
+    args = ["--device", "cpu", "--tiny", "--tests", "tests/bench/test_bench_throughput.py::test_cuda_run",
+            "--out", str(out), "--work", str(tmp_path)]
+    assert gpu_check.main(args) == 0
+    settings = json.loads((out / "throughput.json").read_text())
+    assert sorted(settings) == ["cpu-224px-cifar-resnet18-cpu", "cpu-32px-cifar-resnet18-cpu", "gpu-check-cpu-tiny"]
+    check = settings["gpu-check-cpu-tiny"]
+    expected = "1 passed" if torch.cuda.is_available() else "1 skipped"
+    assert check["tests"]["returncode"] == 0 and expected in check["tests"]["summary"]
+    assert sorted(check["settings"]) == ["cpu-224px-cifar-resnet18-cpu", "cpu-32px-cifar-resnet18-cpu"]
+    for name, row in check["settings"].items():
+        assert row["vs_naive"] > 0 and row["vs_limit"] > 0 and row["end_to_end_images_per_s"] > 0
+        assert settings[name]["config"]["images"] == 40 and settings[name]["results"]["end_to_end"]["images"] == 40
+    md = (out / "throughput.md").read_text()
+    assert "## gpu-check-cpu-tiny" in md and "Tiny machinery check" in md and "| cpu-224px-cifar-resnet18-cpu |" in md
+    assert list(tmp_path.glob("dede-gpu-check-*")) == []
+
+
+def test_clean_speed_measures_clean_against_a_copy(tmp_path):
+    out = tmp_path / "results"
+    assert clean_speed.main(["--gigabytes", "0.002", "--samples-per-shard", "40", "--copies", "1",
+                             "--work", str(tmp_path), "--out", str(out)]) == 0
+    report = json.loads((out / "throughput.json").read_text())["clean-0.002gb-224px"]
+    assert report["shards"] >= 2 and report["bytes"] >= 2e6 and report["samples"] >= 80
+    for part in ("copy", "copy_fsync", "sha256", "clean", "clean_parsed"):
+        assert report[f"{part}_mb_per_s"] > 0
+    assert all(seconds > 0 for seconds in report["tiny_clean_seconds"].values())
+    assert report["ratios"]["clean_vs_copy"] > 0
+    md = (out / "throughput.md").read_text()
+    assert "## clean-0.002gb-224px" in md and "| clean / plain copy |" in md
+    assert list(tmp_path.glob("dede-clean-speed-*")) == []

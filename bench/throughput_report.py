@@ -1,0 +1,198 @@
+"""throughput.md and throughput.json: one section per measured setting, the hand-written Notes kept.
+
+A report's `kind` picks its renderer: the score-stage setting of `dede bench throughput` (the default),
+`clean-scale` (bench/clean_speed.py) and `size-scale` (bench/size_scale.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from typing import Any
+
+import torch
+
+
+def machine() -> dict[str, Any]:
+    """The machine a figure was measured on: CPU, cores, memory, GPU name (None without CUDA), torch, load."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(gib, 1), "gpu": gpu,
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "load_average": [round(v, 2) for v in os.getloadavg()], "host": platform.node()}
+
+
+def _row(what: str, value: str, how: str) -> str:
+    return f"| {what} | {value} | {how} |"
+
+
+def _throughput_section(name: str, report: dict[str, Any]) -> list[str]:
+    cfg, m, r, q = report["config"], report["machine"], report["results"], report["ratios"]
+    rate = lambda part: f"{r[part]['images_per_s']:,.1f} img/s"  # noqa: E731
+    verdict = lambda name: ("" if q[name]["target"] is None else  # noqa: E731
+                            f" (target >= {q[name]['target']:g}: {'met' if q[name]['met'] else 'missed'})")
+    small_n, e2e = r["memory"]["small"], r["end_to_end"]
+    lines = [f"## {name}", "",
+             f"Device {cfg['device']}{' (' + m['gpu'] + ')' if m['gpu'] else ''}; preset `{cfg['preset']}` (random "
+             f"weights); images {cfg['image_size']}x{cfg['image_size']}, patch {cfg['patch_size']}; encoder "
+             f"`{cfg['encoder']}`; batch {cfg['batch_size']}, chunk {cfg['chunk']}, decoding workers "
+             f"{cfg['workers']}, torch threads {m['torch_threads']}. Date {report['date']}; machine: {m['cpu']}, "
+             f"{m['cores']} cores, {m['memory_gib']} GiB, torch {m['torch']}; load average at the end "
+             f"{', '.join(str(v) for v in m['load_average'])}; command `{report['command']}` "
+             f"({report['wall_s'] / 60:.1f} min).", "",
+             "| what | measured | how |", "| --- | --- | --- |",
+             _row("(a) limit: encoder + detector forward, in memory", rate("limit"),
+                  f"Scorer.score on {cfg['limit_images']} pre-decoded uint8 images, repeated for "
+                  f"{r['limit']['seconds']:.0f} s in all, half before and half after (b): "
+                  f"{r['limit']['before_images_per_s']:,.1f} then {r['limit']['after_images_per_s']:,.1f} img/s"),
+             _row("(b) end to end: score stage, tar shards in, Parquet out", rate("end_to_end"),
+                  f"score_shards on {e2e['images']:,} PNG samples in {e2e['seconds']:.1f} s (detector load "
+                  f"included); (a), (b) and (c) run in one fresh process that imports only dede_core"),
+             _row("(c) naive reference-style loop", rate("naive"),
+                  f"PIL Dataset over the PNG files, default DataLoader, fp32, numpy masks, whole-batch forward; "
+                  f"{r['naive']['images']:,} images, nothing written"),
+             *([_row("(a) limit, opt-in bf16 autocast (`dede score --bf16`)", rate("limit_bf16"), "as (a)"),
+                _row("(b) end to end, opt-in bf16 autocast", rate("end_to_end_bf16"),
+                     f"as (b); end to end / bf16 limit {r['end_to_end_bf16']['images_per_s'] / r['limit_bf16']['images_per_s']:.3f}")]
+               if "limit_bf16" in r else []),
+             _row("decoding alone (tar read + PIL decode)", rate("decode"),
+                  f"DataLoader, decoding workers {cfg['workers']}, no model"),
+             _row("(d) clean", f"{r['clean']['clean_mb_per_s']:,.1f} MB/s",
+                  f"dede_core.stages.clean.clean dropping the top 5% (--quantile 0.95), {r['clean']['bytes'] / 1e6:.1f} MB "
+                  f"in {r['clean']['shards']} shards, median of {cfg['copies']}"),
+             _row("(d) plain copy of the same shards", f"{r['clean']['copy_mb_per_s']:,.1f} MB/s",
+                  "shutil.copyfile of each tar, median of the same runs"),
+             _row("plain copy + fsync of each tar (reference only)", f"{r['clean']['copy_fsync_mb_per_s']:,.1f} MB/s",
+                  "clean fsyncs each shard before its marker; the target compares with the plain copy"),
+             _row("peak RSS of the score process", f"{small_n['peak_rss_mib']:.0f} MiB at {small_n['images']:,} images, "
+                  f"{e2e['peak_rss_mib']:.0f} MiB at {e2e['images']:,}",
+                  f"ru_maxrss of that process (the 1/10 corpus first, both after the first (a) run); its largest "
+                  f"decoding worker {small_n['worker_peak_rss_mib']:.0f} / "
+                  f"{e2e['worker_peak_rss_mib']:.0f} MiB"),
+             "", "| ratio | value |", "| --- | --- |",
+             f"| end to end / limit | {q['end_to_end_vs_limit']['ratio']:.3f}{verdict('end_to_end_vs_limit')} |",
+             f"| end to end / naive | {q['end_to_end_vs_naive']['ratio']:.2f}x{verdict('end_to_end_vs_naive')} |",
+             f"| clean / copy | {q['clean_vs_copy']['ratio']:.3f}{verdict('clean_vs_copy')} |",
+             f"| peak RSS, 10x corpus / 1x corpus | {q['peak_rss_large_vs_small']['ratio']:.3f} |", ""]
+    return lines
+
+
+NOTES = "## Notes"  # throughput.md from this heading on is written by hand and kept when the tables are redone
+
+
+NOTES = "## Notes"  # throughput.md from this heading on is written by hand and kept when the tables are redone
+INTRO = ("Written by `dede bench throughput` (bench/throughput.py), `python -m bench.clean_speed` and `python -m "
+         "bench.size_scale` (bench/throughput_report.py renders them); every number is in `throughput.json`. "
+         "Score-stage corpora: the first Fashion-MNIST training images, zero-padded to 32x32 (and resized for other "
+         "sizes), written as grayscale PNGs and sharded by `dede_core.stages.shard`. The detector and the "
+         "cifar-resnet18 victim have seeded random weights, the k-NN bank random embeddings: speed does not depend "
+         "on their values. The checkpoint carries no calibration images, so the end-to-end rate is the corpus alone.")
+
+
+def write_report(name: str, report: dict[str, Any], out_dir: str) -> tuple[str, str]:
+    """Merge one setting's report into OUT/throughput.json under `name` (other settings kept) and render
+    OUT/throughput.md, keeping its hand-written part (from the NOTES heading on)."""
+    os.makedirs(out_dir, exist_ok=True)
+    json_path, md_path = os.path.join(out_dir, "throughput.json"), os.path.join(out_dir, "throughput.md")
+    settings: dict[str, Any] = {}
+    if os.path.isfile(json_path):
+        with open(json_path) as f:
+            settings = json.load(f)
+    settings[name] = report
+    with open(json_path, "w") as f:
+        json.dump(settings, f, indent=2, sort_keys=True)
+    lines = ["# Scoring and cleaning throughput (issues #7, #15)", "", INTRO, ""]
+    for key in sorted(settings):
+        lines += RENDERERS[settings[key].get("kind", "throughput")](key, settings[key])
+    if os.path.isfile(md_path):
+        with open(md_path) as f:
+            kept = f.read()
+        if f"\n{NOTES}\n" in kept:
+            lines.append(kept[kept.index(f"\n{NOTES}\n") + 1:].rstrip() + "\n")
+    with open(md_path, "w") as f:
+        f.write("\n".join(lines))
+    return md_path, json_path
+
+
+def _header(name: str, report: dict[str, Any], what: str) -> list[str]:
+    m = report["machine"]
+    return [f"## {name}", "", f"{what} Date {report.get('date', '?')}; machine: {m['cpu']}, {m['cores']} cores, "
+            f"{m['memory_gib']} GiB{', GPU ' + m['gpu'] if m.get('gpu') else ''}, torch {m['torch']}; load average "
+            f"at the end {', '.join(str(v) for v in m['load_average'])}; command `{report['command']}` "
+            f"({report['wall_s'] / 60:.1f} min).", ""]
+
+
+def _clean_scale_section(name: str, report: dict[str, Any]) -> list[str]:
+    cfg, q = report["config"], report["ratios"]
+    mb = lambda part: f"{report[part + '_mb_per_s']:,.0f} MB/s"  # noqa: E731
+    runs = lambda part: ", ".join(f"{report['bytes'] / 1e6 / s:,.0f}" for s in report["seconds"][part])  # noqa: E731
+    target = f" (target >= 0.5: {'met' if q['clean_vs_copy'] >= 0.5 else 'missed'})"
+    rounds = lambda key: ", ".join(f"{v:.2f}" for v in report.get("round_ratios", {}).get(key, []))  # noqa: E731
+    return _header(name, report, f"Clean against a plain copy on {report['bytes'] / 1e9:.2f} GB: {report['samples']:,} "
+                   f"{cfg['image_size']}x{cfg['image_size']} RGB JPEGs "
+                   f"({report['bytes'] / report['samples'] / 1e3:.1f} "
+                   f"kB a sample with its tar headers) in {report['shards']} shards written by the shard stage (spans "
+                   f"recorded), synthetic scores, clean dropping the top {cfg['drop']:.0%}; every row run "
+                   f"{cfg['copies']} times in turn (os.sync before each), median counted, all from the page cache.") + [
+        "| what | measured | runs (MB/s) |", "| --- | --- | --- |",
+        f"| plain copy (shutil.copyfile, no fsync) | {mb('copy')} | {runs('copy')} |",
+        f"| copy + fsync of each shard | {mb('copy_fsync')} | {runs('copy_fsync')} |",
+        f"| one sha256 pass over the shards (reference) | {mb('sha256')} | {runs('sha256')} |",
+        f"| clean with the recorded spans | {mb('clean')} | {runs('clean')} |",
+        f"| clean parsing the tars (no spans files) | {mb('clean_parsed')} | {runs('clean_parsed')} |",
+        f"| fixed cost per shard | {report['fixed_s_per_shard'] * 1e3:.1f} ms | clean of {cfg['tiny_shards']} "
+        f"one-sample shards against one, per extra shard |",
+        f"| fixed cost per run | {report['fixed_s_per_run'] * 1e3:.0f} ms | clean of one one-sample shard, less "
+        f"one shard's cost |",
+        "", "| ratio | value |", "| --- | --- |",
+        f"| clean / plain copy | {q['clean_vs_copy']:.3f}{target}; round by round {rounds('clean_vs_copy')} |",
+        f"| clean / copy + fsync | {q['clean_vs_copy_fsync']:.3f}; round by round {rounds('clean_vs_copy_fsync')} |",
+        f"| clean with spans / clean parsing the tars | {q['clean_vs_clean_parsed']:.2f}x |", ""]
+
+
+def _size_scale_section(name: str, report: dict[str, Any]) -> list[str]:
+    cfg, q = report["config"], report["ratios"]
+    flat = lambda ratio, limit: "flat" if ratio <= limit else "not flat"  # noqa: E731
+    lines = _header(name, report, f"The score stage at corpus sizes 10x apart, each scored in a fresh process: "
+                    f"{report['corpus']}; victim `{cfg['encoder']}` (seeded random weights), cpu preset, batch "
+                    f"{cfg['batch_size']}, chunk {cfg['chunk']}, {cfg['workers']} decoding worker(s), "
+                    f"{cfg['samples_per_shard']} samples a shard, fp32.")
+    lines += ["| images | rate (load and start included) | steady rate (first to last shard marker) | "
+              "peak RSS, scoring process | peak RSS, largest decoding worker |", "| --- | --- | --- | --- | --- |"]
+    for n, r in sorted(report["sizes"].items(), key=lambda item: int(item[0])):
+        lines.append(f"| {int(n):,} | {r['images_per_s']:,.1f} img/s ({r['seconds']:.1f} s) | "
+                     f"{r['steady_images_per_s']:,.1f} img/s | {r['peak_rss_mib']:,.0f} MiB | "
+                     f"{r['worker_peak_rss_mib']:,.0f} MiB |")
+    return lines + ["", "| ratio over the sizes | value |", "| --- | --- |",
+                    f"| steady rate, fastest / slowest | {q['steady_max_over_min']:.3f} (target <= 1.10: "
+                    f"{flat(q['steady_max_over_min'], 1.10)}) |",
+                    f"| rate with the fixed start, fastest / slowest | {q['rate_max_over_min']:.3f} |",
+                    f"| peak RSS, largest / smallest corpus | {q['peak_rss_largest_over_smallest']:.3f} |",
+                    f"| worker peak RSS, largest / smallest corpus | {q['worker_rss_largest_over_smallest']:.3f} |", ""]
+
+
+def _gpu_check_section(name: str, report: dict[str, Any]) -> list[str]:
+    tests = report["tests"]
+    verdict = lambda ok: "met" if ok else "missed"  # noqa: E731
+    what = "Tiny machinery check (no figure to read) on" if report["tiny"] else "GPU check on"
+    lines = _header(name, report, f"{what} "
+                    f"{report['device_name'] or report['device']}; GPU tests: "
+                    f"{'not run' if tests is None else tests['summary']}. On CUDA the score stage runs under bf16 "
+                    f"autocast (no fp32 scoring path there); the naive loop is fp32.")
+    lines += ["| setting | end to end | / naive (target >= 3x) | / limit (target >= 0.70) |",
+              "| --- | --- | --- | --- |"]
+    for setting, t in sorted(report["settings"].items()):
+        lines.append(f"| {setting} | {t['end_to_end_images_per_s']:,.1f} img/s | {t['vs_naive']:.2f}x "
+                     f"({verdict(t['vs_naive_met'])}) | {t['vs_limit']:.3f} ({verdict(t['vs_limit_met'])}) |")
+    return lines + [""]
+
+
+RENDERERS = {"throughput": _throughput_section, "clean-scale": _clean_scale_section,
+             "size-scale": _size_scale_section, "gpu-check": _gpu_check_section}
