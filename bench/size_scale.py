@@ -7,6 +7,8 @@ corpora are the first N images of the same folder. Each size is scored by score_
   rate         images / the stage's wall time, detector load and worker start included
   steady rate  images after the first finished shard / the time between the first and the last shard markers
                (their mtimes): the per-image cost without the fixed start
+  CPU / image  CPU time (user + system) of the scoring process and its decoding workers per image, start
+               included: the cost that other jobs on the same cores hardly disturb, unlike the two rates
   peak RSS     ru_maxrss of the scoring process and of its largest decoding worker
 """
 
@@ -88,14 +90,17 @@ def measure(cfg: SizeScaleConfig, work: str, log: Callable[[str], None] = print)
         step = bt.stage_step(shards, detector, scores, replace(bench, images=n), cpu_bf16=False)
         run = bt.measure_in_child(replace(bench, images=n), [step])[0]
         run["steady_images_per_s"] = _steady(scores)
+        run["cpu_ms_per_image"] = run["cpu_seconds"] / run["images"] * 1e3
         rows[str(n)] = run
-        log(f"{n} images: {run['images_per_s']:.1f} img/s ({run['steady_images_per_s']:.1f} steady), peak RSS "
+        log(f"{n} images: {run['images_per_s']:.1f} img/s ({run['steady_images_per_s']:.1f} steady, "
+            f"{run['cpu_ms_per_image']:.2f} CPU-ms an image), peak RSS "
             f"{run['peak_rss_mib']:.0f} MiB (worker {run['worker_peak_rss_mib']:.0f})")
     big, small = rows[str(max(cfg.sizes))], rows[str(min(cfg.sizes))]
     spread = lambda key: max(r[key] for r in rows.values()) / min(r[key] for r in rows.values())  # noqa: E731
     return {"kind": "size-scale", "config": asdict(cfg), "sizes": rows, "corpus": "Fashion-MNIST train + test + "
             "train mirrored, 32x32 PNG", "ratios": {
                 "steady_max_over_min": spread("steady_images_per_s"), "rate_max_over_min": spread("images_per_s"),
+                "cpu_per_image_max_over_min": spread("cpu_ms_per_image"),
                 "peak_rss_largest_over_smallest": big["peak_rss_mib"] / small["peak_rss_mib"],
                 "worker_rss_largest_over_smallest": big["worker_peak_rss_mib"] / small["worker_peak_rss_mib"]},
             "wall_s": time.perf_counter() - started, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -151,6 +151,13 @@ def measure_decode(shards: str, bench: ThroughputConfig) -> dict[str, float]:
     return {"images": done, "seconds": elapsed, "images_per_s": done / elapsed}
 
 
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its finished children (decoding workers): unlike wall time,
+    it hardly moves when other jobs share the cores."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def child() -> None:
     """Entry of the measuring process: the steps of the JSON job on stdin, in order, each timed; prints one JSON list.
     A stage step also reports the process' peak RSS so far (ru_maxrss only grows: score small corpora first)."""
@@ -169,12 +176,12 @@ def child() -> None:
         else:
             args = {name: value for name, value in step.items() if name != "kind"}
             args["score"] = ScoreConfig(**args["score"])
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), _cpu_seconds()
             result = score_shards(progress=False, log=lambda _: None, **args)
-            elapsed = time.perf_counter() - start
+            elapsed, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
             # ru_maxrss is in KiB on Linux; RUSAGE_CHILDREN is the largest DataLoader worker (joined by now).
             reports.append({"images": result.samples, "ok": result.ok, "seconds": elapsed,
-                            "images_per_s": result.samples / elapsed,
+                            "images_per_s": result.samples / elapsed, "cpu_seconds": cpu,
                             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                             "worker_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024})
     print(json.dumps(reports))

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from bench import clean_speed, gpu_check
+from bench import clean_speed, gpu_check, size_scale
 from bench import throughput as bt
 from dede_core.cli import main
 
@@ -104,3 +104,19 @@ def test_clean_speed_measures_clean_against_a_copy(tmp_path):
     md = (out / "throughput.md").read_text()
     assert "## clean-0.002gb-224px" in md and "| clean / plain copy |" in md
     assert list(tmp_path.glob("dede-clean-speed-*")) == []
+
+
+def test_size_scale_scores_each_size_in_its_own_process(tmp_path):
+    out = tmp_path / "results"
+    assert size_scale.main(["--sizes", "20,40", "--samples-per-shard", "10", "--encoder", "cifar-resnet18?width=8",
+                            "--work", str(tmp_path), "--out", str(out)]) == 0
+    report = json.loads((out / "throughput.json").read_text())["size-scale-20-40"]
+    assert sorted(report["sizes"], key=int) == ["20", "40"]
+    for n, row in report["sizes"].items():
+        assert row["images"] == row["ok"] == int(n)
+        assert row["cpu_ms_per_image"] > 0 and row["steady_images_per_s"] > 0 and row["peak_rss_mib"] > 0
+    ratios = report["ratios"]
+    assert ratios["cpu_per_image_max_over_min"] >= 1 and ratios["peak_rss_largest_over_smallest"] > 0
+    assert "## size-scale-20-40" in (out / "throughput.md").read_text()
+    with pytest.raises(ValueError, match="at least 2 shards"):
+        size_scale.SizeScaleConfig(sizes=(10, 100), samples_per_shard=10)
