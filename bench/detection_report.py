@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.report import report_header, rows_markdown
+from bench.report import report_header, score_sections
 
 CACHE_NOTE = ("encoders, decoders, scores and finished attacks are cached by config hash and reused; 'wall' is what "
               "an attack took in the run that finished it, without the steps earlier runs had cached, on a machine "
@@ -26,12 +26,7 @@ def render_markdown(report: dict[str, Any], name: str) -> str:
         lines.append(f"| {r['attack']} | {r.get('encoder', '')} | {trigger} | {tune} | {v['knn_accuracy']:.3f} "
                      f"| {v['clean_accuracy']:.3f} | {v['attack_success_rate']:.3f} | {used} "
                      f"| {r['wall_s'] / 60:.1f} |")
-    lines += ["", "## Detectors (AUROC; TPR at 1% / 5% FPR; FPR and TPR at the label-free 5% threshold)", ""]
-    for r in report["results"]:
-        if not r.get("rows"):
-            continue
-        lines += [f"### {r['attack']} ({r['eval_negatives']} clean + {r['eval_positives']} triggered)", ""]
-        lines += rows_markdown(r["rows"], "detector", mark_best=True)
+    lines += score_sections(report, "Detectors", "attack", "detector", mark_best=True)
     lines += _downstream_markdown(report)
     return "\n".join(lines) + "\n"
 

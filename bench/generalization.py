@@ -25,7 +25,7 @@ from bench import metrics
 from bench.attacks.badencoder import backdoor_encoder, cached_backdoor
 from bench.cases import CASES, PHOTO_CLASSES, VICTIMS, SuiteConfig, aux_images, data, trigger
 from bench.common import ArraySource, config_digest, fit_detector, score_images, table_row
-from bench.report import Log, report_header, rows_markdown, run_report, stderr_log
+from bench.report import Log, report_header, run_report, score_sections, stderr_log
 from bench.ssl import embed_all, knn_accuracy, linear_probe
 from dede_core.detector.checkpoint import load_checkpoint
 from dede_core.detector.config import DetectorConfig
@@ -202,15 +202,15 @@ def render_markdown(report: dict[str, Any], name: str) -> str:
                      f"{health.get('embedding_reliance', float('nan')):.2f} | {row['auroc']:.3f} | "
                      f"{row['tpr_at_5']:.3f} | {row['label_free_fpr']:.3f} / {row['label_free_tpr']:.3f} | "
                      f"{r['wall_s'] / 60:.1f} |")
-    lines += ["", "## Every score (AUROC; TPR at 1% / 5% FPR; FPR and TPR at the label-free 5% threshold)", ""]
-    for r in report["results"]:
-        if not r.get("rows"):
-            continue
-        lines += [f"### {r['case']} ({r['eval_negatives']} clean + {r['eval_positives']} triggered)", "",
-                  f"Detector: {r['detector']['note']}; stopped: {r['detector']['stopped']}.", ""]
-        if r.get("ablation_health"):
-            lines += [f"No-embedding ablation health: embedding reliance "
-                      f"{r['ablation_health']['embedding_reliance']:.3f} (passed: {r['ablation_health']['passed']}).",
-                      ""]
-        lines += rows_markdown(r["rows"], "score")
+    lines += score_sections(report, "Every score", "case", "score", notes=_case_notes)
     return "\n".join(lines) + "\n"
+
+
+def _case_notes(r: dict[str, Any]) -> list[str]:
+    """How the case's detector was sized and stopped, and the ablation's health where it was trained."""
+    lines = [f"Detector: {r['detector']['note']}; stopped: {r['detector']['stopped']}.", ""]
+    if r.get("ablation_health"):
+        health = r["ablation_health"]
+        lines += [f"No-embedding ablation health: embedding reliance {health['embedding_reliance']:.3f} "
+                  f"(passed: {health['passed']}).", ""]
+    return lines

@@ -66,6 +66,20 @@ def report_header(report: dict[str, Any], title: str, unit: str, note: str) -> l
             f"{report['wall_s'] / 60:.1f} min ({note})." + partial, ""]
 
 
+def score_sections(report: dict[str, Any], title: str, name_key: str, what: str, *, mark_best: bool = False,
+                   notes: Callable[[dict[str, Any]], list[str]] | None = None) -> list[str]:
+    """'## title' with what the columns mean, then for each result with rows: '### <result[name_key]> (N clean +
+    M triggered)', its `notes` lines and its rows_markdown table (first column headed `what`)."""
+    lines = ["", f"## {title} (AUROC; TPR at 1% / 5% FPR; FPR and TPR at the label-free 5% threshold)", ""]
+    for r in report["results"]:
+        if not r.get("rows"):
+            continue
+        lines += [f"### {r[name_key]} ({r['eval_negatives']} clean + {r['eval_positives']} triggered)", ""]
+        lines += notes(r) if notes else []
+        lines += rows_markdown(r["rows"], what, mark_best=mark_best)
+    return lines
+
+
 def rows_markdown(rows: dict[str, dict[str, Any]], what: str, *, mark_best: bool = False) -> list[str]:
     """A table of table_row results: AUROC, TPR at 1% and 5% FPR, the label-free threshold's FPR and TPR."""
     lines = [f"| {what} | AUROC | TPR@1% | TPR@5% | label-free FPR | label-free TPR |",
