@@ -15,7 +15,6 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -31,17 +30,12 @@ from dede_core.io.tarspans import copy_runs, merge_runs
 from dede_core.io.source_index import CHANGED, REMOVED
 from dede_core.stages.select import DEFAULT_RULE, Counts, Rule, Selection, select
 from dede_core.io.sources import clean_key, group_members  # the scorer's key rule, so keys match the scores
-from dede_core.sql import CALIBRATION_NAME
-from schemas.manifest import (Manifest, ShardEntry, differences, read_manifest, read_spans, write_json_atomic,
-                             write_manifest)
+from dede_core.stages import folder
+from schemas import names
+from schemas.manifest import Manifest, ShardEntry, differences, read_manifest, read_spans, write_manifest
 from schemas.tables import REJECTED, with_metadata
 
 FORMAT = "dede-clean/1"
-CONFIG_NAME = "clean_config.json"
-DONE_DIR = "_done"
-REJECTED_NAME = "rejected.parquet"
-SUMMARY_NAME = "summary.json"
-MANIFEST_NAME = "manifest.json"
 RETIRED_REASONS = (REMOVED, CHANGED)  # samples the source no longer holds: dropped, never a duplicate
 
 
@@ -110,15 +104,11 @@ class CleanResult:
 
     @property
     def rejected_path(self) -> str:
-        return os.path.join(self.out_dir, REJECTED_NAME)
+        return os.path.join(self.out_dir, names.REJECTED)
 
     @property
     def summary_path(self) -> str:
-        return os.path.join(self.out_dir, SUMMARY_NAME)
-
-
-def _stem(name: str) -> str:
-    return os.path.splitext(name)[0]
+        return os.path.join(self.out_dir, names.SUMMARY)
 
 
 def _file_fingerprint(path: str) -> list[Any]:
@@ -149,14 +139,14 @@ def _identity(sel: Selection, scores_dir: str) -> dict[str, Any]:
 def _shard_ids(identity: dict[str, Any], manifest: Manifest, scores_dir: str) -> dict[str, str]:
     """shard -> sha256 of everything its cleaned output depends on: the run's identity, the shard's bytes, its
     scores file and the samples of it retired from the source. A marker with another id is cleaned again."""
-    calibration = storage.join(scores_dir, CALIBRATION_NAME)
+    calibration = storage.join(scores_dir, names.CALIBRATION)
     common = [identity, _file_fingerprint(calibration) if storage.isfile(calibration) else None]
     retired: dict[str, list] = {}
     for r in manifest.retired:
         retired.setdefault(r["shard"], []).append([r["key"], r["reason"]])
     ids = {}
     for e in manifest.shards:
-        scores = _file_fingerprint(storage.join(scores_dir, _stem(e.name) + ".parquet"))
+        scores = _file_fingerprint(storage.join(scores_dir, folder.stem(e.name) + ".parquet"))
         part = [common, e.name, e.sha256, scores, sorted(retired.get(e.name, []))]
         ids[e.name] = hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()
     return ids
@@ -168,65 +158,46 @@ LEGACY_IDENTITY = ("scores", "shards")  # in the identity of clean folders made 
 def _claim(out_dir: str, identity: dict[str, Any], paths: dict[str, str], shards: list[list[str]]) -> None:
     """Make OUT ours: new or empty, or holding a clean run with the same identity of the same shards (the
     shard list may have grown at its end: a corpus updated by `dede shard`)."""
-    config_path = storage.join(out_dir, CONFIG_NAME)
-    if storage.isfile(config_path):
-        old = storage.read_json(config_path)
+
+    def check(old: dict[str, Any]) -> bool:
         had = {k: v for k, v in old.get("identity", {}).items() if k not in LEGACY_IDENTITY}
         diffs = differences(had, identity if "score_setup" in had else
                             {k: v for k, v in identity.items() if k != "score_setup"})
-        if diffs:
-            moved = identity["rule"]["kind"] == "quantile" and all(d.startswith("threshold") for d in diffs)
-            hint = ("; a quantile threshold moves when the corpus changes: use --fpr or --threshold for a corpus "
-                    "cleaned again as it grows") if moved else ""
-            raise ValueError(f"{out_dir} was cleaned with other settings ({'; '.join(diffs)}); clean into a new "
-                             f"folder, or delete {out_dir} first{hint}")
+        moved = identity["rule"]["kind"] == "quantile" and all(d.startswith("threshold") for d in diffs)
+        folder.refuse(out_dir, "a clean run", diffs, "a quantile threshold moves when the corpus changes: use "
+                      "--fpr or --threshold for a corpus cleaned again as it grows; " if moved else "")
         before = old.get("shards")
         if before is None and "shards" in old.get("identity", {}):  # a folder made before shards could be added
-            before_hash = old["identity"]["shards"]
-            if hashlib.sha256(json.dumps(shards).encode()).hexdigest() != before_hash:
+            if hashlib.sha256(json.dumps(shards).encode()).hexdigest() != old["identity"]["shards"]:
                 raise ValueError(f"{out_dir} was cleaned from other shards; clean into a new folder, or delete "
                                  f"{out_dir} first")
         elif before is not None and shards[:len(before)] != before:
             raise ValueError(f"{out_dir} was cleaned from other shards (its shard list is not the start of this "
                              f"one); clean into a new folder, or delete {out_dir} first")
-        if before != shards:
-            write_json_atomic(config_path, {"identity": identity, "paths": paths, "shards": shards})
-        return
-    # A run killed while writing clean_config.json leaves only its temporary file: that folder is still ours.
-    if storage.isdir(out_dir) and [n for n in storage.listdir(out_dir) if not n.startswith(f".{CONFIG_NAME}.")]:
-        raise ValueError(f"{out_dir} is not empty and holds no dede clean run (no {CONFIG_NAME}); "
-                         f"choose a new or empty folder")
-    storage.makedirs(out_dir)
-    write_json_atomic(config_path, {"identity": identity, "paths": paths, "shards": shards})
+        return before != shards
+
+    folder.claim(out_dir, names.CLEAN_CONFIG, {"identity": identity, "paths": paths, "shards": shards}, check=check)
 
 
 def _check_coverage(manifest: Manifest, sel: Selection, shards_dir: str, scores_dir: str) -> None:
-    names = {e.name for e in manifest.shards}
-    foreign = sorted(set(sel.by_shard) - names)
+    shard_names = {e.name for e in manifest.shards}
+    foreign = sorted(set(sel.by_shard) - shard_names)
     if foreign:
         raise ValueError(f"{scores_dir} scores shard(s) {', '.join(foreign[:5])} that {shards_dir}/manifest.json "
                          f"does not list: these scores belong to another corpus")
     missing = [e.name for e in manifest.shards
-               if not storage.isfile(storage.join(scores_dir, _stem(e.name) + ".parquet"))]
+               if not storage.isfile(storage.join(scores_dir, folder.stem(e.name) + ".parquet"))]
     if missing:
-        failed = []  # the scorer records shards it could not read in _failed/
-        for path in (storage.join(scores_dir, "_failed", _stem(n) + ".json") for n in missing):
-            if storage.isfile(path):
-                failed.append(storage.read_json(path).get("error", ""))
+        scorer = folder.Markers(scores_dir)  # the scorer records the shards it could not read
+        failed = [e for e in (scorer.failure(n) for n in missing) if e is not None]
         why = f"; the scorer could not read {len(failed)} of them, e.g. {failed[0]}" if failed else ""
         raise ValueError(f"no scores for {len(missing)} shard(s) ({', '.join(missing[:5])}): expected "
                          f"{scores_dir}/<stem>.parquet for each{why}; finish scoring (rerun `dede score`) first")
 
 
 def _write_parquet(table: pa.Table, path: str) -> None:
-    """Temporary name, then rename; at a URL, written locally and uploaded in one piece."""
-    if storage.is_url(path):
-        fd, tmp = tempfile.mkstemp(suffix=".parquet.tmp")
-        os.close(fd)
-    else:
-        tmp = f"{path}.{os.getpid()}.tmp"
-    pq.write_table(table, tmp)
-    storage.publish(tmp, path)
+    with storage.AtomicFile(path) as f:
+        pq.write_table(table, f)
 
 
 def _rejected_table(rows: list[tuple[str, str, float | None, str]]) -> pa.Table:
@@ -235,7 +206,7 @@ def _rejected_table(rows: list[tuple[str, str, float | None, str]]) -> pa.Table:
 
 
 def _scored_keys(scores_dir: str, name: str) -> set[str]:
-    path = storage.join(scores_dir, _stem(name) + ".parquet")
+    path = storage.join(scores_dir, folder.stem(name) + ".parquet")
     with storage.open_read(path) as f:
         table = pq.read_table(f, columns=["key", "shard"])
     others = set(table.column("shard").to_pylist()) - {name}
@@ -289,21 +260,12 @@ def _clean_shard(job: ShardJob, src: str, scratch: str | None, *, scored: set[st
                          f"{sorted(stray)[:3]}): the scores belong to another corpus; rescore these shards")
 
     runs = merge_runs(index.gaps + [span for s in kept for span in s.spans])
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=scratch or out_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            copied = copy_runs(src, entry.bytes, runs, f)
-            src_sha, size, sha = copied.source_sha256, copied.bytes, copied.sha256
-            f.flush()
-            os.fsync(f.fileno())
+    with storage.AtomicFile(storage.join(out_dir, name), scratch=scratch) as f:
+        copied = copy_runs(src, entry.bytes, runs, f)
+        src_sha, size, sha = copied.source_sha256, copied.bytes, copied.sha256
         if src_sha != entry.sha256:
             raise ValueError(f"{src} does not match the sha256 in its manifest; the shard changed: reshard")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a corpus is meant to be read by others
-        storage.publish(tmp, storage.join(out_dir, name))
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    _write_parquet(_rejected_table(rows), storage.join(out_dir, DONE_DIR, _stem(name) + ".rejected.parquet"))
+    _write_parquet(_rejected_table(rows), folder.Markers(out_dir).path(name, ".rejected.parquet"))
     counts = Counts(total=len(kept) + len(rows), kept=len(kept), dropped=len(rows), unscored=unscored)
     return {"shard": name, "bytes": size, "sha256": sha, "samples": len(kept), "counts": counts.to_dict(),
             "first_key": kept[0].key if kept else "", "last_key": kept[-1].key if kept else ""}
@@ -329,19 +291,17 @@ def clean_shard(job: ShardJob, seen: dict[str, str] | None = None) -> dict[str, 
         if scratch:
             scratch.cleanup()
     marker["identity"] = job.identity_sha
-    write_json_atomic(storage.join(out_dir, DONE_DIR, _stem(entry.name) + ".json"), marker)
+    folder.Markers(out_dir).mark_done(entry.name, marker)
     return marker
 
 
 def _marker(out_dir: str, name: str, identity_sha: str) -> dict[str, Any] | None:
     """The marker of a finished shard of this run, or None when the shard must be (re)written."""
-    path = storage.join(out_dir, DONE_DIR, _stem(name) + ".json")
-    try:
-        marker = storage.read_json(path)
-    except (OSError, ValueError):
+    marker = folder.Markers(out_dir).done(name)
+    if marker is None:
         return None
     out = storage.join(out_dir, name)
-    part = storage.join(out_dir, DONE_DIR, _stem(name) + ".rejected.parquet")
+    part = folder.Markers(out_dir).path(name, ".rejected.parquet")
     ok = (marker.get("identity") == identity_sha and storage.isfile(part) and storage.isfile(out)
           and storage.getsize(out) == marker.get("bytes"))
     return marker if ok else None
@@ -386,7 +346,7 @@ def plan_clean(shards_dir: str | os.PathLike, scores_dir: str | os.PathLike, out
     still to clean. Folders may be local paths or fsspec URLs."""
     shards_dir, scores_dir, out_dir = (storage.absolute(p) for p in (shards_dir, scores_dir, out_dir))
     if storage.isdir(out_dir):
-        storage.sweep_temporaries(out_dir, (DONE_DIR,))  # left by a killed run; this run's tasks start later
+        folder.Markers(out_dir).sweep()  # left by a killed run; this run's tasks start later
     if out_dir in (shards_dir, scores_dir) or (
             not storage.is_url(out_dir) and os.path.realpath(out_dir) in (os.path.realpath(shards_dir),
                                                                           os.path.realpath(scores_dir))):
@@ -397,7 +357,6 @@ def plan_clean(shards_dir: str | os.PathLike, scores_dir: str | os.PathLike, out
     identity = _identity(sel, scores_dir)
     config = {"identity": identity, "paths": {"shards_dir": shards_dir, "scores_dir": scores_dir}}
     _claim(out_dir, identity, config["paths"], [[e.name, e.sha256] for e in manifest.shards])
-    storage.makedirs(storage.join(out_dir, DONE_DIR))
     shard_ids = _shard_ids(identity, manifest, scores_dir)
     markers = {e.name: _marker(out_dir, e.name, shard_ids[e.name]) for e in manifest.shards}
     return CleanPlan(shards_dir=shards_dir, scores_dir=scores_dir, out_dir=out_dir, selection=sel,
@@ -405,7 +364,7 @@ def plan_clean(shards_dir: str | os.PathLike, scores_dir: str | os.PathLike, out
 
 
 def _finals(out_dir: str) -> list[str]:
-    return [storage.join(out_dir, n) for n in (REJECTED_NAME, SUMMARY_NAME, MANIFEST_NAME)]
+    return [storage.join(out_dir, n) for n in (names.REJECTED, names.SUMMARY, names.MANIFEST)]
 
 
 def start_clean(plan: CleanPlan) -> bool:
@@ -461,18 +420,18 @@ def _finish(out_dir: str, sel: Selection, manifest: Manifest, markers: list[dict
             config: dict[str, Any]) -> None:
     parts = []
     for m in markers:
-        with storage.open_read(storage.join(out_dir, DONE_DIR, _stem(m["shard"]) + ".rejected.parquet")) as f:
+        with storage.open_read(folder.Markers(out_dir).path(m["shard"], ".rejected.parquet")) as f:
             parts.append(pq.read_table(f))
     meta = with_metadata(REJECTED, "rejected", json.dumps(config, sort_keys=True)).metadata
     meta.update({b"dede.rule": sel.rule.label.encode(), b"dede.threshold": json.dumps(sel.threshold).encode()})
     rejected = pa.concat_tables(parts).cast(REJECTED) if parts else _rejected_table([])
-    _write_parquet(rejected.replace_schema_metadata(meta), storage.join(out_dir, REJECTED_NAME))
+    _write_parquet(rejected.replace_schema_metadata(meta), storage.join(out_dir, names.REJECTED))
     by_shard = {m["shard"]: m["counts"] for m in markers}
     total = sum((Counts(**c) for c in by_shard.values()), Counts())
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     summary = {"format": "dede-clean-summary/1", "created": now, **sel.to_dict(), "counts": total.to_dict(),
                "shards": by_shard, **config["paths"]}
-    write_json_atomic(storage.join(out_dir, SUMMARY_NAME), summary)
+    storage.write_json(storage.join(out_dir, names.SUMMARY), summary)
     entries = [ShardEntry(name=m["shard"], samples=m["samples"], bytes=m["bytes"], sha256=m["sha256"],
                           first_key=m["first_key"], last_key=m["last_key"]) for m in markers]
     write_manifest(out_dir, Manifest(

@@ -13,7 +13,6 @@ import io
 import math
 import os
 import tarfile
-import tempfile
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -183,11 +182,7 @@ def write_report(scores_dir: str | os.PathLike, shards_dir: str | os.PathLike, o
         "<h2>Reasons for dropping</h2>", _table(["reason", "samples"], [[r, n] for r, n in top_reasons]),
         "</body></html>",
     ]
-    remote = storage.is_url(out_html)  # then written locally and uploaded in one piece
-    folder = tempfile.gettempdir() if remote else os.path.dirname(os.path.abspath(out_html))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{storage.basename(out_html)}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(parts) + "\n")
-    storage.publish(tmp, out_html)
+    if not storage.is_url(out_html):
+        os.makedirs(os.path.dirname(os.path.abspath(out_html)), exist_ok=True)
+    storage.write_bytes(out_html, ("\n".join(parts) + "\n").encode("utf-8"))
     return out_html
