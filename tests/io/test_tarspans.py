@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -76,8 +75,8 @@ def expected(data: bytes, runs: list[tuple[int, int]]) -> bytes:
     return body + end_of_archive(len(body))
 
 
-@pytest.mark.parametrize("chunk", [tarspans.CHUNK, 1000])  # 1000: runs cross chunk borders
-def test_kernel_copy_and_buffered_copy_write_the_same_bytes(shards, tmp_path, monkeypatch, chunk):
+@pytest.mark.parametrize("chunk", [tarspans.CHUNK, 1000])  # 1000: runs and blocks cross chunk borders
+def test_copy_runs_writes_the_runs_and_an_end_of_archive(shards, tmp_path, monkeypatch, chunk):
     monkeypatch.setattr(tarspans, "CHUNK", chunk)
     entry = read_manifest(shards).shards[1]
     src = str(shards / entry.name)
@@ -85,27 +84,12 @@ def test_kernel_copy_and_buffered_copy_write_the_same_bytes(shards, tmp_path, mo
     samples = recorded_index(str(shards), entry).samples
     runs = merge_runs([span for i, s in enumerate(samples) if i not in (0, 4, 5) for span in s.spans])
     assert len(runs) == 2
-    kernel, result = _copy(src, runs, tmp_path, "kernel.tar")
-    assert result.kernel_copy and kernel == expected(data, runs)
-    assert result.source_sha256 == entry.sha256 and result.sha256 == hashlib.sha256(kernel).hexdigest()
-    assert result.bytes == len(kernel) and len(kernel) % tarfile.RECORDSIZE == 0
-    with tarfile.open(tmp_path / "kernel.tar") as tar:  # a valid tar of the kept samples only
+    out, result = _copy(src, runs, tmp_path, "out.tar")
+    assert out == expected(data, runs)
+    assert result.source_sha256 == entry.sha256 and result.sha256 == hashlib.sha256(out).hexdigest()
+    assert result.bytes == len(out) and len(out) % tarfile.RECORDSIZE == 0
+    with tarfile.open(tmp_path / "out.tar") as tar:  # a valid tar of the kept samples only
         assert {m.name.split(".")[0] for m in tar} == {s.key for i, s in enumerate(samples) if i not in (0, 4, 5)}
-
-    calls = []
-
-    def refuse_after_one(src_fd, dst_fd, count, offset_src=None, offset_dst=None):
-        calls.append(count)
-        if len(calls) > 1:  # the first part went through the kernel, the rest is refused
-            raise OSError(errno.EXDEV, "cross-device")
-        return os.copy_file_range(src_fd, dst_fd, min(count, 700), offset_src)  # a short copy, as allowed
-
-    monkeypatch.setattr(tarspans.os, "copy_file_range", refuse_after_one, raising=False)
-    mixed, fallback = _copy(src, runs, tmp_path, "mixed.tar")
-    assert mixed == kernel and fallback.sha256 == result.sha256 and not fallback.kernel_copy
-    monkeypatch.delattr(tarspans.os, "copy_file_range")
-    buffered, plain = _copy(src, runs, tmp_path, "buffered.tar")
-    assert buffered == kernel and not plain.kernel_copy
 
 
 def test_a_url_source_is_copied_through_the_buffer(shards, tmp_path):
@@ -115,7 +99,7 @@ def test_a_url_source_is_copied_through_the_buffer(shards, tmp_path):
         f.write(data)
     runs = [(0, 1024), (2048, 3072)]
     out, result = _copy("memory://spans/shard.tar", runs, tmp_path, "out.tar", len(data))
-    assert out == expected(data, runs) and result.source_sha256 == entry.sha256 and not result.kernel_copy
+    assert out == expected(data, runs) and result.source_sha256 == entry.sha256
 
 
 def test_everything_dropped_is_an_empty_archive(shards, tmp_path):
