@@ -39,10 +39,10 @@ def available() -> bool:
 
 
 def _product_cli():
-    """The product command line's shared helpers: device names, default decoding workers, --out checks."""
-    from dede_core import cli
+    """The product command line's shared options: device names, default decoding workers, --out checks."""
+    from flows.cli import options
 
-    return cli
+    return options
 
 
 def register(subparsers: argparse._SubParsersAction) -> dict[str, Handler]:
@@ -94,7 +94,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="how long the in-memory limit runs, before and again after the end-to-end run (default 10)")
     g.add_argument("--batch-size", type=int, default=256, help="decoded images per batch (default 256)")
     g.add_argument("--chunk", type=int, default=64, help="rows per forward pass (default 64)")
-    g.add_argument("--workers", type=int, default=_product_cli()._default_workers(),
+    g.add_argument("--workers", type=int, default=_product_cli().default_workers(),
                    help="decoding processes of the stage")
     g.add_argument("--no-bf16", action="store_true", help="on the CPU, skip the opt-in bf16 rows")
     g.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda[:N]")
@@ -174,7 +174,7 @@ def _bench_throughput(args: argparse.Namespace) -> int:
                                 patch_size=args.patch_size or (4 if args.image_size <= 64 else 16),
                                 encoder=args.encoder, images=args.images, limit_seconds=args.limit_seconds,
                                 batch_size=args.batch_size, workers=args.workers, chunk=args.chunk,
-                                cpu_bf16=not args.no_bf16, device=_product_cli()._device(args.device))
+                                cpu_bf16=not args.no_bf16, device=_product_cli().device(args.device))
     with tempfile.TemporaryDirectory(prefix="dede-throughput-", dir=args.work) as work:
         report = bt.run_bench(bench, work)
     report["command"] = bt.command_line(bench)

@@ -71,7 +71,7 @@ def fit_detector(cache: Path, name: str, images: Tensor, spec: str, config: Dete
     content = f"array:{name}:{images_digest(images)}"
     out = cache / f"detector-{name}-{config_digest(spec, config.to_dict(), dataclasses.asdict(train), content)}"
     return train_detector(source=ArraySource(images, name), data_id=content, encoder=load_encoder(spec),
-                          config=config, train=train, out_dir=out, log=log)
+                          config=config, train=train, out_dir=out)
 
 
 def cached_result(stored: Path, compute: Callable[[], dict[str, Any]], log: Callable[[str], None]
