@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench import throughput as bt
-from dede_core.cli import main
+from flows.cli import main
 
 TINY = ["--images", "40", "--limit-seconds", "0.2", "--batch-size", "16", "--chunk", "8", "--workers", "1",
         "--encoder", "cifar-resnet18?width=8"]
