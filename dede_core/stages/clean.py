@@ -32,7 +32,7 @@ from dede_core.stages.select import DEFAULT_RULE, Counts, Rule, Selection, selec
 from dede_core.io.sources import clean_key, group_members  # the scorer's key rule, so keys match the scores
 from dede_core.sql import CALIBRATION_NAME
 from schemas.manifest import Manifest, ShardEntry, differences, read_manifest, write_json_atomic, write_manifest
-from schemas.tables import REJECTED, with_metadata
+from schemas.tables import REJECTED, conform, with_metadata
 
 FORMAT = "dede-clean/1"
 CONFIG_NAME = "clean_config.json"
@@ -266,19 +266,23 @@ def _write_parquet(table: pa.Table, path: str) -> None:
     storage.publish(tmp, path)
 
 
-def _rejected_table(rows: list[tuple[str, str, float | None, str]]) -> pa.Table:
-    columns = list(zip(*rows)) if rows else [[], [], [], []]
+def _rejected_table(rows: list[tuple[str, str, str | None, float | None, str]]) -> pa.Table:
+    columns = list(zip(*rows)) if rows else [[] for _ in REJECTED]
     return pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(columns, REJECTED)], schema=REJECTED)
 
 
-def _scored_keys(scores_dir: str, name: str) -> set[str]:
+def _scored_keys(scores_dir: str, name: str) -> dict[str, str | None]:
+    """key -> source reference of every row of a shard's scores file (None where the file has no source)."""
     path = storage.join(scores_dir, _stem(name) + ".parquet")
     with storage.open_read(path) as f:
-        table = pq.read_table(f, columns=["key", "shard"])
+        file = pq.ParquetFile(f)
+        table = file.read(columns=[c for c in ("key", "shard", "source") if c in file.schema_arrow.names])
     others = set(table.column("shard").to_pylist()) - {name}
     if others:
         raise ValueError(f"{path} holds rows of shard(s) {sorted(others)[:3]}, not only {name}; rescore")
-    return set(table.column("key").to_pylist())
+    keys = table.column("key").to_pylist()
+    sources = table.column("source").to_pylist() if "source" in table.column_names else [None] * len(keys)
+    return dict(zip(keys, sources))
 
 
 @dataclass(frozen=True)
@@ -295,7 +299,7 @@ class ShardJob:
     identity_sha: str  # the marker's claim that it belongs to this clean run
 
 
-def _clean_shard(job: ShardJob, src: str, scratch: str | None, *, scored: set[str],
+def _clean_shard(job: ShardJob, src: str, scratch: str | None, *, scored: dict[str, str | None],
                  seen: dict[str, str]) -> dict[str, Any]:
     """Write OUT/<name> holding the kept samples; return the marker (counts, bytes, sha256, rejected rows).
     src is a local copy of the shard; the new shard is written in scratch when OUT is a URL, else in OUT."""
@@ -304,23 +308,24 @@ def _clean_shard(job: ShardJob, src: str, scratch: str | None, *, scored: set[st
     index = index_tar(src)
     kept, rows = [], []
     for s in index.samples:
+        source = scored.get(s.key)
         if job.dropped.get(s.key, (None, ""))[1] in RETIRED_REASONS:  # an old version: never in `seen`
-            rows.append((s.key, name, *job.dropped[s.key]))
+            rows.append((s.key, name, source, *job.dropped[s.key]))
             continue
         if s.key in seen:
-            rows.append((s.key, name, None, f"duplicate key (first seen in {seen[s.key]})"))
+            rows.append((s.key, name, source, None, f"duplicate key (first seen in {seen[s.key]})"))
             continue
         seen[s.key] = name
         if s.key in job.dropped:
-            rows.append((s.key, name, *job.dropped[s.key]))
+            rows.append((s.key, name, source, *job.dropped[s.key]))
         elif s.key in scored or job.keep_unscored:
             kept.append(s)
             unscored += s.key not in scored
         else:
-            rows.append((s.key, name, None, "not scored"))
+            rows.append((s.key, name, None, None, "not scored"))
             unscored += 1
-    rows += [(key, name, None, reason) for key, reason in index.others]
-    stray = scored - {s.key for s in index.samples}
+    rows += [(key, name, None, None, reason) for key, reason in index.others]
+    stray = set(scored) - {s.key for s in index.samples}
     if stray:
         raise ValueError(f"the scores of {name} hold {len(stray)} key(s) that {src} does not (e.g. "
                          f"{sorted(stray)[:3]}): the scores belong to another corpus; rescore these shards")
@@ -498,7 +503,7 @@ def _finish(out_dir: str, sel: Selection, manifest: Manifest, markers: list[dict
     parts = []
     for m in markers:
         with storage.open_read(storage.join(out_dir, DONE_DIR, _stem(m["shard"]) + ".rejected.parquet")) as f:
-            parts.append(pq.read_table(f))
+            parts.append(conform(pq.read_table(f), REJECTED))  # a part written before `source` existed
     meta = with_metadata(REJECTED, "rejected", json.dumps(config, sort_keys=True)).metadata
     meta.update({b"dede.rule": sel.rule.label.encode(), b"dede.threshold": json.dumps(sel.threshold).encode()})
     rejected = pa.concat_tables(parts).cast(REJECTED) if parts else _rejected_table([])

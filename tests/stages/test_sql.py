@@ -24,7 +24,8 @@ def conn(tmp_path):
     clean = tmp_path / "clean"
     clean.mkdir()
     pq.write_table(pa.table({"key": ["k003"], "shard": ["000001.tar"], "score": [None], "reason": ["decode_error: x"]},
-                            schema=REJECTED), clean / "rejected.parquet")
+                            schema=REJECTED.remove(REJECTED.get_field_index("source"))),  # an older file
+                   clean / "rejected.parquet")
     c = connect(scores, rejected=str(clean), manifest=shards)
     yield c
     c.close()
@@ -39,7 +40,8 @@ def test_views_answer(conn):
     assert joined.to_pylist() == [{"status": "decode_error", "reason": "decode_error: x"}]
     assert run_query(conn, "FROM manifest SELECT name, samples ORDER BY name").to_pylist() == [
         {"name": "000000.tar", "samples": 1}, {"name": "000001.tar", "samples": 1}]
-    assert run_query(conn, "DESCRIBE scores").num_rows == 15
+    assert run_query(conn, "DESCRIBE scores").num_rows == 16
+    assert run_query(conn, "SELECT DISTINCT source FROM rejected").to_pylist() == [{"source": None}]  # older file
 
 
 ATTACKS = [
