@@ -18,10 +18,8 @@ import pyarrow.parquet as pq
 
 from dede_core.io import storage
 from schemas import sql as views
+from schemas.names import CALIBRATION, MANIFEST, REJECTED
 
-CALIBRATION_NAME = "calibration.parquet"
-REJECTED_NAME = "rejected.parquet"
-MANIFEST_NAME = "manifest.json"
 # Statement types a user query may have: SELECT covers WITH, FROM-first, VALUES, DESCRIBE, SHOW and SUMMARIZE.
 READ_STATEMENTS = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
 _GLOB_CHARS = set("*?[]{}")
@@ -42,7 +40,7 @@ def scores_files(scores_dir: str | os.PathLike) -> list[str]:
         raise ValueError(f"scores folder {folder} does not exist; run `dede score SHARDS --out {folder}` first")
     names = sorted(
         n for n in storage.listdir(folder)
-        if n.endswith(".parquet") and n not in (CALIBRATION_NAME, REJECTED_NAME) and not n.startswith((".", "_"))
+        if n.endswith(".parquet") and n not in (CALIBRATION, REJECTED) and not n.startswith((".", "_"))
     )
     if not names:
         raise ValueError(f"no scores files (*.parquet) in {folder}; run `dede score SHARDS --out {folder}` first")
@@ -70,12 +68,12 @@ def connect(
     `rejected` (a clean folder or its rejected.parquet; SCORES/rejected.parquet is used when present) and
     `manifest` (a shards folder or its manifest.json, when given)."""
     files = scores_files(scores_dir)
-    calibration = storage.join(os.fspath(scores_dir), CALIBRATION_NAME)
+    calibration = storage.join(os.fspath(scores_dir), CALIBRATION)
     calibration = _path(calibration) if storage.isfile(calibration) else None
-    if rejected is None and storage.isfile(storage.join(os.fspath(scores_dir), REJECTED_NAME)):
+    if rejected is None and storage.isfile(storage.join(os.fspath(scores_dir), REJECTED)):
         rejected = scores_dir
-    rejected = _optional_file(rejected, REJECTED_NAME, "rejected table")
-    manifest = _optional_file(manifest, MANIFEST_NAME, "shards manifest")
+    rejected = _optional_file(rejected, REJECTED, "rejected table")
+    manifest = _optional_file(manifest, MANIFEST, "shards manifest")
 
     # No temp directory: DuckDB adds it (default ./.tmp) to the paths a locked connection may still read and write.
     conn = duckdb.connect(":memory:", config=dict(views.CONNECT_CONFIG) | {"temp_directory": ""})
@@ -189,16 +187,10 @@ def write_result(table: pa.Table, path: str | os.PathLike) -> str:
         if nested:
             raise ValueError(f"CSV cannot hold list/struct columns ({', '.join(nested)}); "
                              f"leave them out of the SELECT or write .parquet")
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
+    with storage.AtomicFile(path) as f:
         if ext == ".csv":
-            pacsv.write_csv(table, tmp)
+            pacsv.write_csv(table, f)
         else:
-            pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+            pq.write_table(table, f)
     return path
 

@@ -18,7 +18,8 @@ from dede_core.io import storage
 from dede_core.sql import connect
 from dede_core.stages.report import _CSS, image_links, linked_thumbnail, read_images, write_images
 from dede_core.stages.select import format_number
-from schemas.manifest import manifest_path, read_manifest, write_bytes_atomic
+from schemas import names
+from schemas.manifest import manifest_path, read_manifest
 from schemas.tables import STATUS_SKIPPED
 
 LOOKED_UP = ("shard", "score", "label", "source")  # from the scores table, next to the result's own columns
@@ -28,7 +29,7 @@ def shards_for(scores_dir: str, shards_dir: str | None) -> str:
     """The shards folder holding the images: the one given, else SCORES/../shards (a `dede sanitize` run)."""
     if shards_dir is not None:
         return shards_dir
-    beside = storage.join(os.path.dirname(storage.absolute(scores_dir).rstrip("/")), "shards")
+    beside = storage.join(os.path.dirname(storage.absolute(scores_dir).rstrip("/")), names.SHARDS_DIR)
     if storage.isfile(manifest_path(beside)):
         return beside
     raise ValueError(f"no shards folder beside {scores_dir} to read the images from; pass --shards SHARDS")
@@ -60,8 +61,8 @@ def result_samples(table: pa.Table, scores_dir: str, shards_dir: str, limit: int
 
 def export_images(samples: list[dict[str, Any]], folder: str) -> list[str]:
     """Write the images of `samples` (result_samples) to FOLDER, numbered in result order; returns their paths."""
-    names = write_images([(str(s["key"]), s["image"]) for s in samples if s["image"] is not None], folder)
-    return [storage.join(folder, n) for n in names]
+    files = write_images([(str(s["key"]), s["image"]) for s in samples if s["image"] is not None], folder)
+    return [storage.join(folder, n) for n in files]
 
 
 def _text(value: Any) -> str:
@@ -95,7 +96,7 @@ def write_query_page(samples: list[dict[str, Any]], columns: list[str], out_html
         "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>" + "".join(body) + "</table>",
         "</body></html>",
     ]
-    write_bytes_atomic(out_html, ("\n".join(page) + "\n").encode("utf-8"))
+    storage.write_bytes(out_html, ("\n".join(page) + "\n").encode("utf-8"))
     return out_html
 
 

@@ -26,23 +26,23 @@ import pyarrow.parquet as pq
 from dede_core.io import storage
 from dede_core.io.sources import clean_key
 from dede_core.sql import scores_files
-from schemas.manifest import read_manifest, write_bytes_atomic
+from schemas import names
+from schemas.manifest import read_manifest
 from schemas.tables import REJECTED, STATUS_SKIPPED, conform
 
-SUMMARY_NAME, REJECTED_NAME = "summary.json", "rejected.parquet"
 KEPT_COLUMNS = ("key", "shard", "source", "label", "score")  # `dede keys` and Verdicts.kept()
 
 
 def _locate(run: str) -> tuple[str, str, dict[str, Any]]:
     """(clean folder, scores folder, summary.json) of a sanitize RUN or of a clean folder."""
-    for clean in (storage.join(run, "clean"), run):
-        if storage.isfile(storage.join(clean, SUMMARY_NAME)):
+    for clean in (storage.join(run, names.CLEAN_DIR), run):
+        if storage.isfile(storage.join(clean, names.SUMMARY)):
             break
     else:
         raise ValueError(f"{run} holds no dede verdicts (no summary.json, no clean/summary.json): give a "
                          f"`dede sanitize` run folder or a `dede clean` output folder")
-    summary = storage.read_json(storage.join(clean, SUMMARY_NAME))
-    beside = storage.join(run, "scores") if clean != run else None
+    summary = storage.read_json(storage.join(clean, names.SUMMARY))
+    beside = storage.join(run, names.SCORES_DIR) if clean != run else None
     for scores in (beside, summary.get("scores_dir")):
         if scores and storage.isdir(scores):
             return clean, scores, summary
@@ -64,7 +64,7 @@ class Verdicts:
 
     def _load(self) -> None:
         clean, scores, summary = _locate(self.run)
-        with storage.open_read(storage.join(clean, REJECTED_NAME)) as f:
+        with storage.open_read(storage.join(clean, names.REJECTED)) as f:
             rejected = conform(pq.read_table(f), REJECTED)
         parts = []
         for path in scores_files(scores):
@@ -81,8 +81,8 @@ class Verdicts:
         kept = kept.sort_by([("shard", "ascending"), ("position", "ascending")]).select(list(KEPT_COLUMNS))
         expected = summary.get("counts", {}).get("kept")
         if expected is not None and kept.num_rows != expected:
-            raise ValueError(f"{scores} less {clean}/{REJECTED_NAME} leaves {kept.num_rows} samples but "
-                             f"{clean}/{SUMMARY_NAME} says {expected} were kept: the scores changed since the "
+            raise ValueError(f"{scores} less {clean}/{names.REJECTED} leaves {kept.num_rows} samples but "
+                             f"{clean}/{names.SUMMARY} says {expected} were kept: the scores changed since the "
                              f"clean run; rerun dede clean")
         self._tables, self._shards_dir = {"kept": kept, "rejected": rejected}, summary.get("shards_dir")
 
@@ -119,8 +119,8 @@ class Verdicts:
         """The corpus the shards were made from (the shards manifest's `source`), when it can be read."""
         if not self._tables:
             self._load()
-        for shards in (self._shards_dir, storage.join(self.run, "shards")):
-            if shards and storage.isfile(storage.join(shards, "manifest.json")):
+        for shards in (self._shards_dir, storage.join(self.run, names.SHARDS_DIR)):
+            if shards and storage.isfile(storage.join(shards, names.MANIFEST)):
                 return read_manifest(shards).source
         return None
 
@@ -204,13 +204,13 @@ def write_keys(table: pa.Table, out: str | None = None) -> str:
     if out is not None and not out.lower().endswith((".txt", ".parquet")):
         raise ValueError(f"--out {out}: give a file name ending in .txt or .parquet")
     if out is not None and out.lower().endswith(".parquet"):
-        write_bytes_atomic(out, _parquet_bytes(table))
+        storage.write_bytes(out, _parquet_bytes(table))
         return out
     keys, sources = table.column("key").to_pylist(), table.column("source").to_pylist()
     text = "".join(f"{k}\t{'' if s is None else s}\n" for k, s in zip(keys, sources))
     if out is None:
         return text
-    write_bytes_atomic(out, text.encode("utf-8"))
+    storage.write_bytes(out, text.encode("utf-8"))
     return out
 
 

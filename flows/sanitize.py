@@ -23,6 +23,7 @@ from flows.score import score_flow
 from flows.shard import shard_flow
 from flows.train import train_flow
 from schemas.manifest import differences
+from schemas.names import RUN_RECORD
 
 ARTIFACT_KEY = "dede-sanitize"
 
@@ -34,7 +35,7 @@ def run_paths(out: str, detector: str | None = None) -> dict[str, str]:
             "detector": os.path.abspath(detector) if detector else os.path.join(run, "detector", "detector.pt"),
             "scores": os.path.join(run, "scores"), "clean": os.path.join(run, "clean"),
             "rejected": os.path.join(run, "clean", "rejected.parquet"), "report": os.path.join(run, "report.html"),
-            "manifest": os.path.join(run, run_manifest.MANIFEST_NAME)}
+            "manifest": os.path.join(run, RUN_RECORD)}
 
 
 TRAINING = ("encoder", "aux", "preset", "detector_overrides", "epochs", "train_batch_size", "train_seed")

@@ -9,14 +9,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 
+from dede_core.io import storage
+
 FORMAT = "dede-shards/1"
-MANIFEST_NAME = "manifest.json"
+from schemas.names import MANIFEST as MANIFEST_NAME
 
 
 @dataclass(frozen=True)
@@ -93,37 +94,9 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
                          f"delete the folder and shard again") from None
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Bytes to a temporary name in the same folder, fsync, rename: readers never see half a file. At a URL
-    (an object store, no rename) the object is written in one put, so it too appears whole."""
-    path = os.fspath(path)
-    if "://" in path:
-        fs, inner = fsspec.core.url_to_fs(path)
-        fs.pipe_file(inner, data)
-        return
-    folder, name = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these records are shared with other readers
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """json, written whole or not at all (write_bytes_atomic)."""
-    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-
-
 def write_manifest(directory: str | os.PathLike, manifest: Manifest) -> None:
     """Write DIR/manifest.json atomically (it marks the folder complete, so it is written last)."""
-    write_json_atomic(manifest_path(directory), manifest.to_dict())
+    storage.write_json(manifest_path(directory), manifest.to_dict())
 
 
 def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pickle
 import signal
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 from dede_core.detector.config import DetectorConfig
 from dede_core.detector.hashing import tensor_digest
 from dede_core.detector.model import DeDe
+from dede_core.io import storage
 
 FORMAT = "dede-detector/1"
 # Encoder kinds whose spec names Python code to import and call: never run because a checkpoint says so.
@@ -91,16 +90,8 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def _write_then_rename(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with storage.AtomicFile(path) as handle:
+        torch.save(obj, handle)
 
 
 def save_checkpoint(path: str | Path, *, model: DeDe, encoder_spec: str, encoder_fingerprint: str,

@@ -31,9 +31,8 @@ from dede_core.io.progress import Progress, format_seconds
 from dede_core.detector.scorer import autocast_for
 from dede_core.io.sources import Source
 from schemas.manifest import differences
+from schemas.names import AUX_CACHE, CHECKPOINT
 
-CHECKPOINT_NAME = "detector.pt"
-CACHE_NAME = "aux_cache.pt"
 
 
 @dataclass(frozen=True)
@@ -210,7 +209,7 @@ def _load_cache(path: Path, data_id: str, encoder: FrozenEncoder, config: Detect
 def _aux_data(source: Source, data_id: str, encoder: FrozenEncoder, config: DetectorConfig, train: TrainConfig,
               out_dir: Path, device: torch.device, workers: int) -> AuxData:
     """The decoded and embedded auxiliary set, from OUT/aux_cache.pt when it matches."""
-    cache_path = out_dir / CACHE_NAME
+    cache_path = out_dir / AUX_CACHE
     aux = _load_cache(cache_path, data_id, encoder, config)
     if aux is None:
         aux = prepare_aux(source, encoder, config, limit=train.max_images, chunk=train.embed_chunk,
@@ -303,7 +302,7 @@ def train_detector(*, source: Source, data_id: str, encoder: FrozenEncoder, conf
     """
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
     out_dir, device = Path(out_dir), torch.device(device)
-    ckpt_path = out_dir / CHECKPOINT_NAME
+    ckpt_path = out_dir / CHECKPOINT
     identity = run_identity(config=config, train=train, encoder=encoder, data_id=data_id)
 
     previous: Checkpoint | None = load_checkpoint(ckpt_path) if ckpt_path.exists() else None

@@ -20,7 +20,6 @@ import pyarrow.parquet as pq
 
 from dede_core.io import storage
 from dede_core.io.sources import TarShardSource
-from schemas.manifest import write_bytes_atomic
 
 SCHEMA = pa.schema([
     pa.field("key", pa.string()),  # the sample key (WebDataset __key__)
@@ -121,5 +120,5 @@ def write(out_dir: str, index: dict[str, Entry], generation: int) -> dict[str, A
                                         schema=SCHEMA), sink)
     data = sink.getvalue().to_pybytes()
     name = f"source-{generation:06d}.parquet"
-    write_bytes_atomic(storage.join(out_dir, name), data)
+    storage.write_bytes(storage.join(out_dir, name), data)
     return {"file": name, "sha256": sha256(data), "items": len(keys), "generation": generation}

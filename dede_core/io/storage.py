@@ -15,7 +15,8 @@ import os
 import posixpath
 import re
 import tempfile
-from typing import IO, Any
+from types import TracebackType
+from typing import IO, Any, BinaryIO
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -122,6 +123,80 @@ def publish(local_tmp: str, dest: str) -> None:
         fs.put_file(local_tmp, inner)
     finally:
         os.unlink(local_tmp)
+
+
+class AtomicFile:
+    """A file that appears at `dest` whole or not at all: the one atomic write every stage uses.
+
+    Writes go to a temporary `.NAME.XXXX.tmp`: next to `dest` for a local folder (so the rename stays on one file
+    system), in `scratch` (or the system temp folder) for a URL. commit() flushes, fsyncs, makes it readable by
+    others (0644) and renames it into place, or uploads it in one piece; abort() or an exception deletes it.
+    As a context manager it yields the open binary file and commits when the block ends without an exception."""
+
+    def __init__(self, dest: str | os.PathLike, *, scratch: str | None = None) -> None:
+        self.dest = os.fspath(dest)
+        folder = scratch if is_url(self.dest) else os.path.dirname(os.path.abspath(self.dest))
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{basename(self.dest)}.", suffix=".tmp", dir=folder)
+        self.file: BinaryIO = os.fdopen(fd, "wb")
+
+    def commit(self) -> None:
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.chmod(self.tmp, 0o644)  # mkstemp makes 0600; stage outputs are shared data
+            publish(self.tmp, self.dest)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        self.file.close()
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+    def __enter__(self) -> BinaryIO:
+        return self.file
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def write_bytes(dest: str | os.PathLike, data: bytes) -> None:
+    """`data` at `dest`, whole or not at all (AtomicFile)."""
+    with AtomicFile(dest) as f:
+        f.write(data)
+
+
+def write_json(dest: str | os.PathLike, data: Any) -> None:
+    """Indented, key-sorted JSON at `dest`, whole or not at all."""
+    write_bytes(dest, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def create_once(dest: str, data: Any) -> bool:
+    """Write JSON `data` at `dest` only if nothing is there; True when this call created it. Locally a hard link
+    makes it first-writer-wins among parallel workers; at a URL (no exclusive create) the last put wins, so
+    callers make it from one task before the parallel ones start."""
+    if is_url(dest):
+        if isfile(dest):
+            return False
+        write_json(dest, data)
+        return True
+    holder = AtomicFile(f"{dest}.claim")  # a temporary beside dest: the link stays on one file system
+    try:
+        holder.file.write((json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+        holder.file.flush()
+        os.fsync(holder.file.fileno())
+        os.chmod(holder.tmp, 0o644)
+        os.link(holder.tmp, dest)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        holder.abort()
 
 
 TEMPORARY = re.compile(r"\..+\.tmp|.+\.\d+\.tmp")  # .NAME.XXXX.tmp (mkstemp) and NAME.PID.tmp

@@ -15,7 +15,6 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -30,16 +29,12 @@ from dede_core.io.progress import Progress
 from dede_core.io.source_index import CHANGED, REMOVED
 from dede_core.stages.select import DEFAULT_RULE, Counts, Rule, Selection, select
 from dede_core.io.sources import clean_key, group_members  # the scorer's key rule, so keys match the scores
-from dede_core.sql import CALIBRATION_NAME
-from schemas.manifest import Manifest, ShardEntry, differences, read_manifest, write_json_atomic, write_manifest
+from dede_core.stages import folder
+from schemas import names
+from schemas.manifest import Manifest, ShardEntry, differences, read_manifest, write_manifest
 from schemas.tables import REJECTED, conform, with_metadata
 
 FORMAT = "dede-clean/1"
-CONFIG_NAME = "clean_config.json"
-DONE_DIR = "_done"
-REJECTED_NAME = "rejected.parquet"
-SUMMARY_NAME = "summary.json"
-MANIFEST_NAME = "manifest.json"
 CHUNK = 1 << 20
 RETIRED_REASONS = (REMOVED, CHANGED)  # samples the source no longer holds: dropped, never a duplicate
 
@@ -147,15 +142,11 @@ class CleanResult:
 
     @property
     def rejected_path(self) -> str:
-        return os.path.join(self.out_dir, REJECTED_NAME)
+        return os.path.join(self.out_dir, names.REJECTED)
 
     @property
     def summary_path(self) -> str:
-        return os.path.join(self.out_dir, SUMMARY_NAME)
-
-
-def _stem(name: str) -> str:
-    return os.path.splitext(name)[0]
+        return os.path.join(self.out_dir, names.SUMMARY)
 
 
 def _file_fingerprint(path: str) -> list[Any]:
@@ -186,14 +177,14 @@ def _identity(sel: Selection, scores_dir: str) -> dict[str, Any]:
 def _shard_ids(identity: dict[str, Any], manifest: Manifest, scores_dir: str) -> dict[str, str]:
     """shard -> sha256 of everything its cleaned output depends on: the run's identity, the shard's bytes, its
     scores file and the samples of it retired from the source. A marker with another id is cleaned again."""
-    calibration = storage.join(scores_dir, CALIBRATION_NAME)
+    calibration = storage.join(scores_dir, names.CALIBRATION)
     common = [identity, _file_fingerprint(calibration) if storage.isfile(calibration) else None]
     retired: dict[str, list] = {}
     for r in manifest.retired:
         retired.setdefault(r["shard"], []).append([r["key"], r["reason"]])
     ids = {}
     for e in manifest.shards:
-        scores = _file_fingerprint(storage.join(scores_dir, _stem(e.name) + ".parquet"))
+        scores = _file_fingerprint(storage.join(scores_dir, folder.stem(e.name) + ".parquet"))
         part = [common, e.name, e.sha256, scores, sorted(retired.get(e.name, []))]
         ids[e.name] = hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()
     return ids
@@ -205,65 +196,46 @@ LEGACY_IDENTITY = ("scores", "shards")  # in the identity of clean folders made 
 def _claim(out_dir: str, identity: dict[str, Any], paths: dict[str, str], shards: list[list[str]]) -> None:
     """Make OUT ours: new or empty, or holding a clean run with the same identity of the same shards (the
     shard list may have grown at its end: a corpus updated by `dede shard`)."""
-    config_path = storage.join(out_dir, CONFIG_NAME)
-    if storage.isfile(config_path):
-        old = storage.read_json(config_path)
+
+    def check(old: dict[str, Any]) -> bool:
         had = {k: v for k, v in old.get("identity", {}).items() if k not in LEGACY_IDENTITY}
         diffs = differences(had, identity if "score_setup" in had else
                             {k: v for k, v in identity.items() if k != "score_setup"})
-        if diffs:
-            moved = identity["rule"]["kind"] == "quantile" and all(d.startswith("threshold") for d in diffs)
-            hint = ("; a quantile threshold moves when the corpus changes: use --fpr or --threshold for a corpus "
-                    "cleaned again as it grows") if moved else ""
-            raise ValueError(f"{out_dir} was cleaned with other settings ({'; '.join(diffs)}); clean into a new "
-                             f"folder, or delete {out_dir} first{hint}")
+        moved = identity["rule"]["kind"] == "quantile" and all(d.startswith("threshold") for d in diffs)
+        folder.refuse(out_dir, "a clean run", diffs, "a quantile threshold moves when the corpus changes: use "
+                      "--fpr or --threshold for a corpus cleaned again as it grows; " if moved else "")
         before = old.get("shards")
         if before is None and "shards" in old.get("identity", {}):  # a folder made before shards could be added
-            before_hash = old["identity"]["shards"]
-            if hashlib.sha256(json.dumps(shards).encode()).hexdigest() != before_hash:
+            if hashlib.sha256(json.dumps(shards).encode()).hexdigest() != old["identity"]["shards"]:
                 raise ValueError(f"{out_dir} was cleaned from other shards; clean into a new folder, or delete "
                                  f"{out_dir} first")
         elif before is not None and shards[:len(before)] != before:
             raise ValueError(f"{out_dir} was cleaned from other shards (its shard list is not the start of this "
                              f"one); clean into a new folder, or delete {out_dir} first")
-        if before != shards:
-            write_json_atomic(config_path, {"identity": identity, "paths": paths, "shards": shards})
-        return
-    # A run killed while writing clean_config.json leaves only its temporary file: that folder is still ours.
-    if storage.isdir(out_dir) and [n for n in storage.listdir(out_dir) if not n.startswith(f".{CONFIG_NAME}.")]:
-        raise ValueError(f"{out_dir} is not empty and holds no dede clean run (no {CONFIG_NAME}); "
-                         f"choose a new or empty folder")
-    storage.makedirs(out_dir)
-    write_json_atomic(config_path, {"identity": identity, "paths": paths, "shards": shards})
+        return before != shards
+
+    folder.claim(out_dir, names.CLEAN_CONFIG, {"identity": identity, "paths": paths, "shards": shards}, check=check)
 
 
 def _check_coverage(manifest: Manifest, sel: Selection, shards_dir: str, scores_dir: str) -> None:
-    names = {e.name for e in manifest.shards}
-    foreign = sorted(set(sel.by_shard) - names)
+    shard_names = {e.name for e in manifest.shards}
+    foreign = sorted(set(sel.by_shard) - shard_names)
     if foreign:
         raise ValueError(f"{scores_dir} scores shard(s) {', '.join(foreign[:5])} that {shards_dir}/manifest.json "
                          f"does not list: these scores belong to another corpus")
     missing = [e.name for e in manifest.shards
-               if not storage.isfile(storage.join(scores_dir, _stem(e.name) + ".parquet"))]
+               if not storage.isfile(storage.join(scores_dir, folder.stem(e.name) + ".parquet"))]
     if missing:
-        failed = []  # the scorer records shards it could not read in _failed/
-        for path in (storage.join(scores_dir, "_failed", _stem(n) + ".json") for n in missing):
-            if storage.isfile(path):
-                failed.append(storage.read_json(path).get("error", ""))
+        scorer = folder.Markers(scores_dir)  # the scorer records the shards it could not read
+        failed = [e for e in (scorer.failure(n) for n in missing) if e is not None]
         why = f"; the scorer could not read {len(failed)} of them, e.g. {failed[0]}" if failed else ""
         raise ValueError(f"no scores for {len(missing)} shard(s) ({', '.join(missing[:5])}): expected "
                          f"{scores_dir}/<stem>.parquet for each{why}; finish scoring (rerun `dede score`) first")
 
 
 def _write_parquet(table: pa.Table, path: str) -> None:
-    """Temporary name, then rename; at a URL, written locally and uploaded in one piece."""
-    if storage.is_url(path):
-        fd, tmp = tempfile.mkstemp(suffix=".parquet.tmp")
-        os.close(fd)
-    else:
-        tmp = f"{path}.{os.getpid()}.tmp"
-    pq.write_table(table, tmp)
-    storage.publish(tmp, path)
+    with storage.AtomicFile(path) as f:
+        pq.write_table(table, f)
 
 
 def _rejected_table(rows: list[tuple[str, str, str | None, float | None, str]]) -> pa.Table:
@@ -273,7 +245,7 @@ def _rejected_table(rows: list[tuple[str, str, str | None, float | None, str]]) 
 
 def _scored_keys(scores_dir: str, name: str) -> dict[str, str | None]:
     """key -> source reference of every row of a shard's scores file (None where the file has no source)."""
-    path = storage.join(scores_dir, _stem(name) + ".parquet")
+    path = storage.join(scores_dir, folder.stem(name) + ".parquet")
     with storage.open_read(path) as f:
         file = pq.ParquetFile(f)
         table = file.read(columns=[c for c in ("key", "shard", "source") if c in file.schema_arrow.names])
@@ -336,7 +308,7 @@ def _clean_shard(job: ShardJob, src: str, scratch: str | None, *, scored: dict[s
               "first_key": kept[0].key if kept else "", "last_key": kept[-1].key if kept else ""}
     if job.copy:
         marker["bytes"], marker["sha256"] = _write_kept(job, src, scratch, index, kept)
-    _write_parquet(_rejected_table(rows), storage.join(out_dir, DONE_DIR, _stem(name) + ".rejected.parquet"))
+    _write_parquet(_rejected_table(rows), folder.Markers(out_dir).path(name, ".rejected.parquet"))
     return marker
 
 
@@ -345,19 +317,10 @@ def _write_kept(job: ShardJob, src: str, scratch: str | None, index: TarIndex, k
     """OUT/<name>: the kept samples' tar members copied byte for byte; returns (bytes, sha256) of it."""
     entry, out_dir, name = job.entry, job.out_dir, job.entry.name
     spans = _merge(index.gaps + [span for s in kept for span in s.spans])
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=scratch or out_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            src_sha, size, sha = _copy_spans(src, entry.bytes, spans, f)
-            f.flush()
-            os.fsync(f.fileno())
+    with storage.AtomicFile(storage.join(out_dir, name), scratch=scratch) as f:
+        src_sha, size, sha = _copy_spans(src, entry.bytes, spans, f)
         if src_sha != entry.sha256:
             raise ValueError(f"{src} does not match the sha256 in its manifest; the shard changed: reshard")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a corpus is meant to be read by others
-        storage.publish(tmp, storage.join(out_dir, name))
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return size, sha
 
 
@@ -381,19 +344,17 @@ def clean_shard(job: ShardJob, seen: dict[str, str] | None = None) -> dict[str, 
         if scratch:
             scratch.cleanup()
     marker["identity"] = job.identity_sha
-    write_json_atomic(storage.join(out_dir, DONE_DIR, _stem(entry.name) + ".json"), marker)
+    folder.Markers(out_dir).mark_done(entry.name, marker)
     return marker
 
 
 def _marker(out_dir: str, name: str, identity_sha: str, copy: bool) -> dict[str, Any] | None:
     """The marker of a finished shard of this run, or None when the shard must be (re)written."""
-    path = storage.join(out_dir, DONE_DIR, _stem(name) + ".json")
-    try:
-        marker = storage.read_json(path)
-    except (OSError, ValueError):
+    marker = folder.Markers(out_dir).done(name)
+    if marker is None:
         return None
     out = storage.join(out_dir, name)
-    part = storage.join(out_dir, DONE_DIR, _stem(name) + ".rejected.parquet")
+    part = folder.Markers(out_dir).path(name, ".rejected.parquet")
     ok = (marker.get("identity") == identity_sha and storage.isfile(part)
           and (not copy or (storage.isfile(out) and storage.getsize(out) == marker.get("bytes"))))
     return marker if ok else None
@@ -439,7 +400,7 @@ def plan_clean(shards_dir: str | os.PathLike, scores_dir: str | os.PathLike, out
     still to clean. Folders may be local paths or fsspec URLs. copy=False: write the verdicts only."""
     shards_dir, scores_dir, out_dir = (storage.absolute(p) for p in (shards_dir, scores_dir, out_dir))
     if storage.isdir(out_dir):
-        storage.sweep_temporaries(out_dir, (DONE_DIR,))  # left by a killed run; this run's tasks start later
+        folder.Markers(out_dir).sweep()  # left by a killed run; this run's tasks start later
     if out_dir in (shards_dir, scores_dir) or (
             not storage.is_url(out_dir) and os.path.realpath(out_dir) in (os.path.realpath(shards_dir),
                                                                           os.path.realpath(scores_dir))):
@@ -450,7 +411,6 @@ def plan_clean(shards_dir: str | os.PathLike, scores_dir: str | os.PathLike, out
     identity = _identity(sel, scores_dir) | ({} if copy else {"copy": False})
     config = {"identity": identity, "paths": {"shards_dir": shards_dir, "scores_dir": scores_dir}}
     _claim(out_dir, identity, config["paths"], [[e.name, e.sha256] for e in manifest.shards])
-    storage.makedirs(storage.join(out_dir, DONE_DIR))
     shard_ids = _shard_ids(identity, manifest, scores_dir)
     markers = {e.name: _marker(out_dir, e.name, shard_ids[e.name], copy) for e in manifest.shards}
     return CleanPlan(shards_dir=shards_dir, scores_dir=scores_dir, out_dir=out_dir, selection=sel,
@@ -459,8 +419,8 @@ def plan_clean(shards_dir: str | os.PathLike, scores_dir: str | os.PathLike, out
 
 def _finals(out_dir: str, copy: bool = True) -> list[str]:
     """The files a finished clean folder holds, manifest.json (of the cleaned shards) last."""
-    names = (REJECTED_NAME, SUMMARY_NAME, MANIFEST_NAME) if copy else (REJECTED_NAME, SUMMARY_NAME)
-    return [storage.join(out_dir, n) for n in names]
+    kinds = (names.REJECTED, names.SUMMARY, names.MANIFEST) if copy else (names.REJECTED, names.SUMMARY)
+    return [storage.join(out_dir, n) for n in kinds]
 
 
 def start_clean(plan: CleanPlan) -> bool:
@@ -516,18 +476,18 @@ def _finish(out_dir: str, sel: Selection, manifest: Manifest, markers: list[dict
             config: dict[str, Any], copy: bool = True) -> None:
     parts = []
     for m in markers:
-        with storage.open_read(storage.join(out_dir, DONE_DIR, _stem(m["shard"]) + ".rejected.parquet")) as f:
+        with storage.open_read(folder.Markers(out_dir).path(m["shard"], ".rejected.parquet")) as f:
             parts.append(conform(pq.read_table(f), REJECTED))  # a part written before `source` existed
     meta = with_metadata(REJECTED, "rejected", json.dumps(config, sort_keys=True)).metadata
     meta.update({b"dede.rule": sel.rule.label.encode(), b"dede.threshold": json.dumps(sel.threshold).encode()})
     rejected = pa.concat_tables(parts).cast(REJECTED) if parts else _rejected_table([])
-    _write_parquet(rejected.replace_schema_metadata(meta), storage.join(out_dir, REJECTED_NAME))
+    _write_parquet(rejected.replace_schema_metadata(meta), storage.join(out_dir, names.REJECTED))
     by_shard = {m["shard"]: m["counts"] for m in markers}
     total = sum((Counts(**c) for c in by_shard.values()), Counts())
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     summary = {"format": "dede-clean-summary/1", "created": now, **sel.to_dict(), "counts": total.to_dict(),
                "shards": by_shard, "copied": copy, **config["paths"]}
-    write_json_atomic(storage.join(out_dir, SUMMARY_NAME), summary)
+    storage.write_json(storage.join(out_dir, names.SUMMARY), summary)
     if not copy:
         return
     entries = [ShardEntry(name=m["shard"], samples=m["samples"], bytes=m["bytes"], sha256=m["sha256"],

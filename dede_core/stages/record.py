@@ -16,10 +16,10 @@ from datetime import datetime, timezone
 from typing import Any, Iterator
 
 from dede_core.detector.health import describe_health
-from schemas.manifest import read_manifest, write_json_atomic
+from dede_core.io import storage
+from schemas.manifest import read_manifest
 
 FORMAT = "dede-sanitize/1"
-MANIFEST_NAME = "sanitize.json"
 PACKAGES = ("dede", "torch", "prefect", "duckdb", "pyarrow", "webdataset", "timm")
 VOLATILE = ("written", "timings", "work")  # left out when deciding whether a rerun changed the record
 
@@ -132,7 +132,7 @@ def write(path: str | os.PathLike, record: dict[str, Any]) -> bool:
         # Compare as JSON would store them (tuples become lists).
         if old is not None and _stable(old) == _stable(json.loads(json.dumps(record))):
             return False
-    write_json_atomic(path, record)
+    storage.write_json(path, record)
     return True
 
 

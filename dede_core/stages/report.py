@@ -15,7 +15,6 @@ import math
 import os
 import re
 import tarfile
-import tempfile
 from urllib.parse import quote
 
 import numpy as np
@@ -28,7 +27,8 @@ from dede_core.detector.health import describe_health
 from dede_core.stages.select import Selection, format_number, hit_sql, scored_sql
 from dede_core.io.sources import TAR_IMAGE_EXTENSIONS, clean_key, split_member
 from dede_core.sql import connect, has_view
-from schemas.manifest import read_manifest, write_bytes_atomic
+from schemas import names
+from schemas.manifest import read_manifest
 from schemas.tables import STATUS_SKIPPED
 
 THUMB_MIN = 96  # small images (CIFAR's 32x32) are enlarged by a whole factor, nearest neighbour: no blur
@@ -135,12 +135,12 @@ def write_images(images: list[tuple[str, bytes]], folder: str) -> list[str]:
     """Write each (key, bytes) as FOLDER/NNNN-<key>.<ext>, numbered in the given order so that a file viewer
     shows them in that order; returns the file names."""
     storage.makedirs(folder)
-    names = []
+    files = []
     for rank, (key, data) in enumerate(images):
         body, ext = full_size(data)
-        names.append(f"{rank:04d}-{re.sub(r'[^A-Za-z0-9_-]+', '_', key)[:80]}.{ext}")
-        write_bytes_atomic(storage.join(folder, names[-1]), body)
-    return names
+        files.append(f"{rank:04d}-{re.sub(r'[^A-Za-z0-9_-]+', '_', key)[:80]}.{ext}")
+        storage.write_bytes(storage.join(folder, files[-1]), body)
+    return files
 
 
 def image_links(keys: list[str], images: dict[str, bytes], out_html: str) -> dict[str, str]:
@@ -148,10 +148,10 @@ def image_links(keys: list[str], images: dict[str, bytes], out_html: str) -> dic
     found = [k for k in dict.fromkeys(keys) if k in images]
     if not found:
         return {}
-    stem = os.path.splitext(storage.basename(out_html))[0] + "_images"
+    stem = os.path.splitext(storage.basename(out_html))[0] + names.IMAGES_SUFFIX
     folder = storage.join(os.path.dirname(out_html) or ".", stem)
-    names = write_images([(k, images[k]) for k in found], folder)
-    return {k: f"{quote(stem)}/{quote(n)}" for k, n in zip(found, names)}
+    files = write_images([(k, images[k]) for k in found], folder)
+    return {k: f"{quote(stem)}/{quote(n)}" for k, n in zip(found, files)}
 
 
 def linked_thumbnail(data: bytes | None, link: str | None) -> str:
@@ -257,11 +257,7 @@ def write_report(scores_dir: str | os.PathLike, shards_dir: str | os.PathLike, o
         "<h2>Reasons for dropping</h2>", _table(["reason", "samples"], [[r, n] for r, n in top_reasons]),
         "</body></html>",
     ]
-    remote = storage.is_url(out_html)  # then written locally and uploaded in one piece
-    folder = tempfile.gettempdir() if remote else os.path.dirname(os.path.abspath(out_html))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{storage.basename(out_html)}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(parts) + "\n")
-    storage.publish(tmp, out_html)
+    if not storage.is_url(out_html):
+        os.makedirs(os.path.dirname(os.path.abspath(out_html)), exist_ok=True)
+    storage.write_bytes(out_html, ("\n".join(parts) + "\n").encode("utf-8"))
     return out_html

@@ -13,13 +13,11 @@ import io
 import json
 import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -33,14 +31,13 @@ from dede_core.detector.health import describe_health
 from dede_core.detector.knn import density_score, knn_distance
 from dede_core.io.loader import make_loader
 from dede_core.detector.scorer import ScoreConfig, Scorer, for_checkpoint
-from dede_core.stages.select import RUN_NAME
+from dede_core.stages import folder
 from dede_core.io.sources import TarShardSource
-from schemas.manifest import ShardEntry, differences, read_manifest, write_json_atomic
+from schemas.manifest import ShardEntry, differences, read_manifest
+from schemas import names
 from schemas.tables import (CALIBRATION, STATUS_DECODE_ERROR, STATUS_OK, STATUS_READ_ERROR, STATUS_SKIPPED,
                             scores_schema, with_metadata)
 
-CALIBRATION_NAME, DONE_DIR, FAILED_DIR = "calibration.parquet", "_done", "_failed"
-SKIPPED_NAME = "skipped.parquet"  # the shards manifest's skipped entries as rows, so the scores account for all
 IGNORED_ON_RERUN = ("dede_version",)  # recorded, but a new release may finish an old run's shards
 
 
@@ -70,51 +67,21 @@ def run_config(ckpt: Checkpoint, score: ScoreConfig, *, knn_k: int, with_embeddi
             "device_type": torch.device(device).type, "shards": shards_id, "dede_version": __version__}
 
 
-def _grown(out_dir: str, entries: list[ShardEntry]) -> bool:
-    """True when every shard finished in OUT is, unchanged, in the manifest (whose list has only grown)."""
-    by_name = {e.name: e.sha256 for e in entries}
-    for name in storage.listdir(storage.join(out_dir, DONE_DIR)):
-        marker = storage.read_json(storage.join(out_dir, DONE_DIR, name)) if name.endswith(".json") else {}
-        if marker and by_name.get(marker.get("shard")) != marker.get("sha256"):
-            return False
-    return True
-
-
-def _claim_run(out_dir: str, config: dict[str, Any], entries: list[ShardEntry]) -> None:
-    """Write OUT/run.json if absent (atomically, first writer wins), else refuse when settings differ.
-
-    At a URL the record is one put and the last writer wins: the dede-score flow writes it in its first task,
-    before the parallel ones start."""
-    path = storage.join(out_dir, RUN_NAME)
-    if storage.is_url(out_dir):
-        if not storage.isfile(path):
-            if storage.listdir(storage.join(out_dir, DONE_DIR)):
-                raise ValueError(f"{out_dir} holds finished shards but no {RUN_NAME}: it cannot be told what "
-                                 f"made them; score into a new folder, or delete {out_dir}")
-            write_json_atomic(path, config)
-    elif not os.path.exists(path):
-        if os.listdir(os.path.join(out_dir, DONE_DIR)):
-            raise ValueError(f"{out_dir} holds finished shards but no {RUN_NAME}: it cannot be told what made "
-                             f"them; score into a new folder, or delete {out_dir}")
-        fd, tmp = tempfile.mkstemp(prefix=f".{RUN_NAME}.", suffix=".tmp", dir=out_dir)
-        with os.fdopen(fd, "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-        os.chmod(tmp, 0o644)
-        try:
-            os.link(tmp, path)  # fails if a parallel worker got there first; then compare with its record
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(tmp)
-    old = storage.read_json(path)
+def _claim_run(out_dir: str, config: dict[str, Any], markers: folder.Markers, entries: list[ShardEntry]) -> None:
+    """OUT/run.json: the setup every score of the folder is made with. A rerun may only add shards (a corpus
+    grown by `dede shard`, every finished shard unchanged in the manifest); other settings are refused."""
     strip = lambda d: {k: v for k, v in d.items() if k not in IGNORED_ON_RERUN}  # noqa: E731
-    diffs = differences(strip(old), strip(config))
-    if diffs and all(d.startswith("shards:") for d in diffs) and _grown(out_dir, entries):
-        write_json_atomic(path, config)  # the corpus grew (dede shard appended shards): same setup, more shards
-        return
-    if diffs:
-        raise ValueError(f"{out_dir} holds scores made with other settings ({'; '.join(diffs)}); scores of two "
-                         f"setups never mix: score into a new folder, or delete {out_dir} to rescore all")
+
+    def check(old: dict[str, Any]) -> bool:
+        diffs = differences(strip(old), strip(config))
+        by_name = {e.name: e.sha256 for e in entries}
+        grown = all(by_name.get(m.get("shard")) == m.get("sha256") for m in markers.all_done())
+        if diffs and all(d.startswith("shards:") for d in diffs) and grown:
+            return True
+        folder.refuse(out_dir, "scores", diffs, "scores of two setups never mix: ")
+        return False
+
+    folder.claim(out_dir, names.SCORE_RUN, config, check=check)
 
 
 def _select(entries: list[ShardEntry], wanted: list[str] | None) -> list[ShardEntry]:
@@ -171,25 +138,16 @@ def _open_part(shards_dir: str, entry: ShardEntry, scratch: str | None, refs: di
 
 
 def _write_parquet(table: pa.Table, path: str) -> None:
-    """Temporary name next to `path`, then rename; at a URL, written locally and uploaded in one piece."""
-    folder, name = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=None if storage.is_url(path) else folder)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.chmod(tmp, 0o644)
-        storage.publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with storage.AtomicFile(path) as f:
+        pq.write_table(table, f)
 
 
 class _Run:
     """One call's fixed context: where to write, the scorer, the bank, the schema with its metadata."""
 
-    def __init__(self, out_dir: str, scorer: Scorer, ckpt: Checkpoint, config: dict[str, Any]) -> None:
-        self.out_dir, self.scorer, self.ckpt, self.config = out_dir, scorer, ckpt, config
+    def __init__(self, out_dir: str, scorer: Scorer, ckpt: Checkpoint, config: dict[str, Any],
+                 markers: folder.Markers) -> None:
+        self.out_dir, self.scorer, self.ckpt, self.config, self.markers = out_dir, scorer, ckpt, config, markers
         self.knn_k, self.with_embedding = config["knn_k"], config["with_embedding"]
         self.bank = None if ckpt.knn_bank is None else ckpt.knn_bank.to(scorer.device, torch.float32)
         config_json = json.dumps(config, sort_keys=True)
@@ -229,19 +187,15 @@ class _Run:
                        storage.join(self.out_dir, f"{part.stem}.parquet"))
         counts = Counter(columns["status"])
         elapsed = 0.0 if part.started is None else time.perf_counter() - part.started
-        write_json_atomic(storage.join(self.out_dir, DONE_DIR, f"{part.stem}.json"),
-                          {"shard": part.entry.name, "rows": len(part.rows), "counts": counts,
-                           "elapsed_s": round(elapsed, 3), "sha256": part.entry.sha256,
-                           "detector_hash": self.ckpt.content_hash})
-        failed = storage.join(self.out_dir, FAILED_DIR, f"{part.stem}.json")
-        if storage.isfile(failed):
-            storage.unlink(failed)  # an earlier failure is resolved
+        self.markers.mark_done(part.entry.name, {"shard": part.entry.name, "rows": len(part.rows), "counts": counts,
+                                                 "elapsed_s": round(elapsed, 3), "sha256": part.entry.sha256,
+                                                 "detector_hash": self.ckpt.content_hash})
         return counts
 
     def write_skipped(self, skipped: list[tuple[str, str]]) -> None:
         """OUT/skipped.parquet: a row (status skipped, shard "", error = why) per source entry that `dede shard`
         left out, so one query over the scores view accounts for every input; rewritten when the list changes."""
-        path = storage.join(self.out_dir, SKIPPED_NAME)
+        path = storage.join(self.out_dir, names.SKIPPED)
         if storage.isfile(path):
             with storage.open_read(path) as f:
                 had = pq.read_table(f, columns=["key", "error"]).to_pylist()
@@ -266,7 +220,7 @@ class _Run:
             for name in columns:  # knn and density are None when the detector carries no k-NN bank
                 columns[name] += keys[start:stop] if name == "key" else scored[name]
         table = pa.Table.from_pydict(columns, schema=self.calibration_schema)
-        _write_parquet(table, storage.join(self.out_dir, CALIBRATION_NAME))
+        _write_parquet(table, storage.join(self.out_dir, names.CALIBRATION))
 
 
 def _route(batch: dict[str, Any], parts: list[_ShardRows], run: _Run) -> list[_ShardRows]:
@@ -305,13 +259,12 @@ def _check_args(knn_k: int, batch_size: int, workers: int, device: str, ckpt: Ch
         raise ValueError(f"knn_k={knn_k} but the detector's k-NN bank holds {bank} embeddings; pass knn_k <= {bank}")
 
 
-def _is_done(out_dir: str, entry: ShardEntry) -> bool:
-    stem = os.path.splitext(entry.name)[0]
-    return (storage.isfile(storage.join(out_dir, DONE_DIR, f"{stem}.json"))
-            and storage.isfile(storage.join(out_dir, f"{stem}.parquet")))
+def _is_done(out_dir: str, markers: folder.Markers, entry: ShardEntry) -> bool:
+    return (markers.done(entry.name) is not None
+            and storage.isfile(storage.join(out_dir, f"{folder.stem(entry.name)}.parquet")))
 
 
-def _open_parts(shards_dir: str, out_dir: str, todo: list[ShardEntry], log: Callable[[str], None],
+def _open_parts(shards_dir: str, markers: folder.Markers, todo: list[ShardEntry], log: Callable[[str], None],
                 scratch: str | None = None) -> tuple[list[_ShardRows], dict[str, str]]:
     """Index the pending shards; a broken one is recorded in _failed/ and left out, the others go on."""
     parts, failed = [], {}
@@ -322,8 +275,7 @@ def _open_parts(shards_dir: str, out_dir: str, todo: list[ShardEntry], log: Call
         except (OSError, ValueError) as exc:
             failed[entry.name] = f"{type(exc).__name__}: {exc}"
             log(f"warning: shard {entry.name} cannot be read and is not scored: {failed[entry.name]}")
-            write_json_atomic(storage.join(out_dir, FAILED_DIR, f"{os.path.splitext(entry.name)[0]}.json"),
-                              {"shard": entry.name, "error": failed[entry.name]})
+            markers.mark_failed(entry.name, failed[entry.name])
     return parts, failed
 
 
@@ -356,21 +308,20 @@ def score_shards(shards_dir: str, *, detector: str, out_dir: str, score: ScoreCo
     listing = json.dumps([[e.name, e.sha256] for e in manifest.shards]).encode()
     shards_id = f"{len(manifest.shards)} shards, sha256 {hashlib.sha256(listing).hexdigest()[:16]}"
     config = run_config(ckpt, score, knn_k=knn_k, with_embedding=with_embedding, device=device, shards_id=shards_id)
-    for sub in (DONE_DIR, FAILED_DIR):
-        storage.makedirs(storage.join(out_dir, sub))
-    _claim_run(out_dir, config, manifest.shards)
+    markers = folder.Markers(out_dir)
+    _claim_run(out_dir, config, markers, manifest.shards)
     if not shards:  # a whole-folder call, or a flow's first task: once per run, not once per shard group
         log(describe_health(ckpt.meta.get("health")))
-    run = _Run(out_dir, scorer, ckpt, config)
-    if not storage.isfile(storage.join(out_dir, CALIBRATION_NAME)):
+    run = _Run(out_dir, scorer, ckpt, config, markers)
+    if not storage.isfile(storage.join(out_dir, names.CALIBRATION)):
         run.write_calibration(batch_size)
     if not shards:  # a whole-folder call (or a flow's first task): never two tasks at once
-        storage.sweep_temporaries(out_dir, (DONE_DIR, FAILED_DIR))
+        markers.sweep()
         run.write_skipped(list(manifest.skipped))
-    skipped = [e.name for e in entries if _is_done(out_dir, e)]
+    skipped = [e.name for e in entries if _is_done(out_dir, markers, e)]
     scratch = storage.scratch(shards_dir)  # downloaded shards, when SHARDS is a URL
     try:
-        parts, failed = _open_parts(shards_dir, out_dir, [e for e in entries if e.name not in skipped], log,
+        parts, failed = _open_parts(shards_dir, markers, [e for e in entries if e.name not in skipped], log,
                                     scratch.name if scratch else None)
         counts = _score_parts(parts, run, batch_size=batch_size, workers=workers, progress=progress)
     finally:
@@ -383,7 +334,7 @@ def score_shards(shards_dir: str, *, detector: str, out_dir: str, score: ScoreCo
                               read_errors=counts[STATUS_READ_ERROR], elapsed_s=elapsed,
                               images_per_s=rows / elapsed if elapsed > 0 else 0.0)
     log(f"scored {rows} samples in {len(parts)} shards ({result.images_per_s:.1f} img/s); {len(skipped)} "
-        f"already done; {len(failed)} unreadable{' (see ' + FAILED_DIR + '/)' if failed else ''} -> {out_dir}")
+        f"already done; {len(failed)} unreadable{' (see _failed/)' if failed else ''} -> {out_dir}")
     return result
 
 

@@ -22,8 +22,8 @@ from dede_core.detector.health import describe_health, health_passed
 from dede_core.sql import connect, has_view
 from schemas.sql import literal
 from schemas.tables import REJECTED, STATUS_OK, STATUS_SKIPPED
+from schemas.names import SCORE_RUN
 
-RUN_NAME = "run.json"  # the score stage's record of its detector and settings (dede_core.stages.score)
 
 KINDS = ("fpr", "quantile", "threshold", "where")
 COLUMNS = ("score", "knn_score", "density_score", "recon_error")
@@ -290,7 +290,7 @@ def judged_sql(rule: Rule, threshold: float | None, keep_unscored: bool, rows: s
 def check_health(scores_dir: str, rule: Rule) -> dict[str, Any] | None:
     """The scoring detector's health check, from SCORES/run.json; ValueError when it failed and the rule does not
     allow a weak detector. None for a folder scored by a detector that predates the check."""
-    path = storage.join(scores_dir, RUN_NAME)
+    path = storage.join(scores_dir, SCORE_RUN)
     if not storage.isfile(path):
         return None
     health = storage.read_json(path).get("detector_health")

@@ -15,7 +15,6 @@ import json
 import os
 import sys
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -88,9 +87,8 @@ class _ShardFile:
     def __init__(self, out_dir: str, index: int, tmp_dir: str) -> None:
         self.name = f"{index:06d}.tar"
         self.path = storage.join(out_dir, self.name)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.name}.", suffix=".tmp", dir=tmp_dir)
-        self.handle = os.fdopen(fd, "wb")
-        self.file = _HashingFile(self.handle)
+        self.out = storage.AtomicFile(self.path, scratch=tmp_dir)
+        self.file = _HashingFile(self.out.file)
         self.writer = wds.TarWriter(self.file, encoder=False, mtime=MEMBER_MTIME)
         self.keys: list[str] = []
 
@@ -103,18 +101,12 @@ class _ShardFile:
 
     def finish(self) -> ShardEntry:
         self.writer.close()
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
-        self.handle.close()
-        os.chmod(self.tmp, 0o644)  # mkstemp makes 0600; shards are shared data
-        storage.publish(self.tmp, self.path)
+        self.out.commit()
         return ShardEntry(name=self.name, samples=len(self.keys), bytes=self.file.bytes,
                           sha256=self.file.sha256.hexdigest(), first_key=self.keys[0], last_key=self.keys[-1])
 
     def abort(self) -> None:
-        self.handle.close()
-        if os.path.exists(self.tmp):
-            os.unlink(self.tmp)
+        self.out.abort()
 
 
 def _write_all(samples: Iterator[Sample], out_dir: str, per_shard: int, classes: list[str] | None,

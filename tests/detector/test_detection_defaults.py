@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import smooth_images
 from bench.attacks import apply_trigger
-from dede_core.detector.checkpoint import load_checkpoint, load_detector
+from dede_core.detector.checkpoint import load_checkpoint
 from dede_core.detector.config import cpu, size_for_side
 from dede_core.detector.health import RELIANCE_FLOOR, describe_health, health_check
 from dede_core.io.images import View, decode_image, decode_views, fit_tensor

@@ -1,0 +1,37 @@
+"""Every file and folder name the pipeline writes, in one place: the stages, the flows and any reader agree.
+
+RUN (dede sanitize)          shards/ detector/ scores/ clean/ report.html report_images/ sanitize.json
+shards/ (dede shard)         NNNNNN.tar, source-NNNNNN.parquet, manifest.json (written last: the folder is done)
+detector/ (dede train)       detector.pt (every epoch), aux_cache.pt
+scores/ (dede score)         run.json (claims the folder), NNNNNN.parquet, calibration.parquet, skipped.parquet,
+                             _done/NNNNNN.json (written last per shard), _failed/NNNNNN.json
+clean/ (dede clean)          clean_config.json (claims the folder), NNNNNN.tar, _done/NNNNNN.rejected.parquet,
+                             _done/NNNNNN.json (written last per shard), manifest.json, rejected.parquet,
+                             summary.json
+"""
+
+# Stage folders inside a sanitize RUN folder.
+SHARDS_DIR, DETECTOR_DIR, SCORES_DIR, CLEAN_DIR = "shards", "detector", "scores", "clean"
+REPORT = "report.html"
+IMAGES_SUFFIX = "_images"  # beside an HTML page (report.html, dede sql --html): <stem>_images/, its full-size images
+RUN_RECORD = "sanitize.json"  # config, versions, detector hash, counts and timings of one sanitize run
+
+# Shards folder (and the cleaned one, which is a shards folder too).
+MANIFEST = "manifest.json"
+
+# Detector folder.
+CHECKPOINT = "detector.pt"
+AUX_CACHE = "aux_cache.pt"
+
+# Markers, in the scores and clean folders: one file per finished (or failed) shard.
+DONE_DIR, FAILED_DIR = "_done", "_failed"
+
+# Scores folder.
+SCORE_RUN = "run.json"  # the detector and settings every score of the folder was made with
+CALIBRATION = "calibration.parquet"  # the detector's held-out images, scored like the corpus
+SKIPPED = "skipped.parquet"  # the shards manifest's skipped entries as rows, so the scores account for all
+
+# Clean folder.
+CLEAN_CONFIG = "clean_config.json"  # the selection every cleaned shard of the folder was made with
+REJECTED = "rejected.parquet"
+SUMMARY = "summary.json"
