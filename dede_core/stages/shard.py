@@ -28,6 +28,8 @@ from dede_core.io.progress import Progress
 from dede_core.io.sources import TAR_IMAGE_EXTENSIONS, Sample, Source, TarShardSource, open_source
 from schemas.manifest import Manifest, ShardEntry, differences, manifest_path, read_manifest, write_manifest
 
+AnySource = Source | ParquetRows | ParquetFiles  # what _open gives
+
 # Magic numbers of the formats dede decodes -> the extension a shard stores them under.
 MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
          (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"), (b"BM", "bmp"))
@@ -134,7 +136,7 @@ def _write_all(samples: Iterator[Sample], out_dir: str, per_shard: int, classes:
     return entries
 
 
-def _check_unique(source: Source | ParquetRows | ParquetFiles) -> None:
+def _check_unique(source: AnySource) -> None:
     """Refuse duplicate keys: every later stage selects samples by key, so a duplicate is ambiguous."""
     seen: set[str] = set()
     dups = [k for k in source.keys() if k in seen or seen.add(k)]
@@ -154,7 +156,7 @@ def _source_id(src: str) -> str:
     return src if "://" in src else os.path.abspath(src)
 
 
-def _open(src: str, options: dict[str, Any]) -> Source | ParquetRows | ParquetFiles:
+def _open(src: str, options: dict[str, Any]) -> AnySource:
     options = dict(options)
     follow = bool(options.pop("follow_external_links", False))
     parquet = find_parquet(src)
@@ -217,7 +219,7 @@ def _merged_classes(old: list[str] | None, new: list[str] | None) -> list[str] |
     return old + sorted(set(new or []) - set(old))
 
 
-def _classify(source: Source | ParquetRows | ParquetFiles, old: dict[str, source_index.Entry], changes: source_index.Changes,
+def _classify(source: AnySource, old: dict[str, source_index.Entry], changes: source_index.Changes,
               index: dict[str, source_index.Entry]) -> dict[int, tuple[str, int | None, int | None]]:
     """Samples whose file kept its name, size and mtime are unchanged, unread (into `index`); the others come
     back as {position: (item, size, mtime_ns)}, to be read and hashed."""
@@ -236,7 +238,7 @@ def _classify(source: Source | ParquetRows | ParquetFiles, old: dict[str, source
     return todo
 
 
-def _pending(source: Source | ParquetRows | ParquetFiles, todo: dict[int, tuple[str, int | None, int | None]],
+def _pending(source: AnySource, todo: dict[int, tuple[str, int | None, int | None]],
              old: dict[str, source_index.Entry], classes: list[str] | None, changes: source_index.Changes,
              index: dict[str, source_index.Entry], first: int, per_shard: int, bar: Progress) -> Iterator[Sample]:
     """The samples to write, read once: new keys and keys whose bytes changed (a touched file whose bytes are
