@@ -1,9 +1,9 @@
 """Plant one attack in the benchmark's clean encoder (through the cache the benchmark uses) and print its ASR.
 
-Usage: .venv/bin/python scripts/attack_probe.py TRIGGER '{"strength": 1.0}' '{"epochs": 8}' [PRETRAINED_SPEC]
+Usage: .venv/bin/python -m bench.attack_probe TRIGGER '{"strength": 1.0}' '{"epochs": 8}' [PRETRAINED_SPEC]
 (trigger arguments, then BackdoorConfig overrides, both JSON, e.g. '{"drupe": true}'; then optionally a packaged
 encoder to backdoor instead of SimCLR, e.g. 'efficientnet-lite0?size=64'). Used to pick settings under which an
-attack works before it goes into dede_core/bench_detection.ATTACKS.
+attack works before it goes into bench.detection.ATTACKS.
 """
 import dataclasses
 import json

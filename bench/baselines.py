@@ -1,8 +1,9 @@
-"""Embedding-space detectors a user would pick instead of DeDe (SPEC "Baselines a user would pick instead").
+"""Embedding-space detectors a user would pick instead of DeDe, on embeddings of the frozen victim encoder.
 
-All take embeddings of the frozen victim encoder, (N, D) float tensors or numpy arrays, and return one
-float64 numpy score per query, higher = more suspicious, so they plug into bench.metrics unchanged.
-- knn_distance: distance to the k-th nearest embedding of a reference bank (k-NN density).
+All take (N, D) float tensors or numpy arrays and return one float64 numpy score per query, higher = more
+suspicious, so they plug into bench.metrics unchanged.
+- k-NN distance: the shipped `knn_score` (dede_core.detector.knn.knn_distance) against a reference bank;
+  bank_knn_distance gives the bank's own rows the same score, for a label-free threshold.
 - slof: simplified local outlier factor against the same bank (density relative to the neighbours').
 - spectral_signature: Tran et al.'s spectral signatures with k-means pseudo-labels instead of class labels.
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from numpy.typing import ArrayLike
+
+from dede_core.detector.knn import knn_distance
 
 Embeddings = torch.Tensor | ArrayLike
 
@@ -77,15 +80,17 @@ def _knn(bank: torch.Tensor, queries: torch.Tensor, k: int, *, exclude_self: boo
     return torch.cat(dists), torch.cat(idx)
 
 
-def knn_distance(bank: Embeddings, queries: Embeddings, k: int = 10, *, exclude_self: bool = False
-                 ) -> np.ndarray:
-    """(N,) Euclidean distance from each query to its k-th nearest bank embedding (bank (B, D), queries (N, D)).
+def bank_knn_distance(bank: Embeddings, k: int = 10) -> np.ndarray:
+    """(B,) each bank row's shipped k-NN distance (dede_core.detector.knn.knn_distance) to the other rows.
 
-    exclude_self: the queries are the bank itself, so query i skips bank row i (its zero self-distance).
+    The k-NN row's label-free reference, as the held-out calibration images are for `knn_score`.
     """
-    bank_t, query_t = _pair(bank, queries, k, exclude_self)
-    dist, _ = _knn(bank_t, query_t, k, exclude_self=exclude_self)
-    return dist[:, k - 1].numpy()
+    bank_t = _embeddings("bank", bank)
+    _check_k(k, bank_t.shape[0], exclude_self=True)
+    # The shipped function has no exclude-self, so ask for the (k+1)-th nearest row: a row's distance to itself
+    # is 0 up to the rounding of cdist's matmul form, far below any neighbour's, so it takes the first place and
+    # the (k+1)-th of all rows is the k-th of the others. An exact duplicate ties with it at ~0: same answer.
+    return knn_distance(bank_t, bank_t, k + 1).double().numpy()
 
 
 def slof(bank: Embeddings, queries: Embeddings, k: int = 10, *, exclude_self: bool = False) -> np.ndarray:

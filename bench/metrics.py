@@ -1,7 +1,8 @@
 """Detection metrics: higher score = more suspicious, positives = triggered samples, negatives = clean ones.
 
-Everything here is plain numpy so that reports and baselines share one definition of AUROC, TPR at a
-fixed FPR and the label-free threshold. A sample is flagged when its score is strictly above a threshold.
+Everything here is plain numpy so that reports and baselines share one definition of AUROC and TPR at a fixed
+FPR. The label-free threshold is the product's own (dede_core.stages.select.fpr_threshold, what `dede clean --fpr`
+takes). A sample is flagged when its score is strictly above a threshold.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def tpr_at_fpr(scores_neg: ArrayLike, scores_pos: ArrayLike, fpr: float) -> floa
 
     That threshold is the order statistic neg_sorted[n - 1 - floor(fpr * n)] (numpy's 'inverted_cdf'
     quantile at 1 - fpr), so the realised FPR never exceeds `fpr`; with ties at the threshold it is lower.
-    This is an oracle figure (it reads the negatives' scores); use label_free_threshold() for deployment.
+    This is an oracle figure (it reads the negatives' scores); deployment takes select.fpr_threshold().
     """
     neg, pos = _scores("scores_neg", scores_neg), _scores("scores_pos", scores_pos)
     fpr = _fraction("fpr", fpr, allow_zero=True)
@@ -85,27 +86,12 @@ def tpr_at_fpr(scores_neg: ArrayLike, scores_pos: ArrayLike, fpr: float) -> floa
     return float(np.mean(pos > threshold))
 
 
-def label_free_threshold(heldout_scores: ArrayLike, target_fpr: float) -> float:
-    """The (1 - target_fpr) quantile (numpy 'linear') of scores on held-out auxiliary data.
-
-    The reference code thresholded a 50/50 clean/triggered pool at its median, which silently uses the
-    poison rate (SPEC defect 3). A user knows neither labels nor poison rate, only images the detector never
-    trained on: if those are clean-like, about `target_fpr` of clean samples land above this threshold,
-    whatever the poison rate of the corpus being cleaned.
-    """
-    scores = _scores("heldout_scores", heldout_scores)
-    target_fpr = _fraction("target_fpr", target_fpr)
-    if not np.isfinite(scores).all():
-        raise ValueError("heldout_scores contains infinite scores; a quantile of them is not a usable threshold")
-    return float(np.quantile(scores, 1.0 - target_fpr, method="linear"))
-
-
 def rates_at_threshold(scores_neg: ArrayLike, scores_pos: ArrayLike, threshold: float) -> dict[str, float]:
     """{'fpr', 'tpr'}: fractions of negatives and positives strictly above `threshold` (flagged)."""
     neg, pos = _scores("scores_neg", scores_neg), _scores("scores_pos", scores_pos)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating, np.integer)) \
             or math.isnan(threshold):
-        raise ValueError(f"threshold must be a number (e.g. from label_free_threshold), got {threshold!r}")
+        raise ValueError(f"threshold must be a number (e.g. from select.fpr_threshold), got {threshold!r}")
     return {"fpr": float(np.mean(neg > threshold)), "tpr": float(np.mean(pos > threshold))}
 
 

@@ -1,4 +1,5 @@
-"""Backdoor triggers applied in uint8 pixel space, before any normalisation (SPEC-dede defect 1).
+"""Backdoor triggers applied in uint8 pixel space, before any normalisation: a trigger pushed through Normalize
+would corrupt the whole image and make detection trivially easy.
 
 Every trigger takes a uint8 batch (N, C, H, W) with C in {1, 3} and square H = W >= 16, and returns a NEW
 uint8 tensor of the same shape; the input is never modified. Nothing reads the global RNG: randomness (WaNet's

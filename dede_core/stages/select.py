@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
+from numpy.typing import ArrayLike
 
 from dede_core.io import storage
 from dede_core.detector.health import describe_health, health_passed
@@ -218,6 +220,28 @@ def _quantile(conn: duckdb.DuckDBPyConnection, view: str, column: str, q: float,
     return value, n
 
 
+def _fpr_quantile(values: ArrayLike, fpr: float) -> tuple[float | None, int]:
+    """(the --fpr threshold of `values`, how many finite values it was taken over); (None, 0) when none is."""
+    column = pa.array(np.asarray(values, dtype=np.float64).reshape(-1))  # NaN stays NaN: isfinite drops it
+    conn = duckdb.connect()
+    try:
+        conn.register("heldout", pa.table({"value": column}))
+        return _quantile(conn, "heldout", "value", 1 - fpr, "true")
+    finally:
+        conn.close()
+
+
+def fpr_threshold(values: ArrayLike, fpr: float) -> float:
+    """The --fpr rule's threshold: the (1 - fpr) quantile of held-out calibration values, linear between order
+    statistics (DuckDB quantile_cont) over the finite ones. About `fpr` of clean-like samples score above it,
+    whatever the poison rate. The selection computes its threshold with this function, bit for bit."""
+    fpr = _fraction("fpr", fpr)
+    threshold, n = _fpr_quantile(values, fpr)
+    if n == 0:
+        raise ValueError("no finite held-out value to take the --fpr threshold of; score held-out images first")
+    return threshold
+
+
 def _threshold(conn: duckdb.DuckDBPyConnection, rule: Rule, scores_dir: str) -> tuple[float | None, str]:
     """(threshold, how it was chosen) for the rule."""
     col = rule.column
@@ -226,7 +250,7 @@ def _threshold(conn: duckdb.DuckDBPyConnection, rule: Rule, scores_dir: str) -> 
         if not has_view(conn, "calibration"):
             raise ValueError(f"no calibration.parquet in {scores_dir}, which --fpr needs; rescore with a detector "
                              f"that holds a calibration set, or use --quantile Q / --threshold T")
-        t, n = _quantile(conn, "calibration", col, 1 - rule.value, "true")
+        t, n = _fpr_quantile(conn.sql(f"SELECT {col} FROM calibration").to_arrow_table().column(0), rule.value)
         if n == 0:
             raise ValueError(f"calibration.parquet in {scores_dir} holds no finite {col}; "
                              f"use --quantile or --threshold")

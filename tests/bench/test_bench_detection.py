@@ -2,7 +2,8 @@
 
 import json
 
-from bench.detection import ArraySource, run_bench, tiny
+from bench.common import ArraySource
+from bench.detection import run_bench, tiny
 from dede_core.io.images import decode_image
 
 from conftest import smooth_images

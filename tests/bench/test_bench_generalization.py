@@ -3,7 +3,8 @@
 
 import json
 
-from bench.generalization import CASES, photo_crops, run_suite, tiny_suite
+from bench.cases import CASES, photo_crops, tiny_suite
+from bench.generalization import run_suite
 
 
 def test_photo_crops_keep_train_and_test_apart():

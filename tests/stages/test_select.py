@@ -19,7 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from dede_core.stages.select import Counts, Rule, percentile_name, select
+from dede_core.sql import connect
+from dede_core.stages.select import Counts, Rule, fpr_threshold, percentile_name, select
 from schemas.tables import CALIBRATION, SCORES, with_metadata
 
 DETECTOR = "d" * 64
@@ -130,6 +131,7 @@ def test_fpr_threshold_comes_from_calibration_without_labels(scored):
     sel = select(folder)  # the default rule: fpr 0.05 on score
     expected = float(np.quantile(calibration.column("score").to_numpy(), 0.95))
     assert sel.threshold == pytest.approx(expected, rel=1e-12)
+    assert sel.threshold == fpr_threshold(calibration.column("score"), 0.05)
     assert set(dropped_keys(sel)) == above(rows, "score", sel.threshold) | {"k003"}
     assert sel.how.startswith(f"score > {sel.threshold:.2f}, the 95th percentile of 200 held-out calibration scores")
     assert "(fpr target 0.05, chosen without labels)" in sel.how
@@ -213,6 +215,33 @@ def test_threshold_matches_python_on_any_scores(tmp_path_factory, scores, t):
     write_scores(folder, [row(f"k{i}", "000000.tar", i, s) for i, s in enumerate(scores)])
     got = set(dropped_keys(select(folder, Rule.threshold(t))))
     assert got == {f"k{i}" for i, s in enumerate(scores) if s > t}
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.floats(width=64)), min_size=1, max_size=40), st.floats(0.001, 0.999))
+def test_fpr_threshold_is_the_calibration_quantile_bit_for_bit(tmp_path_factory, values, fpr):
+    """fpr_threshold over plain values = DuckDB's quantile over calibration.parquet's finite values, to the bit;
+    NULL, NaN and infinite values are left out, and none left is a ValueError."""
+    folder = str(tmp_path_factory.mktemp("scores"))
+    write_scores(folder, [row("a", "000000.tar", 0, 1.0, 1.0)], [(1.0, v) for v in values])
+    conn = connect(folder)
+    expected, n = conn.execute("SELECT quantile_cont(knn_score, ?), count(knn_score) FROM calibration "
+                               "WHERE isfinite(knn_score)", [1 - fpr]).fetchall()[0]
+    conn.close()
+    plain = [np.nan if v is None else v for v in values]
+    if n == 0:
+        with pytest.raises(ValueError, match="no finite"):
+            fpr_threshold(plain, fpr)
+        return
+    assert np.float64(fpr_threshold(plain, fpr)).tobytes() == np.float64(expected).tobytes()
+    assert np.float64(select(folder, Rule.fpr(fpr, column="knn_score")).threshold).tobytes() == \
+        np.float64(expected).tobytes()
+
+
+def test_fpr_threshold_refuses_a_bad_fpr():
+    for bad in (0, 1, 1.5, True, "0.05"):
+        with pytest.raises(ValueError, match="fpr must be a number strictly between 0 and 1"):
+            fpr_threshold([1.0, 2.0], bad)
 
 
 def test_percentile_names():

@@ -1,0 +1,197 @@
+"""The `dede` commands: each parses nothing and calls one library function (or, for a Dask runner or the whole
+pipeline, one flow). Results go to stdout; progress and warnings go to the `dede` logger (stderr)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+
+from flows.cli import options
+from flows.cli.startup import run_flow
+
+log = logging.getLogger("dede")
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    from dede_core.stages.shard import update_shards
+
+    options.check_local_out(args.out, "shard", allow_url=True)
+    update = update_shards(args.src, args.out, samples_per_shard=args.samples_per_shard,
+                           image_column=args.image_column, key_column=args.key_column,
+                           label_column=args.label_column, follow_external_links=args.follow_external_links)
+    manifest = update.manifest
+    print(f"{manifest.samples} samples in {len(manifest.shards)} shards -> {args.out} "
+          f"(this run: {update.changes.text()})")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    options.check_local_out(args.out, "train")
+    import torch
+
+    from dede_core.detector.encoders import load_encoder
+    from dede_core.detector.train import TrainConfig, data_id, detector_config, train_detector
+    from dede_core.io.sources import open_source
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    train = TrainConfig(epochs=args.epochs, max_epochs=args.max_epochs, patience=args.patience,
+                        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
+                        max_images=args.max_images)
+    device = options.device(args.device)
+    source = open_source(args.data)
+    encoder = load_encoder(args.encoder)
+    config, size_note = detector_config(args.preset, options.detector_overrides(args), source)
+    keys = source.keys()[: args.max_images] if args.max_images else source.keys()
+    budget = (f"{train.epochs} epochs" if train.epochs else f"until the held-out embedding reliance stops "
+              f"improving (patience {train.patience}, at most {train.max_epochs} epochs)")
+    log.info("training the %s detector for %s (D=%d, sees %s px) on %d images from %s; %s; %s; device %s",
+             args.preset, encoder.spec, encoder.dim, encoder.input_size, len(keys), args.data, size_note, budget,
+             device)
+    try:
+        path = train_detector(source=source, data_id=data_id(args.data, keys), encoder=encoder, config=config,
+                              train=train, out_dir=args.out, device=device, workers=args.workers)
+    except KeyboardInterrupt:
+        log.error("\ninterrupted: rerun the same command to resume from the last saved epoch in %s", args.out)
+        return 130
+    print(path)
+    return 0
+
+
+def _local(args: argparse.Namespace) -> bool:
+    from flows.runners import parse_runner
+
+    return parse_runner(args.runner, workers=args.dask_workers).kind == "local"
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """--runner local: the library call in this process; otherwise the dede-score flow on the Dask runner."""
+    options.check_local_out(args.out, "score", allow_url=True)
+    if _local(args):
+        from dede_core.stages.score import score_shards
+
+        result = score_shards(args.shards, detector=args.detector, out_dir=args.out,
+                              score=options.score_config(args), knn_k=args.knn_k,
+                              with_embedding=args.with_embedding, batch_size=args.batch_size,
+                              workers=args.workers, device=options.device(args.device), shards=args.only or None,
+                              encoder=args.encoder)
+        if result.failed:
+            log.error("%d shards could not be read: %s; see %s/_failed/", len(result.failed),
+                      sorted(result.failed), args.out)
+            return 1
+        return 0
+    if args.only:
+        raise ValueError("--only applies to --runner local; a Dask run scores every pending shard")
+    from flows.score import ShardsFailed, score_flow
+
+    try:
+        summary = run_flow("score", score_flow, args.shards, args.detector, args.out, seed=args.seed,
+                           draws=args.draws, visible=args.visible, chunk=args.chunk, knn_k=args.knn_k,
+                           with_embedding=args.with_embedding, batch_size=args.batch_size, workers=args.workers,
+                           device=options.device(args.device), encoder=args.encoder, runner=args.runner,
+                           dask_workers=args.dask_workers, cpu_bf16=args.bf16)
+    except ShardsFailed as exc:
+        log.error("dede score: %s", exc)
+        return 1
+    print(f"scored {len(summary['scored'])} shards ({summary['samples']} samples) on "
+          f"{len(set(summary['workers'].values()))} worker processes; {len(summary['skipped'])} already done")
+    return 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    """--runner local: the library call in this process; otherwise the dede-clean flow on the Dask runner."""
+    options.check_local_out(args.out, "clean", allow_url=True)
+    rule = options.rule_from_args(args)
+    if _local(args):
+        from dede_core.detector.health import describe_health
+        from dede_core.stages.clean import clean
+        from dede_core.stages.report import write_report
+        from schemas.names import REPORT
+
+        result = clean(args.shards, args.scores, args.out, rule, keep_unscored=args.keep_unscored)
+        c, sel = result.counts, result.selection
+        fate = "kept" if args.keep_unscored else "dropped"
+        print(f"kept {c.kept} of {c.total} samples, dropped {c.dropped} ({c.unscored} without a score, {fate})")
+        print(f"rule {rule.label}: {sel.how}")
+        print(describe_health(sel.detector_health))
+        print(f"cleaned shards -> {result.out_dir}  (rejected: {result.rejected_path})")
+        if not args.no_report:
+            path = write_report(args.scores, args.shards, os.path.join(result.out_dir, REPORT), selection=sel)
+            print(f"report -> {path}")
+        return 0
+    from flows.clean import clean_flow
+
+    result = run_flow("clean", clean_flow, args.shards, args.scores, args.out, rule=rule.to_dict(),
+                      keep_unscored=args.keep_unscored, report=not args.no_report, runner=args.runner,
+                      dask_workers=args.dask_workers)
+    c = result["counts"]
+    print(f"kept {c['kept']} of {c['total']} samples, dropped {c['dropped']}; {result['how']}")
+    print(f"cleaned shards -> {result['out']}  (rejected: {result['rejected']})")
+    if result["report"]:
+        print(f"report -> {result['report']}")
+    return 0
+
+
+def cmd_sanitize(args: argparse.Namespace) -> int:
+    from dede_core.stages.record import work_text
+    from flows.sanitize import sanitize_flow
+    from flows.score import ShardsFailed
+
+    options.check_local_out(args.out, "sanitize")
+    rule = options.rule_from_args(args)
+    try:
+        result = run_flow(
+            "sanitize", sanitize_flow, args.src, args.encoder, args.out, detector=args.detector, aux=args.aux,
+            preset=args.preset, detector_overrides=options.detector_overrides(args), epochs=args.epochs,
+            max_epochs=args.max_epochs, patience=args.patience,
+            train_batch_size=args.train_batch_size, samples_per_shard=args.samples_per_shard, rule=rule.to_dict(),
+            keep_unscored=args.keep_unscored, seed=args.seed, draws=args.draws, visible=args.visible,
+            chunk=args.chunk, knn_k=args.knn_k, with_embedding=args.with_embedding, batch_size=args.batch_size,
+            device=options.device(args.device), workers=args.workers, group_size=args.group_size,
+            max_parallel=args.max_parallel, runner=args.runner, dask_workers=args.dask_workers,
+            follow_external_links=args.follow_external_links)
+    except ShardsFailed as exc:
+        log.error("dede sanitize: %s", exc)
+        return 1
+    print(f"this run: {work_text(result['work'])}")
+    clean = result["counts"]["clean"]
+    print(f"kept {clean['kept']} of {clean['total']} samples, dropped {clean['dropped']}; {result['how']}")
+    for name in ("clean", "rejected", "report", "manifest"):
+        print(f"{name:9s} {result['paths'][name]}")
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from dede_core.sql import connect, format_table, run_query, write_result
+
+    conn = connect(args.scores, rejected=args.rejected, manifest=args.shards)
+    try:
+        table = run_query(conn, args.query)
+    finally:
+        conn.close()
+    if args.out:
+        print(f"{table.num_rows} rows -> {write_result(table, args.out)}")
+    else:
+        print(format_table(table, max_rows=args.max_rows))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from dede_core.detector.checkpoint import load_checkpoint
+    from dede_core.detector.encoders import parse_spec
+    from dede_core.detector.health import describe_health
+
+    ckpt = load_checkpoint(args.checkpoint)
+    meta = {k: v for k, v in ckpt.meta.items() if k != "identity"}
+    spec = parse_spec(ckpt.encoder_spec)
+    views = {"encoder": f"decoded at the encoder's own input size ({spec.option('size', 'its natural size')} px, "
+                        f"fit {spec.option('fit')}), never through the detector's size",
+             "detector": f"reconstructs {ckpt.config.img_size} px (patch {ckpt.config.patch_size}, fit "
+                         f"{ckpt.config.fit}) from the same decode"}
+    print(json.dumps({"content_hash": ckpt.content_hash, "encoder_spec": ckpt.encoder_spec,
+                      "encoder_fingerprint": ckpt.encoder_fingerprint, "global_dim": ckpt.global_dim,
+                      "config": ckpt.config.to_dict(), "views": views, "resumable": ckpt.train_state is not None,
+                      "meta": meta}, indent=2))
+    log.info(describe_health(meta.get("health")))
+    return 0

@@ -1,0 +1,161 @@
+"""The `dede` command line's shared options, and the config objects they make: every flag is defined once."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+RUNNER_HELP = ("where the shard tasks run: local (threads in this process; default), dask (a Dask cluster "
+               "started here: one process per GPU, pinned to it, or --dask-workers CPU processes), or "
+               "dask://HOST:PORT (an existing Dask scheduler; its workers need dede and PREFECT_API_URL). "
+               "Any runner writes the same bytes")
+
+
+def device(name: str) -> str:
+    """--device: auto -> cuda when present, else cpu; refuses cuda where there is none."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available here")
+    return name
+
+
+def default_workers() -> int:
+    """Decoding processes: the cores left after one for the model, at most 4."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def add_detector_options(p: argparse.ArgumentParser) -> None:
+    """Preset overrides shared by `dede train` and `dede sanitize`."""
+    g = p.add_argument_group("detector shape (overrides of the preset)")
+    g.add_argument("--img-size", type=int, help="detector image side (default: from the auxiliary images' median "
+                   "side, the nearest of 32/64/96/128, with an 8x8 patch grid)")
+    g.add_argument("--in-chans", type=int, choices=[1, 3], help="override the preset's channels")
+    g.add_argument("--patch-size", type=int, help="override the preset's patch side")
+    g.add_argument("--fit", choices=["resize", "pad"], help="how images reach img-size (default resize)")
+    g.add_argument("--train-visible", type=int, help="visible patches per image while training")
+    g.add_argument("--score-visible", type=int, help="visible patches per image while scoring")
+    g.add_argument("--no-global", action="store_true", help="ablation: no victim embedding (a plain MAE)")
+
+
+def detector_overrides(args: argparse.Namespace) -> dict:
+    """The DetectorConfig fields given on the command line (add_detector_options), as preset overrides."""
+    overrides = {name: getattr(args, name) for name in ("img_size", "in_chans", "patch_size", "fit",
+                                                         "train_visible", "score_visible")
+                 if getattr(args, name) is not None}
+    if args.no_global:
+        overrides["use_global"] = False
+    if overrides.get("in_chans") == 1:
+        overrides.setdefault("mean", (0.5,))
+        overrides.setdefault("std", (0.5,))
+    return overrides
+
+
+def add_epoch_options(p: argparse.ArgumentParser) -> None:
+    """How long a detector trains, shared by `dede train` and `dede sanitize`."""
+    p.add_argument("--epochs", type=int, default=None,
+                   help="fixed number of epochs (default: until the held-out embedding reliance stops improving)")
+    p.add_argument("--max-epochs", type=int, default=100, help="cap when training until convergence (default 100)")
+    p.add_argument("--patience", type=int, default=8,
+                   help="epochs without a 0.5%% gain of the held-out embedding reliance before stopping (default 8)")
+
+
+def add_rule_options(p: argparse.ArgumentParser) -> None:
+    """The selection rule, shared by `dede clean` and `dede sanitize`: one of --fpr/--quantile/--threshold/--where."""
+    g = p.add_argument_group("selection rule (give at most one; default --fpr 0.05)")
+    one = g.add_mutually_exclusive_group()
+    one.add_argument("--fpr", type=float, metavar="F",
+                     help="drop samples above the (1-F) quantile of the detector's held-out calibration scores: "
+                     "about a fraction F of clean images is dropped, whatever the poison rate; needs no labels "
+                     "(default, F=0.05)")
+    one.add_argument("--quantile", type=float, metavar="Q",
+                     help="drop samples above the Q quantile of this corpus' own scores (always drops about 1-Q)")
+    one.add_argument("--threshold", type=float, metavar="T", help="drop samples whose score is above T")
+    one.add_argument("--where", metavar="SQL",
+                     help="drop the rows of the scores table matching this SQL predicate, e.g. "
+                     "\"score > 900 OR knn_score > 3.1\" (columns: see `dede sql --help`)")
+    g.add_argument("--column", choices=["score", "recon_error", "knn_score", "density_score"], default=None,
+                   help="what --fpr/--quantile/--threshold compare: the DeDe score or the k-NN distance "
+                   "(default score)")
+    g.add_argument("--keep-unscored", action="store_true",
+                   help="keep samples that have no score (undecodable or unreadable); by default they are "
+                   "dropped and listed in rejected.parquet with their error")
+    g.add_argument("--allow-weak-detector", action="store_true",
+                   help="clean even with a detector that failed its health check (its reconstructions barely "
+                   "depend on the victim's embedding, so it cannot find backdoors); refused by default")
+
+
+def rule_from_args(args: argparse.Namespace):
+    """The one Rule the add_rule_options flags describe (Rule.fpr(0.05) when none is given)."""
+    from dede_core.stages.select import Rule
+
+    column = args.column or "score"
+    if args.where is not None:
+        if args.column is not None:
+            raise ValueError("--column does not apply to --where; name the columns in the predicate")
+        rule = Rule.where(args.where)
+    elif args.quantile is not None:
+        rule = Rule.quantile(args.quantile, column=column)
+    elif args.threshold is not None:
+        rule = Rule.threshold(args.threshold, column=column)
+    else:
+        rule = Rule.fpr(0.05 if args.fpr is None else args.fpr, column=column)
+    return dataclasses.replace(rule, allow_weak_detector=args.allow_weak_detector)
+
+
+def check_local_out(out: str, command: str, *, allow_url: bool = False) -> None:
+    """Refuse an --out that looks like a URL a command cannot write to (it must never become a local folder
+    named 's3:'), and a URL for a scheme fsspec does not know."""
+    if "://" not in out and not out.startswith(("s3:", "gs:", "gcs:", "az:", "abfs:", "http:", "https:")):
+        return
+    if "://" not in out:
+        raise ValueError(f"--out {out!r} looks like a URL missing '//' (e.g. s3://bucket/run); give a URL or a "
+                         f"local folder")
+    if not allow_url:
+        raise ValueError(f"dede {command} writes its --out to local files only and {out} is a URL: give a local "
+                         f"folder (dede shard, score and clean take URL folders)")
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class(out.split("://", 1)[0])
+    except (ImportError, ValueError) as e:
+        raise ValueError(f"--out {out}: cannot write there ({e})") from None
+
+
+def add_follow_links_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--follow-external-links", action="store_true",
+                   help="image folder: also read links whose target lies outside SRC (default: such links are "
+                   "listed in the manifest's skipped, never read); for corpora you trust")
+
+
+def score_config(args: argparse.Namespace):
+    from dede_core.detector.scorer import ScoreConfig
+
+    return ScoreConfig(seed=args.seed, draws=args.draws, visible=args.visible, chunk=args.chunk,
+                       cpu_bf16=getattr(args, "bf16", False))
+
+
+def add_score_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by `dede score` and `dede sanitize`."""
+    p.add_argument("--draws", type=int, default=1, help="mask draws per sample; the score is their mean (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="mask seed (default 0)")
+    p.add_argument("--visible", type=int, default=None, help="visible patches when scoring (default: the detector's)")
+    p.add_argument("--chunk", type=int, default=64, help="rows per forward pass; fixes results bit for bit (default 64)")
+    p.add_argument("--knn-k", type=int, default=10, help="k of the k-NN distance score (default 10)")
+    p.add_argument("--with-embedding", action="store_true", help="also store each sample's embedding")
+    p.add_argument("--batch-size", type=int, default=256, help="decoded images per batch (default 256)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    p.add_argument("--workers", type=int, default=default_workers(), help="decoding processes")
+
+
+def add_runner_options(p: argparse.ArgumentParser) -> None:
+    """--runner and --dask-workers, shared by score, clean and sanitize."""
+    g = p.add_argument_group("scale-out (see README, Scaling out)")
+    g.add_argument("--runner", default="local", metavar="local|dask|dask://HOST:PORT", help=RUNNER_HELP)
+    g.add_argument("--dask-workers", type=int, default=None, metavar="N",
+                   help="CPU worker processes of the cluster --runner dask starts (default 2; with GPUs: one "
+                   "per GPU)")
+
