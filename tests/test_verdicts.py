@@ -169,3 +169,18 @@ def test_write_keys_text_and_parquet(run, tmp_path):
     assert pq.read_table(out).column("key").to_pylist() == verdicts.rejected().column("key").to_pylist()
     with pytest.raises(ValueError, match=".txt or .parquet"):
         write_keys(verdicts.kept(), str(tmp_path / "keys.csv"))
+
+
+def test_verdicts_from_an_fsspec_url(run):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for name in ("clean/summary.json", "clean/rejected.parquet"):
+        fs.pipe(f"/verdicts/run/{name}", open(os.path.join(run, name), "rb").read())
+    for name in os.listdir(os.path.join(run, "scores")):
+        if name.endswith(".parquet") or name.endswith(".json"):
+            fs.pipe(f"/verdicts/run/scores/{name}", open(os.path.join(run, "scores", name), "rb").read())
+    remote = Verdicts("memory://verdicts/run")
+    assert remote.kept_keys() == Verdicts(run).kept_keys()
+    predicate = webdataset_filter("memory://verdicts/run")
+    assert predicate({"__key__": sorted(remote.kept_keys())[0]}) and not predicate({"__key__": "no-such-key"})
