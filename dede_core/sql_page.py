@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from dede_core.io import storage
 from dede_core.sql import connect
-from dede_core.stages.report import _CSS, image_links, linked_thumbnail, read_images, write_images
+from dede_core.stages.report import PAGE_CSS, image_links, linked_thumbnail, read_images, write_images
 from dede_core.stages.select import format_number
 from schemas import names
 from schemas.manifest import manifest_path, read_manifest
@@ -91,7 +91,7 @@ def write_query_page(samples: list[dict[str, Any]], columns: list[str], out_html
     shown = f"{len(samples)} of {total} rows" if total > len(samples) else f"{total} rows"
     page = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8"><title>dede sql</title>',
-        f"<style>{_CSS}</style></head><body>", "<h1>dede sql</h1>", f"<pre>{e(query)}</pre>",
+        f"<style>{PAGE_CSS}</style></head><body>", "<h1>dede sql</h1>", f"<pre>{e(query)}</pre>",
         f'<p class="muted">{shown}</p>',
         "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>" + "".join(body) + "</table>",
         "</body></html>",

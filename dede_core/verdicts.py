@@ -28,7 +28,7 @@ from dede_core.io.sources import clean_key
 from dede_core.sql import scores_files
 from schemas import names
 from schemas.manifest import read_manifest
-from schemas.tables import REJECTED, STATUS_SKIPPED, conform
+from schemas.tables import REJECTED, SCORES, STATUS_SKIPPED, conform
 
 KEPT_COLUMNS = ("key", "shard", "source", "label", "score")  # `dede keys` and Verdicts.kept()
 
@@ -72,9 +72,7 @@ class Verdicts:
                 file = pq.ParquetFile(f)
                 wanted = [c for c in KEPT_COLUMNS + ("position", "status") if c in file.schema_arrow.names]
                 parts.append(file.read(columns=wanted))
-        schema = pa.schema([pa.field(n, pa.string() if n in ("key", "shard", "source", "status") else
-                                     pa.int32() if n in ("label", "position") else pa.float64())
-                            for n in KEPT_COLUMNS + ("position", "status")])
+        schema = pa.schema([SCORES.field(n) for n in KEPT_COLUMNS + ("position", "status")])
         table = pa.concat_tables([conform(p, schema) for p in parts])
         table = table.filter(pc.not_equal(table.column("status"), STATUS_SKIPPED))
         kept = table.join(rejected.select(["key", "shard"]), keys=["shard", "key"], join_type="left anti")

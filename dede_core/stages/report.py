@@ -34,7 +34,7 @@ from schemas.tables import STATUS_SKIPPED
 THUMB_MIN = 96  # small images (CIFAR's 32x32) are enlarged by a whole factor, nearest neighbour: no blur
 THUMB_MAX = 160
 
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
+PAGE_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
 th{background:#f3f3f3}.grid{display:flex;flex-wrap:wrap;gap:10px}
 figure{margin:0;width:170px;font-size:12px;word-break:break-all}
@@ -237,7 +237,7 @@ def write_report(scores_dir: str | os.PathLike, shards_dir: str | os.PathLike, o
     e = html.escape
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8"><title>dede selection report</title>',
-        f"<style>{_CSS}</style></head><body>", "<h1>dede selection report</h1>",
+        f"<style>{PAGE_CSS}</style></head><body>", "<h1>dede selection report</h1>",
         f"<p>scores <code>{e(storage.absolute(scores_dir))}</code>, shards <code>{e(storage.absolute(shards_dir))}"
         f"</code><br>detector <code>{e(str(selection.detector_hash))}</code>, encoder "
         f"<code>{e(str(selection.encoder_id))}</code></p>",
