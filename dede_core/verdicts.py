@@ -98,6 +98,7 @@ class Verdicts:
         return self._table("rejected")
 
     def table(self, rejected: bool = False) -> pa.Table:
+        """kept(), or rejected() when asked (`dede keys --rejected`)."""
         return self.rejected() if rejected else self.kept()
 
     def _set(self, name: str, column: str) -> frozenset[str]:
@@ -107,6 +108,7 @@ class Verdicts:
         return self._sets[name]
 
     def kept_keys(self) -> frozenset[str]:
+        """The keys of the kept samples (the WebDataset __key__ of RUN/shards)."""
         return self._set("keys", "key")
 
     def kept_sources(self) -> frozenset[str]:
