@@ -144,13 +144,16 @@ def write_images(images: list[tuple[str, bytes]], folder: str) -> list[str]:
 
 
 def image_links(keys: list[str], images: dict[str, bytes], out_html: str) -> dict[str, str]:
-    """key -> relative link to its full-size image, written to `<out_html stem>_images/`."""
+    """key -> relative link to its full-size image, written to `<out_html stem>_images/` (the page's own folder:
+    images an earlier page linked to are removed)."""
     found = [k for k in dict.fromkeys(keys) if k in images]
-    if not found:
-        return {}
     stem = os.path.splitext(storage.basename(out_html))[0] + names.IMAGES_SUFFIX
     folder = storage.join(os.path.dirname(out_html) or ".", stem)
-    files = write_images([(k, images[k]) for k in found], folder)
+    files = write_images([(k, images[k]) for k in found], folder) if found else []
+    if storage.isdir(folder):
+        for name in set(storage.listdir(folder)) - set(files):
+            if re.fullmatch(r"\d{4}-.+", name):
+                storage.unlink(storage.join(folder, name))
     return {k: f"{quote(stem)}/{quote(n)}" for k, n in zip(found, files)}
 
 

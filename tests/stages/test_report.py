@@ -134,3 +134,11 @@ def test_report_renders_in_a_browser(tmp_path):
     assert len(widths) == 1 + 6 and min(widths) > 0  # the histogram and every thumbnail decoded
     links = re.findall(r'<a href="([^"]+)"', dom)
     assert len(links) == 6 and all((out.parent / unquote(link)).is_file() for link in links)
+
+
+def test_a_new_report_removes_the_images_the_old_one_linked(tmp_path):
+    shards, scores = labelled_corpus(tmp_path)
+    out = tmp_path / "report.html"
+    write_report(scores, shards, out, selection=select(scores, Rule.threshold(850.0)), n_thumbs=6)
+    write_report(scores, shards, out, selection=select(scores, Rule.threshold(850.0)), n_thumbs=2)
+    assert len(list((tmp_path / "report_images").iterdir())) == 2
