@@ -21,8 +21,7 @@ def train_task(data: str, encoder_spec: str, out: str, preset_name: str, overrid
     config, size_note = detector_config(preset_name, overrides, source)
     get_run_logger().info(size_note)
     path = train_detector(source=source, data_id=data_id(data, keys), encoder=load_encoder(encoder_spec),
-                          config=config, train=train, out_dir=out, device=device, workers=workers,
-                          log=get_run_logger().info)
+                          config=config, train=train, out_dir=out, device=device, workers=workers)
     return str(path)
 
 

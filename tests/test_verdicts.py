@@ -27,10 +27,9 @@ RULE = dataclasses.replace(Rule.quantile(0.75), allow_weak_detector=True)  # the
 
 def make_run(src: str, run: str, detector: str, *, copy: bool = True, **shard_options) -> str:
     """RUN/shards, RUN/scores, RUN/clean as `dede sanitize` lays them out (no Prefect: the stage functions)."""
-    update_shards(src, os.path.join(run, "shards"), samples_per_shard=20, progress=False, log=lambda _: None,
-                  **shard_options)
+    update_shards(src, os.path.join(run, "shards"), samples_per_shard=20, progress=False, **shard_options)
     score_shards(os.path.join(run, "shards"), detector=detector, out_dir=os.path.join(run, "scores"), batch_size=16,
-                 workers=0, progress=False, log=lambda _: None)
+                 workers=0, progress=False)
     clean(os.path.join(run, "shards"), os.path.join(run, "scores"), os.path.join(run, "clean"), RULE,
           progress=False, copy=copy)
     return run

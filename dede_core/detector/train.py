@@ -8,11 +8,11 @@ steps as one that was never interrupted.
 
 from __future__ import annotations
 
+import logging
 import dataclasses
 import hashlib
 import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +32,8 @@ from dede_core.detector.scorer import autocast_for
 from dede_core.io.sources import Source
 from schemas.manifest import differences
 from schemas.names import AUX_CACHE, CHECKPOINT
+
+log = logging.getLogger("dede")
 
 
 
@@ -245,8 +247,8 @@ def stop_reason(reliance: list[float], epoch: int, train: TrainConfig, steps_per
 HISTORIES = ("loss_history", "held_out_history", "reliance_history")
 
 
-def _resume(previous: Checkpoint | None, path: Path, model: DeDe, optimizer: torch.optim.Optimizer,
-            log: Callable[[str], None]) -> tuple[int, dict[str, list], dict[str, torch.Tensor] | None]:
+def _resume(previous: Checkpoint | None, path: Path, model: DeDe, optimizer: torch.optim.Optimizer
+            ) -> tuple[int, dict[str, list], dict[str, torch.Tensor] | None]:
     """Load a previous run's weights (and optimiser, if it was interrupted);
     -> (epochs done, histories, weights of the best epoch so far)."""
     if previous is None:
@@ -256,7 +258,7 @@ def _resume(previous: Checkpoint | None, path: Path, model: DeDe, optimizer: tor
     if previous.train_state is not None:
         optimizer.load_state_dict(previous.train_state["optimizer"])
         best = previous.train_state.get("best")
-        log(f"resuming {path} after epoch {previous.meta['epoch']}")
+        log.info(f"resuming {path} after epoch {previous.meta['epoch']}")
     # A finished run being extended keeps its weights and starts fresh optimiser moments.
     histories = {name: list(previous.meta.get(name, [])) for name in HISTORIES}
     return int(previous.meta["epoch"]), histories, best
@@ -291,7 +293,7 @@ def _train_epoch(model: DeDe, optimizer: torch.optim.Optimizer, aux: AuxData, or
 
 def train_detector(*, source: Source, data_id: str, encoder: FrozenEncoder, config: DetectorConfig,
                    train: TrainConfig, out_dir: str | Path, device: str | torch.device = "cpu",
-                   workers: int = 0, log: Callable[[str], None] | None = None) -> Path:
+                   workers: int = 0) -> Path:
     """Train (or resume training) a detector; writes OUT/detector.pt after every epoch and returns its path.
 
     data_id names the training data (e.g. its path and sample count); a rerun into the same folder resumes
@@ -300,7 +302,6 @@ def train_detector(*, source: Source, data_id: str, encoder: FrozenEncoder, conf
     the embedding reliance (dede_core.detector.health); with `train.epochs` None the reliance decides when to stop and the
     best epoch's weights are kept. The finished checkpoint carries the detector's health check.
     """
-    log = log or (lambda text: print(text, file=sys.stderr, flush=True))
     out_dir, device = Path(out_dir), torch.device(device)
     ckpt_path = out_dir / CHECKPOINT
     identity = run_identity(config=config, train=train, encoder=encoder, data_id=data_id)
@@ -314,13 +315,13 @@ def train_detector(*, source: Source, data_id: str, encoder: FrozenEncoder, conf
         done = stop_reason(previous.meta.get("reliance_history", []), previous.meta.get("epoch", 0), train,
                            previous.meta.get("steps_per_epoch", 1))
         if done is not None and previous.train_state is None:
-            log(f"{ckpt_path} already trained for {previous.meta['epoch']} epochs ({done}); nothing to do")
+            log.info(f"{ckpt_path} already trained for {previous.meta['epoch']} epochs ({done}); nothing to do")
             return ckpt_path
 
     encoder = encoder.to(device)
     aux = _aux_data(source, data_id, encoder, config, train, out_dir, device, workers)
     if aux.failed:
-        log(f"warning: {len(aux.failed)} auxiliary samples could not be decoded and are left out, "
+        log.warning(f"{len(aux.failed)} auxiliary samples could not be decoded and are left out, "
             f"e.g. {aux.failed[0][0]}: {aux.failed[0][1]}")
     train_idx, held_idx = split_holdout(aux.keys, train.holdout)
     calibration = {
@@ -332,7 +333,7 @@ def train_detector(*, source: Source, data_id: str, encoder: FrozenEncoder, conf
     torch.manual_seed(train.seed)
     model = DeDe(config=config, global_dim=encoder.dim)
     optimizer = torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-    start_epoch, histories, best = _resume(previous, ckpt_path, model, optimizer, log)
+    start_epoch, histories, best = _resume(previous, ckpt_path, model, optimizer)
     model.to(device).train()
     _optimizer_to(optimizer, device)
 
@@ -369,11 +370,11 @@ def train_detector(*, source: Source, data_id: str, encoder: FrozenEncoder, conf
                                        encoder_fingerprint=encoder.fingerprint, train_state=train_state,
                                        meta=meta, calibration=calibration)
         elapsed = time.perf_counter() - started
-        log(f"epoch {epoch}{'' if train.epochs is None else '/' + str(train.epochs)} loss "
+        log.info(f"epoch {epoch}{'' if train.epochs is None else '/' + str(train.epochs)} loss "
             f"{histories['loss_history'][-1]:.4f} held-out error {histories['held_out_history'][-1]:.4g} "
             f"embedding reliance {histories['reliance_history'][-1]:.3f} | {progress.rate:.0f} img/s | "
             f"{format_seconds(elapsed)} | saved {ckpt_path} ({content_hash[:12]})")
     model.eval()
-    log(f"stopped after epoch {epoch}: {reason}")
-    log(describe_health(meta["health"]))
+    log.info(f"stopped after epoch {epoch}: {reason}")
+    log.info(describe_health(meta["health"]))
     return ckpt_path

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import json
 import os
 import tarfile
@@ -514,7 +513,7 @@ def clean(shards_dir: str | os.PathLike, scores_dir: str | os.PathLike, out_dir:
 
 def _run(plan: CleanPlan, progress: bool) -> dict[str, dict[str, Any]]:
     pending, markers = set(plan.pending), {}
-    bar = Progress(len(pending), desc="cleaning", unit="shards", stream=None if progress else io.StringIO())
+    bar = Progress(len(pending), desc="cleaning", unit="shards", quiet=not progress)
     start, read = time.perf_counter(), 0
     seen: dict[str, str] = {}
     for entry in plan.manifest.shards:

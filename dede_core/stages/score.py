@@ -8,15 +8,14 @@ OUT/run.json pins the detector, encoder and score settings, so one folder never 
 
 from __future__ import annotations
 
+import logging
 import hashlib
-import io
 import json
 import os
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -37,6 +36,8 @@ from schemas.manifest import ShardEntry, differences, read_manifest
 from schemas import names
 from schemas.tables import (CALIBRATION, STATUS_DECODE_ERROR, STATUS_OK, STATUS_READ_ERROR, STATUS_SKIPPED,
                             scores_schema, with_metadata)
+
+log = logging.getLogger("dede")
 
 IGNORED_ON_RERUN = ("dede_version",)  # recorded, but a new release may finish an old run's shards
 
@@ -264,7 +265,7 @@ def _is_done(out_dir: str, markers: folder.Markers, entry: ShardEntry) -> bool:
             and storage.isfile(storage.join(out_dir, f"{folder.stem(entry.name)}.parquet")))
 
 
-def _open_parts(shards_dir: str, markers: folder.Markers, todo: list[ShardEntry], log: Callable[[str], None],
+def _open_parts(shards_dir: str, markers: folder.Markers, todo: list[ShardEntry],
                 scratch: str | None = None) -> tuple[list[_ShardRows], dict[str, str]]:
     """Index the pending shards; a broken one is recorded in _failed/ and left out, the others go on."""
     parts, failed = [], {}
@@ -274,19 +275,15 @@ def _open_parts(shards_dir: str, markers: folder.Markers, todo: list[ShardEntry]
             parts.append(_open_part(shards_dir, entry, scratch, refs))
         except (OSError, ValueError) as exc:
             failed[entry.name] = f"{type(exc).__name__}: {exc}"
-            log(f"warning: shard {entry.name} cannot be read and is not scored: {failed[entry.name]}")
+            log.warning(f"shard {entry.name} cannot be read and is not scored: {failed[entry.name]}")
             markers.mark_failed(entry.name, failed[entry.name])
     return parts, failed
 
 
-def _stderr(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
 
 def score_shards(shards_dir: str, *, detector: str, out_dir: str, score: ScoreConfig = ScoreConfig(),
                  knn_k: int = 10, with_embedding: bool = False, batch_size: int = 256, workers: int = 2,
-                 device: str = "cpu", shards: list[str] | None = None, progress: bool = True,
-                 log: Callable[[str], None] | None = None, encoder: str | None = None,
+                 device: str = "cpu", shards: list[str] | None = None, progress: bool = True, encoder: str | None = None,
                  reuse_detector: bool = False) -> ScoreStageResult:
     """Score every sample of a shards folder (or the named `shards` of it) into OUT/<shard>.parquet.
 
@@ -296,7 +293,7 @@ def score_shards(shards_dir: str, *, detector: str, out_dir: str, score: ScoreCo
     `reuse_detector`: keep the loaded detector for the next call in this process (a worker's later tasks).
     SHARDS and OUT may be fsspec URLs (dede_core.io.storage): shards are then downloaded one call at a time.
     """
-    log, started = log or _stderr, time.perf_counter()
+    started = time.perf_counter()
     shards_dir, out_dir = os.fspath(shards_dir), os.fspath(out_dir)
     manifest = read_manifest(shards_dir)
     entries = _select(manifest.shards, shards)
@@ -311,7 +308,7 @@ def score_shards(shards_dir: str, *, detector: str, out_dir: str, score: ScoreCo
     markers = folder.Markers(out_dir)
     _claim_run(out_dir, config, markers, manifest.shards)
     if not shards:  # a whole-folder call, or a flow's first task: once per run, not once per shard group
-        log(describe_health(ckpt.meta.get("health")))
+        log.info(describe_health(ckpt.meta.get("health")))
     run = _Run(out_dir, scorer, ckpt, config, markers)
     if not storage.isfile(storage.join(out_dir, names.CALIBRATION)):
         run.write_calibration(batch_size)
@@ -321,7 +318,7 @@ def score_shards(shards_dir: str, *, detector: str, out_dir: str, score: ScoreCo
     skipped = [e.name for e in entries if _is_done(out_dir, markers, e)]
     scratch = storage.scratch(shards_dir)  # downloaded shards, when SHARDS is a URL
     try:
-        parts, failed = _open_parts(shards_dir, markers, [e for e in entries if e.name not in skipped], log,
+        parts, failed = _open_parts(shards_dir, markers, [e for e in entries if e.name not in skipped],
                                     scratch.name if scratch else None)
         counts = _score_parts(parts, run, batch_size=batch_size, workers=workers, progress=progress)
     finally:
@@ -333,7 +330,7 @@ def score_shards(shards_dir: str, *, detector: str, out_dir: str, score: ScoreCo
                               ok=counts[STATUS_OK], decode_errors=counts[STATUS_DECODE_ERROR],
                               read_errors=counts[STATUS_READ_ERROR], elapsed_s=elapsed,
                               images_per_s=rows / elapsed if elapsed > 0 else 0.0)
-    log(f"scored {rows} samples in {len(parts)} shards ({result.images_per_s:.1f} img/s); {len(skipped)} "
+    log.info(f"scored {rows} samples in {len(parts)} shards ({result.images_per_s:.1f} img/s); {len(skipped)} "
         f"already done; {len(failed)} unreadable{' (see _failed/)' if failed else ''} -> {out_dir}")
     return result
 
@@ -347,7 +344,7 @@ def _score_parts(parts: list[_ShardRows], run: _Run, *, batch_size: int, workers
     loader = make_loader([p.source for p in parts], views=(run.ckpt.config.view, run.scorer.encoder.view),
                          batch_size=batch_size, workers=workers, pin_memory=run.scorer.device.type == "cuda")
     total = len(loader.dataset)
-    bar = Progress(total, desc="scoring", stream=None if progress and total else io.StringIO())
+    bar = Progress(total, desc="scoring", quiet=not (progress and total))
     done = len(parts) - sum(1 for p in parts if p.missing)
     if total:
         for batch in loader:

@@ -8,17 +8,16 @@ and rerunning the same command is the recovery procedure.
 
 from __future__ import annotations
 
+import logging
 import dataclasses
 import hashlib
-import io
 import json
 import os
-import sys
 import re
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import webdataset as wds
 
@@ -28,6 +27,7 @@ from dede_core.io.progress import Progress
 from dede_core.io.sources import TAR_IMAGE_EXTENSIONS, Sample, Source, TarShardSource, open_source
 from schemas.manifest import Manifest, ShardEntry, differences, manifest_path, read_manifest, write_manifest
 
+log = logging.getLogger("dede")
 AnySource = Source | ParquetRows | ParquetFiles  # what _open gives
 
 # Magic numbers of the formats dede decodes -> the extension a shard stores them under.
@@ -173,7 +173,7 @@ def _open(src: str, options: dict[str, Any]) -> AnySource:
     return source
 
 
-def _reusable(out_dir: str, wanted: dict[str, Any], log: Callable[[str], None]) -> Manifest | None:
+def _reusable(out_dir: str, wanted: dict[str, Any]) -> Manifest | None:
     """The existing manifest when it was made the same way and its shards are intact; None to (re)write."""
     if not storage.isfile(manifest_path(out_dir)):
         return None
@@ -186,7 +186,7 @@ def _reusable(out_dir: str, wanted: dict[str, Any], log: Callable[[str], None]) 
     for entry in old.shards:
         path = storage.join(out_dir, entry.name)
         if not storage.isfile(path) or storage.getsize(path) != entry.bytes:
-            log(f"{path} is missing or changed since {manifest_path(out_dir)} was written: resharding")
+            log.info(f"{path} is missing or changed since {manifest_path(out_dir)} was written: resharding")
             return None
     return old
 
@@ -199,9 +199,6 @@ def _remove_stale(out_dir: str, entries: list[ShardEntry], index_file: str | Non
                 or re.fullmatch(r"\.(\d{6}\.tar|source-\d{6}\.parquet|manifest\.json)\..*\.tmp", name)):
             storage.unlink(storage.join(out_dir, name))
 
-
-def _stderr(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -269,13 +266,12 @@ def _pending(source: AnySource, todo: dict[int, tuple[str, int | None, int | Non
 
 def update_shards(src: str, out_dir: str, *, samples_per_shard: int = 10_000, image_column: str | None = None,
                   key_column: str | None = None, label_column: str | None = None, follow_external_links: bool = False,
-                  progress: bool = True, log: Callable[[str], None] | None = None) -> ShardUpdate:
+                  progress: bool = True) -> ShardUpdate:
     """Write SRC (image folder, WebDataset shards, or Parquet of image bytes: a file, a folder or a glob of files)
     as OUT/NNNNNN.tar shards
     plus OUT/manifest.json, or bring an existing OUT up to date with SRC: new and changed samples go into new
     shards after the existing ones (which stay byte-identical), removed and changed ones are listed in the
     manifest's `retired`. A rerun over an unchanged SRC reads no image and writes nothing."""
-    log = log or _stderr
     if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be a positive int (e.g. 10000), got {samples_per_shard!r}")
     src, out_dir = os.fspath(src), os.fspath(out_dir)
@@ -287,7 +283,7 @@ def update_shards(src: str, out_dir: str, *, samples_per_shard: int = 10_000, im
         options["follow_external_links"] = True
     wanted = {"source": _source_id(src), "samples_per_shard": samples_per_shard, "options": options}
     storage.makedirs(out_dir)
-    done = _reusable(out_dir, wanted, log)
+    done = _reusable(out_dir, wanted)
     source = _open(src, options)
     _check_unique(source)
     if len(source) == 0:
@@ -298,7 +294,7 @@ def update_shards(src: str, out_dir: str, *, samples_per_shard: int = 10_000, im
     else:
         old = source_index.read(out_dir, done.source_index)
         if old is None:
-            log(f"{out_dir}: no source index (made by an older dede, or lost): hashing the shards and the source "
+            log.info(f"{out_dir}: no source index (made by an older dede, or lost): hashing the shards and the source "
                 f"to find what changed")
             old = source_index.from_shards(out_dir, [e.name for e in done.shards],
                                            {(r["shard"], r["key"]) for r in retired})
@@ -310,7 +306,7 @@ def update_shards(src: str, out_dir: str, *, samples_per_shard: int = 10_000, im
         empty, keys = {k for k, _ in done.skipped}, source.keys()
         if all(keys[i] in empty for i in todo):
             todo = {}  # only its empty rows are left and the file is unchanged (its other rows are): not read
-    bar = Progress(len(todo), desc="sharding", stream=None if progress and todo else io.StringIO())
+    bar = Progress(len(todo), desc="sharding", quiet=not (progress and todo))
     samples = _pending(source, todo, old, classes, changes, index, len(kept), samples_per_shard, bar)
     unread: Counter = Counter()
     scratch = storage.scratch(out_dir)
@@ -330,7 +326,7 @@ def update_shards(src: str, out_dir: str, *, samples_per_shard: int = 10_000, im
         skipped = list(done.skipped)  # the file was not read again: its empty rows are as before
     if done is not None and not (changes.added or changes.changed or changes.removed) and (
             done.source_index and index == old and skipped == done.skipped):
-        log(f"{out_dir} already sharded: {done.samples} samples in {len(done.shards)} shards; source unchanged "
+        log.info(f"{out_dir} already sharded: {done.samples} samples in {len(done.shards)} shards; source unchanged "
             f"({changes.unchanged} samples); nothing to do")
         _remove_stale(out_dir, done.shards, done.source_index["file"])
         return ShardUpdate(done, changes)
@@ -349,12 +345,12 @@ def update_shards(src: str, out_dir: str, *, samples_per_shard: int = 10_000, im
     write_manifest(out_dir, manifest)
     _remove_stale(out_dir, shards, ref["file"])
     if done is not None:
-        log(f"{out_dir} updated from {src}: {changes.text()}")
+        log.info(f"{out_dir} updated from {src}: {changes.text()}")
     if skipped:
-        log(f"warning: {len(skipped)} source entries were not sharded (see skipped in "
+        log.warning(f"{len(skipped)} source entries were not sharded (see skipped in "
             f"{manifest_path(out_dir)}), e.g. {skipped[0]}")
     if unread:
-        log(f"warning: {sum(unread.values())} samples are stored as {', '.join(sorted(unread))}, which the tar "
+        log.warning(f"{sum(unread.values())} samples are stored as {', '.join(sorted(unread))}, which the tar "
             f"reader does not take as images ({'/'.join(TAR_IMAGE_EXTENSIONS)}): they will score as read_error")
     return ShardUpdate(manifest, changes)
 

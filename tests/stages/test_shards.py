@@ -13,6 +13,7 @@ from PIL import Image
 from dede_core.stages.shard import list_shards, sniff_extension, write_shards
 from dede_core.io.sources import open_source
 from schemas.manifest import read_manifest
+from conftest import on_dede_log
 
 
 def encoded(value: int, fmt: str) -> bytes:
@@ -55,7 +56,8 @@ def test_rerun_is_a_noop_and_other_settings_are_refused(sharded, image_folder):
     out, manifest = sharded
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     lines = []
-    assert write_shards(str(image_folder), str(out), samples_per_shard=20, log=lines.append) == manifest
+    with on_dede_log(lines.append):
+        assert write_shards(str(image_folder), str(out), samples_per_shard=20) == manifest
     assert "already sharded" in lines[0]
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
     with pytest.raises(ValueError, match="samples_per_shard: 20 -> 16"):
