@@ -89,7 +89,7 @@ def write_corpus(work: str, cfg: CleanSpeedConfig, pool: list[bytes], name: str 
     del data
     shards = os.path.join(work, name)
     write_shards(source, shards, samples_per_shard=per_shard or cfg.samples_per_shard, key_column="key",
-                 progress=False, log=lambda _: None)
+                 progress=False)
     os.unlink(source)
     return shards
 

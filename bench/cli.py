@@ -13,6 +13,9 @@ import importlib.util
 import tempfile
 from typing import Callable, Sequence
 
+from flows.cli.options import check_local_out, default_workers, device
+from flows.cli.startup import run_flow
+
 Handler = Callable[[argparse.Namespace], int]
 
 # What the bench extra installs beyond the product (pyproject.toml): k-means for the spectral-signature baseline,
@@ -36,13 +39,6 @@ DEMO_HELP = ("Builds (once, cached) a SimCLR encoder on Fashion-MNIST and backdo
 def available() -> bool:
     """True when the bench extra's packages can be imported (found without importing them: --help stays fast)."""
     return all(importlib.util.find_spec(name) is not None for name in BENCH_MODULES)
-
-
-def _product_cli():
-    """The product command line's shared helpers: device names, default decoding workers, --out checks."""
-    from dede_core import cli
-
-    return cli
 
 
 def register(subparsers: argparse._SubParsersAction) -> dict[str, Handler]:
@@ -94,7 +90,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="how long the in-memory limit runs, before and again after the end-to-end run (default 10)")
     g.add_argument("--batch-size", type=int, default=256, help="decoded images per batch (default 256)")
     g.add_argument("--chunk", type=int, default=64, help="rows per forward pass (default 64)")
-    g.add_argument("--workers", type=int, default=_product_cli()._default_workers(),
+    g.add_argument("--workers", type=int, default=default_workers(),
                    help="decoding processes of the stage")
     g.add_argument("--no-bf16", action="store_true", help="on the CPU, skip the opt-in bf16 rows")
     g.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda[:N]")
@@ -117,7 +113,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def cmd_data(args: argparse.Namespace) -> int:
     """`dede data`: a packaged dataset written as OUT/<class>/<split>_<index>.png."""
-    _product_cli().check_local_out(args.out, "data")
+    check_local_out(args.out, "data")
     from bench import datasets
 
     if args.dataset == "fashion-mnist":
@@ -174,7 +170,7 @@ def _bench_throughput(args: argparse.Namespace) -> int:
                                 patch_size=args.patch_size or (4 if args.image_size <= 64 else 16),
                                 encoder=args.encoder, images=args.images, limit_seconds=args.limit_seconds,
                                 batch_size=args.batch_size, workers=args.workers, chunk=args.chunk,
-                                cpu_bf16=not args.no_bf16, device=_product_cli()._device(args.device))
+                                cpu_bf16=not args.no_bf16, device=device(args.device))
     with tempfile.TemporaryDirectory(prefix="dede-throughput-", dir=args.work) as work:
         report = bt.run_bench(bench, work)
     report["command"] = bt.command_line(bench)
@@ -189,7 +185,6 @@ def _bench_throughput(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """`dede demo`: the sanitize flow on a poisoned Fashion-MNIST corpus (through the flows' Prefect retry)."""
     from bench.demo import run_demo
-    from flows.cli import run_flow
 
     run_flow("demo", run_demo, args.out, args.cache, corpus_size=args.corpus_size, poison_rate=args.poison_rate,
              epochs=args.epochs, max_epochs=args.max_epochs, workers=args.workers)

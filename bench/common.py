@@ -23,6 +23,7 @@ from dede_core.detector.encoders import load_encoder
 from dede_core.detector.knn import knn_distance
 from dede_core.detector.scorer import ScoreConfig, load_scorer
 from dede_core.detector.train import TrainConfig, train_detector
+from dede_core.io import storage
 from dede_core.io.images import fit_tensor
 from dede_core.io.sources import Sample
 from dede_core.stages.select import fpr_threshold
@@ -71,12 +72,12 @@ def fit_detector(cache: Path, name: str, images: Tensor, spec: str, config: Dete
     content = f"array:{name}:{images_digest(images)}"
     out = cache / f"detector-{name}-{config_digest(spec, config.to_dict(), dataclasses.asdict(train), content)}"
     return train_detector(source=ArraySource(images, name), data_id=content, encoder=load_encoder(spec),
-                          config=config, train=train, out_dir=out, log=log)
+                          config=config, train=train, out_dir=out)
 
 
 def cached_result(stored: Path, compute: Callable[[], dict[str, Any]], log: Callable[[str], None]
                   ) -> dict[str, Any]:
-    """A finished result read from `stored`, or computed (its wall time added) and written there atomically."""
+    """A finished result read from `stored`, or computed (its wall time added) and written there whole."""
     if stored.is_file():
         log(f"reusing {stored}")
         return json.loads(stored.read_text())
@@ -84,9 +85,7 @@ def cached_result(stored: Path, compute: Callable[[], dict[str, Any]], log: Call
     result = compute()
     result["wall_s"] = time.perf_counter() - t0
     stored.parent.mkdir(parents=True, exist_ok=True)
-    partial = stored.with_suffix(".partial")
-    partial.write_text(json.dumps(result))
-    partial.replace(stored)
+    storage.write_bytes(stored, json.dumps(result).encode())
     return result
 
 
@@ -115,9 +114,9 @@ def score_images(path: Path, images: Tensor, score: ScoreConfig = ScoreConfig(),
         result[prefix + "knn_score"] = knn_distance(part.embedding, bank, knn_k).double().numpy()
     if cache is not None:
         stored.parent.mkdir(parents=True, exist_ok=True)
-        partial = stored.with_suffix(".partial.npz")
-        np.savez(partial, **result)
-        partial.replace(stored)
+        buffer = io.BytesIO()
+        np.savez(buffer, **result)
+        storage.write_bytes(stored, buffer.getvalue())
     return result
 
 

@@ -85,7 +85,7 @@ def measure(cfg: SizeScaleConfig, work: str, log: Callable[[str], None] = print)
     for n in sorted(cfg.sizes):
         folder, shards = os.path.join(work, f"png-{n}"), os.path.join(work, f"shards-{n}")
         write_image_folder(images[:n], labels[:n], folder, class_names=FASHION_MNIST_CLASSES, prefix="fm")
-        write_shards(folder, shards, samples_per_shard=cfg.samples_per_shard, progress=False, log=lambda _: None)
+        write_shards(folder, shards, samples_per_shard=cfg.samples_per_shard, progress=False)
         scores = os.path.join(work, f"scores-{n}")
         step = bt.stage_step(shards, detector, scores, replace(bench, images=n), cpu_bf16=False)
         run = bt.measure_in_child(replace(bench, images=n), [step])[0]

@@ -91,7 +91,7 @@ def write_corpus(work: str, name: str, images: np.ndarray, labels: np.ndarray, s
     """PNG folder work/<name>-png, sharded into work/<name> by the project's own shard code; returns the shards."""
     folder, shards = os.path.join(work, f"{name}-png"), os.path.join(work, name)
     write_image_folder(images, labels, folder, class_names=FASHION_MNIST_CLASSES, prefix="fm")
-    write_shards(folder, shards, samples_per_shard=samples_per_shard, progress=False, log=lambda _: None)
+    write_shards(folder, shards, samples_per_shard=samples_per_shard, progress=False)
     return shards
 
 
@@ -177,7 +177,7 @@ def child() -> None:
             args = {name: value for name, value in step.items() if name != "kind"}
             args["score"] = ScoreConfig(**args["score"])
             start, cpu = time.perf_counter(), _cpu_seconds()
-            result = score_shards(progress=False, log=lambda _: None, **args)
+            result = score_shards(progress=False, **args)
             elapsed, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
             # ru_maxrss is in KiB on Linux; RUSAGE_CHILDREN is the largest DataLoader worker (joined by now).
             reports.append({"images": result.samples, "ok": result.ok, "seconds": elapsed,

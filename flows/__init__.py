@@ -9,7 +9,13 @@ result caching is off (cache_policy=NONE) for that reason.
 from __future__ import annotations
 
 import errno
+import os
 from typing import Any
+
+# The library logs to logging.getLogger("dede"); Prefect attaches its run-log handler to the loggers named here
+# (read when prefect is imported), so progress and warnings of every stage reach the Prefect UI.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "dede")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # a library call outside any flow
 
 # OSErrors a retry can cure: a busy or flaky (network) file system, an interrupted call. Never a missing or
 # forbidden file, and never ValueError: those fail the same way every time.

@@ -33,15 +33,17 @@ def _summary(result: CleanResult, workers: dict[str, str]) -> dict:
 
 
 @task(name="clean-shards", cache_policy=NONE)
-def clean_task(shards: str, scores: str, out: str, rule: dict[str, Any], keep_unscored: bool) -> dict:
-    result = clean(shards, scores, out, Rule.from_dict(rule), keep_unscored=keep_unscored)
+def clean_task(shards: str, scores: str, out: str, rule: dict[str, Any], keep_unscored: bool,
+               copy_samples: bool = True) -> dict:
+    result = clean(shards, scores, out, Rule.from_dict(rule), keep_unscored=keep_unscored, copy=copy_samples)
     worker = worker_identity()
     return _summary(result, {name: f"{worker['host']}:{worker['pid']}" for name in result.written})
 
 
 @task(name="plan-clean", cache_policy=NONE)
-def plan_task(shards: str, scores: str, out: str, rule: dict[str, Any], keep_unscored: bool) -> CleanPlan:
-    return plan_clean(shards, scores, out, Rule.from_dict(rule), keep_unscored=keep_unscored)
+def plan_task(shards: str, scores: str, out: str, rule: dict[str, Any], keep_unscored: bool,
+              copy_samples: bool = True) -> CleanPlan:
+    return plan_clean(shards, scores, out, Rule.from_dict(rule), keep_unscored=keep_unscored, copy=copy_samples)
 
 
 @task(name="shard-keys", cache_policy=NONE, retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
@@ -59,9 +61,10 @@ def finish_task(plan: CleanPlan, markers: dict[str, dict]) -> CleanResult:
     return finish_clean(plan, markers)
 
 
-def _clean_on(where, shards: str, scores: str, out: str, rule: dict[str, Any], keep_unscored: bool) -> dict:
+def _clean_on(where, shards: str, scores: str, out: str, rule: dict[str, Any], keep_unscored: bool,
+              copy_samples: bool = True) -> dict:
     """The clean steps shard by shard on a Dask runner; raises the first shard's error after all finished."""
-    plan = plan_task(shards, scores, out, rule, keep_unscored)
+    plan = plan_task(shards, scores, out, rule, keep_unscored, copy_samples)
     markers, workers = {}, {}
     if start_clean(plan) and plan.pending:
         names = [e.name for e in plan.manifest.shards]
@@ -83,32 +86,34 @@ def _clean_on(where, shards: str, scores: str, out: str, rule: dict[str, Any], k
 
 
 @task(name="write-report", cache_policy=NONE)
-def report_task(scores: str, shards: str, out_html: str, rule: dict[str, Any], keep_unscored: bool) -> str:
+def report_task(scores: str, shards: str, out_html: str, rule: dict[str, Any], keep_unscored: bool,
+                thumbnails: int = 24) -> str:
     # The Selection is rebuilt from the scores (one query) rather than passed between tasks as an Arrow table.
     selection = select(scores, Rule.from_dict(rule), keep_unscored=keep_unscored,
                        retired=read_manifest(shards).retired)
-    return write_report(scores, shards, out_html, selection=selection)
+    return write_report(scores, shards, out_html, selection=selection, n_thumbs=thumbnails)
 
 
 @flow(name="dede-clean")
 def clean_flow(shards: str, scores: str, out: str, rule: dict[str, Any] | None = None, keep_unscored: bool = False,
                report: bool = True, report_path: str | None = None, runner: str = LOCAL,
-               dask_workers: int | None = None) -> dict:
+               dask_workers: int | None = None, copy_samples: bool = True, thumbnails: int = 24) -> dict:
     """OUT/<shard>.tar minus what `rule` (Rule.to_dict(); default fpr 0.05) drops, OUT/rejected.parquet,
-    summary.json, manifest.json; then the HTML report at report_path (default OUT/report.html) unless
+    summary.json, manifest.json (copy_samples=False: the verdicts only, rejected.parquet and summary.json); then
+    the HTML report at report_path (default OUT/report.html, with `thumbnails` sample images) unless
     report=False. A rerun that cleans nothing new keeps an existing report. runner: local, dask or
     dask://HOST:PORT (flows/runners.py). Folders may be fsspec URLs. Returns counts, paths and workers
     (shard -> "host:pid" that cleaned it)."""
     rule = rule or DEFAULT_RULE.to_dict()
     where = parse_runner(runner, workers=dask_workers)
     if where.kind == LOCAL:
-        result = clean_task(shards, scores, out, rule, keep_unscored)
+        result = clean_task(shards, scores, out, rule, keep_unscored, copy_samples)
     else:
-        result = _clean_on(where, shards, scores, out, rule, keep_unscored)
+        result = _clean_on(where, shards, scores, out, rule, keep_unscored, copy_samples)
     result["report"] = None
     if report:
         path = report_path or storage.join(storage.absolute(out), "report.html")
         result["report"] = path
         if result["written"] or not storage.isfile(path):
-            report_task(scores, shards, path, rule, keep_unscored)
+            report_task(scores, shards, path, rule, keep_unscored, thumbnails)
     return result

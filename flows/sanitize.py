@@ -75,10 +75,14 @@ def sanitize_flow(src: str, encoder: str, out: str, *, detector: str | None = No
                   visible: int | None = None, chunk: int = 64, knn_k: int = 10, with_embedding: bool = False,
                   batch_size: int = 256, device: str = "cpu", workers: int = 0, group_size: int = 1,
                   max_parallel: int = 1, runner: str = "local", dask_workers: int | None = None,
-                  follow_external_links: bool = False) -> dict:
+                  follow_external_links: bool = False, image_column: str | None = None,
+                  key_column: str | None = None, label_column: str | None = None, copy_samples: bool = True,
+                  thumbnails: int = 24) -> dict:
     """Shard SRC, train a detector for ENCODER (unless `detector` is given), score, clean with `rule`
     (Rule.to_dict(); default fpr 0.05) and report, all under OUT. device: cpu or cuda[:N]. runner: where the
     score and clean stages run their shard tasks (local, dask, dask://HOST:PORT; flows/runners.py).
+    image_column, key_column, label_column: how a Parquet SRC is read. copy_samples=False: RUN/clean holds the
+    verdicts only (rejected.parquet, summary.json), no cleaned shards. thumbnails: sample images in the report.
 
     Returns {run, paths, counts, threshold, how}; RUN/sanitize.json holds the full record.
     """
@@ -89,7 +93,8 @@ def sanitize_flow(src: str, encoder: str, out: str, *, detector: str | None = No
     timer, work = run_manifest.StageTimer(), {}
 
     with timer.stage("shard"):
-        shards = shard_flow(src, paths["shards"], samples_per_shard=samples_per_shard,
+        shards = shard_flow(src, paths["shards"], samples_per_shard=samples_per_shard, image_column=image_column,
+                            key_column=key_column, label_column=label_column,
                             follow_external_links=follow_external_links)
     work["shard"] = {"samples": shards["samples"], "shards": len(shards["shards"]), **shards["changes"]}
     trained = detector is None and aux is None and _trained_before(paths, config)
@@ -112,7 +117,7 @@ def sanitize_flow(src: str, encoder: str, out: str, *, detector: str | None = No
     with timer.stage("clean"):
         cleaned = clean_flow(paths["shards"], paths["scores"], paths["clean"], rule=rule,
                              keep_unscored=keep_unscored, report_path=paths["report"], runner=runner,
-                             dask_workers=dask_workers)
+                             dask_workers=dask_workers, copy_samples=copy_samples, thumbnails=thumbnails)
     work["clean"] = {"written": len(cleaned["written"]), "already_done": len(cleaned["skipped"])}
 
     record = record_task(config, paths, timer.seconds, work)

@@ -10,7 +10,8 @@ from prefect.cache_policies import NONE
 
 from dede_core.detector.encoders import load_encoder
 from dede_core.io.sources import open_source
-from dede_core.detector.train import TrainConfig, data_id, detector_config, train_detector
+from dede_core.detector.aux import data_id, detector_config
+from dede_core.detector.train import TrainConfig, train_detector
 
 
 @task(name="train-detector", cache_policy=NONE)
@@ -21,8 +22,7 @@ def train_task(data: str, encoder_spec: str, out: str, preset_name: str, overrid
     config, size_note = detector_config(preset_name, overrides, source)
     get_run_logger().info(size_note)
     path = train_detector(source=source, data_id=data_id(data, keys), encoder=load_encoder(encoder_spec),
-                          config=config, train=train, out_dir=out, device=device, workers=workers,
-                          log=get_run_logger().info)
+                          config=config, train=train, out_dir=out, device=device, workers=workers)
     return str(path)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import os
 from pathlib import Path
 
@@ -13,6 +15,30 @@ from PIL import Image
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 torch.set_num_threads(1)  # tiny models: a second thread only adds contention
+
+from flows.cli import log_to_stderr  # noqa: E402
+
+log_to_stderr()  # library messages on stderr as the `dede` command prints them
+
+
+class _Callback(logging.Handler):
+    def __init__(self, callback) -> None:
+        super().__init__()
+        self.callback = callback
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.callback(record.getMessage())  # what it raises (a KeyboardInterrupt) reaches the library call
+
+
+@contextlib.contextmanager
+def on_dede_log(callback):
+    """Call callback(message) for each message of the `dede` logger inside the block."""
+    handler = _Callback(callback)
+    logging.getLogger("dede").addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger("dede").removeHandler(handler)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -95,5 +121,5 @@ def tiny_detector(tmp_path_factory, image_folder, encoder) -> str:
     tiny = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
     path = train_detector(source=open_source(str(image_folder)), data_id="tiny", encoder=encoder,
                           config=cpu(**tiny), train=TrainConfig(epochs=1, batch_size=16, holdout=6, knn_bank=30),
-                          out_dir=tmp_path_factory.mktemp("tiny-detector"), log=lambda _: None)
+                          out_dir=tmp_path_factory.mktemp("tiny-detector"))
     return str(path)

@@ -1,10 +1,12 @@
-"""Progress lines for long work: done / total, rate, time left. Plain text on stderr, throttled."""
+"""Progress lines for long work: done / total, rate, time left, throttled, on the `dede` logger (the CLI prints
+them on stderr, a flow sends them to its Prefect run log)."""
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
-from typing import TextIO
+
+log = logging.getLogger("dede")
 
 
 def format_seconds(seconds: float) -> str:
@@ -21,10 +23,9 @@ class Progress:
     """Counts units of work and prints a line at most every `interval` seconds, and once at the end."""
 
     def __init__(
-        self, total: int, *, desc: str, unit: str = "img", interval: float = 5.0, stream: TextIO | None = None
+        self, total: int, *, desc: str, unit: str = "img", interval: float = 5.0, quiet: bool = False
     ) -> None:
-        self.total, self.desc, self.unit, self.interval = total, desc, unit, interval
-        self.stream = stream if stream is not None else sys.stderr
+        self.total, self.desc, self.unit, self.interval, self.quiet = total, desc, unit, interval, quiet
         self.done = 0
         self.start = time.perf_counter()
         self._last_print = self.start
@@ -46,7 +47,11 @@ class Progress:
         now = time.perf_counter()
         if now - self._last_print >= self.interval:
             self._last_print = now
-            print(self.line(extra), file=self.stream, flush=True)
+            self._say(extra)
 
     def close(self, extra: str = "") -> None:
-        print(self.line(extra), file=self.stream, flush=True)
+        self._say(extra)
+
+    def _say(self, extra: str) -> None:
+        if not self.quiet:
+            log.info(self.line(extra))

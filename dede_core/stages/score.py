@@ -8,22 +8,21 @@ OUT/run.json pins the detector, encoder and score settings, so one folder never 
 
 from __future__ import annotations
 
+import logging
 import hashlib
-import io
 import json
 import os
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from dede_core import __version__
-from dede_core.io import storage
+from dede_core.io import source_index, storage
 from dede_core.detector.checkpoint import Checkpoint, load_detector
 from dede_core.detector.cache import load_detector_once
 from dede_core.io.progress import Progress
@@ -37,6 +36,8 @@ from schemas.manifest import ShardEntry, differences, read_manifest
 from schemas import names
 from schemas.tables import (CALIBRATION, STATUS_DECODE_ERROR, STATUS_OK, STATUS_READ_ERROR, STATUS_SKIPPED,
                             scores_schema, with_metadata)
+
+log = logging.getLogger("dede")
 
 IGNORED_ON_RERUN = ("dede_version",)  # recorded, but a new release may finish an old run's shards
 
@@ -99,8 +100,9 @@ def _select(entries: list[ShardEntry], wanted: list[str] | None) -> list[ShardEn
 class _ShardRows:
     """One pending shard: its reader and its result columns, filled by position as batches come back."""
 
-    def __init__(self, entry: ShardEntry, source: TarShardSource) -> None:
+    def __init__(self, entry: ShardEntry, source: TarShardSource, refs: dict[str, str]) -> None:
         self.entry, self.source, self.keys = entry, source, source.keys()
+        self.sources = [_reference(source.meta(i), refs.get(key)) for i, key in enumerate(self.keys)]
         self.stem = os.path.splitext(entry.name)[0]
         # Members the reader could not make a sample of come last, as read_error rows: nothing disappears.
         n = len(self.keys) + len(source.skipped)
@@ -112,7 +114,20 @@ class _ShardRows:
         self.started: float | None = None
 
 
-def _open_part(shards_dir: str, entry: ShardEntry, scratch: str | None) -> _ShardRows:
+def _reference(meta: dict[str, Any], indexed: str | None) -> str | None:
+    """A sample's source reference: its .json's `source` (written by `dede shard`), else the shards folder's
+    source index, else the image folder path an older .json holds."""
+    found = meta.get("source") or indexed or meta.get("path")
+    return found if isinstance(found, str) else None
+
+
+def source_refs(shards_dir: str) -> dict[str, str]:
+    """key -> source reference from the shards folder's source index ({} when it has none)."""
+    index = source_index.read(shards_dir, read_manifest(shards_dir).source_index) or {}
+    return {key: entry.item for key, entry in index.items() if entry.item is not None}
+
+
+def _open_part(shards_dir: str, entry: ShardEntry, scratch: str | None, refs: dict[str, str]) -> _ShardRows:
     """Index one shard; ValueError/OSError when it is missing, cut short or not a tar (the shard fails).
     A shard at a URL is downloaded into `scratch` first: the reader needs random access."""
     path = storage.join(shards_dir, entry.name)
@@ -120,7 +135,7 @@ def _open_part(shards_dir: str, entry: ShardEntry, scratch: str | None) -> _Shar
     if size != entry.bytes:
         raise ValueError(f"{path} is {size} bytes but the manifest says {entry.bytes}: it changed or was cut "
                          f"short since sharding; reshard or restore it")
-    return _ShardRows(entry, TarShardSource([storage.local_copy(path, scratch or "")]))
+    return _ShardRows(entry, TarShardSource([storage.local_copy(path, scratch or "")]), refs)
 
 
 def _write_parquet(table: pa.Table, path: str) -> None:
@@ -143,7 +158,7 @@ class _Run:
                          "encoder_id": f"{ckpt.encoder_spec}#{ckpt.encoder_fingerprint[:16]}"}
         self.calibration_embeddings = ckpt.calibration_embeddings
         if ckpt.calibration_images is not None and self.calibration_embeddings is None:
-            # an older checkpoint: its held-out images are embedded as they are
+            # a checkpoint without stored embeddings: its held-out images are embedded here
             self.calibration_embeddings = scorer.embed(ckpt.calibration_images)
         # The held-out images' k-distances: the reference of the two-sided density score.
         self.reference_knn = None
@@ -222,6 +237,7 @@ def _route(batch: dict[str, Any], parts: list[_ShardRows], run: _Run) -> list[_S
         part.started = part.started or now
         row = {name: batch[name][i] for name in ("label", "width", "height", "status", "error")}
         row["key"] = part.keys[position]  # known from the shard's index even when the sample cannot be read
+        row["source"] = part.sources[position]
         if i in scored:
             row |= scored[i]
         part.rows[position] = row
@@ -249,28 +265,25 @@ def _is_done(out_dir: str, markers: folder.Markers, entry: ShardEntry) -> bool:
             and storage.isfile(storage.join(out_dir, f"{folder.stem(entry.name)}.parquet")))
 
 
-def _open_parts(shards_dir: str, markers: folder.Markers, todo: list[ShardEntry], log: Callable[[str], None],
+def _open_parts(shards_dir: str, markers: folder.Markers, todo: list[ShardEntry],
                 scratch: str | None = None) -> tuple[list[_ShardRows], dict[str, str]]:
     """Index the pending shards; a broken one is recorded in _failed/ and left out, the others go on."""
     parts, failed = [], {}
+    refs = source_refs(shards_dir) if todo else {}
     for entry in todo:
         try:
-            parts.append(_open_part(shards_dir, entry, scratch))
+            parts.append(_open_part(shards_dir, entry, scratch, refs))
         except (OSError, ValueError) as exc:
             failed[entry.name] = f"{type(exc).__name__}: {exc}"
-            log(f"warning: shard {entry.name} cannot be read and is not scored: {failed[entry.name]}")
+            log.warning(f"shard {entry.name} cannot be read and is not scored: {failed[entry.name]}")
             markers.mark_failed(entry.name, failed[entry.name])
     return parts, failed
 
 
-def _stderr(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
 
 def score_shards(shards_dir: str, *, detector: str, out_dir: str, score: ScoreConfig = ScoreConfig(),
                  knn_k: int = 10, with_embedding: bool = False, batch_size: int = 256, workers: int = 2,
-                 device: str = "cpu", shards: list[str] | None = None, progress: bool = True,
-                 log: Callable[[str], None] | None = None, encoder: str | None = None,
+                 device: str = "cpu", shards: list[str] | None = None, progress: bool = True, encoder: str | None = None,
                  reuse_detector: bool = False) -> ScoreStageResult:
     """Score every sample of a shards folder (or the named `shards` of it) into OUT/<shard>.parquet.
 
@@ -280,7 +293,7 @@ def score_shards(shards_dir: str, *, detector: str, out_dir: str, score: ScoreCo
     `reuse_detector`: keep the loaded detector for the next call in this process (a worker's later tasks).
     SHARDS and OUT may be fsspec URLs (dede_core.io.storage): shards are then downloaded one call at a time.
     """
-    log, started = log or _stderr, time.perf_counter()
+    started = time.perf_counter()
     shards_dir, out_dir = os.fspath(shards_dir), os.fspath(out_dir)
     manifest = read_manifest(shards_dir)
     entries = _select(manifest.shards, shards)
@@ -295,7 +308,7 @@ def score_shards(shards_dir: str, *, detector: str, out_dir: str, score: ScoreCo
     markers = folder.Markers(out_dir)
     _claim_run(out_dir, config, markers, manifest.shards)
     if not shards:  # a whole-folder call, or a flow's first task: once per run, not once per shard group
-        log(describe_health(ckpt.meta.get("health")))
+        log.info(describe_health(ckpt.meta.get("health")))
     run = _Run(out_dir, scorer, ckpt, config, markers)
     if not storage.isfile(storage.join(out_dir, names.CALIBRATION)):
         run.write_calibration(batch_size)
@@ -305,7 +318,7 @@ def score_shards(shards_dir: str, *, detector: str, out_dir: str, score: ScoreCo
     skipped = [e.name for e in entries if _is_done(out_dir, markers, e)]
     scratch = storage.scratch(shards_dir)  # downloaded shards, when SHARDS is a URL
     try:
-        parts, failed = _open_parts(shards_dir, markers, [e for e in entries if e.name not in skipped], log,
+        parts, failed = _open_parts(shards_dir, markers, [e for e in entries if e.name not in skipped],
                                     scratch.name if scratch else None)
         counts = _score_parts(parts, run, batch_size=batch_size, workers=workers, progress=progress)
     finally:
@@ -317,7 +330,7 @@ def score_shards(shards_dir: str, *, detector: str, out_dir: str, score: ScoreCo
                               ok=counts[STATUS_OK], decode_errors=counts[STATUS_DECODE_ERROR],
                               read_errors=counts[STATUS_READ_ERROR], elapsed_s=elapsed,
                               images_per_s=rows / elapsed if elapsed > 0 else 0.0)
-    log(f"scored {rows} samples in {len(parts)} shards ({result.images_per_s:.1f} img/s); {len(skipped)} "
+    log.info(f"scored {rows} samples in {len(parts)} shards ({result.images_per_s:.1f} img/s); {len(skipped)} "
         f"already done; {len(failed)} unreadable{' (see _failed/)' if failed else ''} -> {out_dir}")
     return result
 
@@ -331,7 +344,7 @@ def _score_parts(parts: list[_ShardRows], run: _Run, *, batch_size: int, workers
     loader = make_loader([p.source for p in parts], views=(run.ckpt.config.view, run.scorer.encoder.view),
                          batch_size=batch_size, workers=workers, pin_memory=run.scorer.device.type == "cuda")
     total = len(loader.dataset)
-    bar = Progress(total, desc="scoring", stream=None if progress and total else io.StringIO())
+    bar = Progress(total, desc="scoring", quiet=not (progress and total))
     done = len(parts) - sum(1 for p in parts if p.missing)
     if total:
         for batch in loader:

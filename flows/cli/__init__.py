@@ -17,7 +17,8 @@ class _Stderr(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            sys.stderr.write(self.format(record) + "\n")
+            prefix = "warning: " if record.levelno == logging.WARNING else ""
+            sys.stderr.write(prefix + self.format(record) + "\n")
             sys.stderr.flush()
         except Exception:  # noqa: BLE001 - logging must never take the command down
             self.handleError(record)

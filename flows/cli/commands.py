@@ -32,7 +32,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from dede_core.detector.encoders import load_encoder
-    from dede_core.detector.train import TrainConfig, data_id, detector_config, train_detector
+    from dede_core.detector.aux import data_id, detector_config
+    from dede_core.detector.train import TrainConfig, train_detector
     from dede_core.io.sources import open_source
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
@@ -99,6 +100,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _what(args: argparse.Namespace) -> str:
+    return "verdicts only (--no-copy; list them with dede keys)" if args.no_copy else "cleaned shards"
+
+
 def cmd_clean(args: argparse.Namespace) -> int:
     """--runner local: the library call in this process; otherwise the dede-clean flow on the Dask runner."""
     options.check_local_out(args.out, "clean", allow_url=True)
@@ -109,25 +114,27 @@ def cmd_clean(args: argparse.Namespace) -> int:
         from dede_core.stages.report import write_report
         from schemas.names import REPORT
 
-        result = clean(args.shards, args.scores, args.out, rule, keep_unscored=args.keep_unscored)
+        result = clean(args.shards, args.scores, args.out, rule, keep_unscored=args.keep_unscored,
+                       copy=not args.no_copy)
         c, sel = result.counts, result.selection
         fate = "kept" if args.keep_unscored else "dropped"
         print(f"kept {c.kept} of {c.total} samples, dropped {c.dropped} ({c.unscored} without a score, {fate})")
         print(f"rule {rule.label}: {sel.how}")
         print(describe_health(sel.detector_health))
-        print(f"cleaned shards -> {result.out_dir}  (rejected: {result.rejected_path})")
+        print(f"{_what(args)} -> {result.out_dir}  (rejected: {result.rejected_path})")
         if not args.no_report:
-            path = write_report(args.scores, args.shards, os.path.join(result.out_dir, REPORT), selection=sel)
+            path = write_report(args.scores, args.shards, os.path.join(result.out_dir, REPORT), selection=sel,
+                                n_thumbs=args.thumbnails)
             print(f"report -> {path}")
         return 0
     from flows.clean import clean_flow
 
     result = run_flow("clean", clean_flow, args.shards, args.scores, args.out, rule=rule.to_dict(),
                       keep_unscored=args.keep_unscored, report=not args.no_report, runner=args.runner,
-                      dask_workers=args.dask_workers)
+                      dask_workers=args.dask_workers, copy_samples=not args.no_copy, thumbnails=args.thumbnails)
     c = result["counts"]
     print(f"kept {c['kept']} of {c['total']} samples, dropped {c['dropped']}; {result['how']}")
-    print(f"cleaned shards -> {result['out']}  (rejected: {result['rejected']})")
+    print(f"{_what(args)} -> {result['out']}  (rejected: {result['rejected']})")
     if result["report"]:
         print(f"report -> {result['report']}")
     return 0
@@ -150,7 +157,9 @@ def cmd_sanitize(args: argparse.Namespace) -> int:
             chunk=args.chunk, knn_k=args.knn_k, with_embedding=args.with_embedding, batch_size=args.batch_size,
             device=options.device(args.device), workers=args.workers, group_size=args.group_size,
             max_parallel=args.max_parallel, runner=args.runner, dask_workers=args.dask_workers,
-            follow_external_links=args.follow_external_links)
+            follow_external_links=args.follow_external_links, image_column=args.image_column,
+            key_column=args.key_column, label_column=args.label_column, copy_samples=not args.no_copy,
+            thumbnails=args.thumbnails)
     except ShardsFailed as exc:
         log.error("dede sanitize: %s", exc)
         return 1
@@ -172,8 +181,25 @@ def cmd_sql(args: argparse.Namespace) -> int:
         conn.close()
     if args.out:
         print(f"{table.num_rows} rows -> {write_result(table, args.out)}")
-    else:
+    elif not (args.html or args.export_images):
         print(format_table(table, max_rows=args.max_rows))
+    if args.html or args.export_images:
+        from dede_core.sql_page import inspect_result
+
+        written = inspect_result(table, args.scores, query=args.query, shards_dir=args.shards, html_out=args.html,
+                                 export_dir=args.export_images, max_rows=args.max_rows)
+        if args.html:
+            print(f"page -> {written.pop(0)}")
+        if args.export_images:
+            print(f"{len(written)} images -> {args.export_images}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from dede_core.verdicts import Verdicts, write_keys
+
+    written = write_keys(Verdicts(args.run).table(rejected=args.rejected), args.out)
+    print(f"-> {written}" if args.out else written, end="\n" if args.out else "")
     return 0
 
 

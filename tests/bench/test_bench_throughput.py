@@ -58,7 +58,7 @@ def test_cli_writes_the_report_and_keeps_notes(tmp_path, capsys):
 def test_cuda_run(tmp_path):
     bench = bt.ThroughputConfig(images=40, limit_seconds=0.2, batch_size=16, chunk=8, workers=1,
                                 encoder="cifar-resnet18?width=8", device="cuda")
-    report = bt.run_bench(bench, str(tmp_path), log=lambda _: None)
+    report = bt.run_bench(bench, str(tmp_path))
     check_report(report, "cuda")
     assert report["machine"]["gpu"] == torch.cuda.get_device_name(0)
 

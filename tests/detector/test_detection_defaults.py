@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import smooth_images
+from conftest import on_dede_log, smooth_images
 from bench.attacks import apply_trigger
 from dede_core.detector.checkpoint import load_checkpoint
 from dede_core.detector.config import cpu, size_for_side
@@ -19,7 +19,8 @@ from dede_core.detector.model import DeDe
 from dede_core.detector.scorer import ScoreConfig, Scorer
 from dede_core.stages.select import Rule, check_health
 from dede_core.io.sources import open_source
-from dede_core.detector.train import TrainConfig, best_epoch, detector_config, stop_reason, train_detector
+from dede_core.detector.aux import detector_config
+from dede_core.detector.train import TrainConfig, best_epoch, stop_reason, train_detector
 
 TINY = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
 
@@ -93,7 +94,7 @@ def test_scorer_feeds_the_encoder_its_own_size(folder64, encoder_spec):
 def _detector(tmp_path, folder, encoder, **config):
     path = train_detector(source=open_source(str(folder)), data_id="t", encoder=encoder, config=cpu(**TINY, **config),
                           train=TrainConfig(epochs=None, max_epochs=3, patience=2, batch_size=8, holdout=8),
-                          out_dir=tmp_path, log=lambda _: None)
+                          out_dir=tmp_path)
     return load_checkpoint(path)
 
 
@@ -108,10 +109,10 @@ def test_training_until_convergence_records_health_and_resumes_exactly(tmp_path,
         if line.startswith("epoch 1 "):
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), on_dede_log(stop_after_epoch_1):
         train_detector(source=open_source(str(image_folder)), data_id="t", encoder=encoder, config=cpu(**TINY),
                        train=TrainConfig(epochs=None, max_epochs=3, patience=2, batch_size=8, holdout=8),
-                       out_dir=tmp_path / "b", log=stop_after_epoch_1)
+                       out_dir=tmp_path / "b")
     resumed = _detector(tmp_path / "b", image_folder, encoder)
     assert resumed.content_hash == straight.content_hash and resumed.meta["health"] == meta["health"]
 

@@ -9,18 +9,20 @@ import pytest
 import torch
 
 from dede_core.detector.checkpoint import load_checkpoint
-from dede_core.cli import main
+from flows.cli import main
 from dede_core.detector.config import cpu
 from dede_core.io.sources import open_source
 from dede_core.detector.train import TrainConfig, train_detector
+from conftest import on_dede_log
 
 TINY = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
 
 
-def _train(folder, encoder, out, epochs, log=lambda _: None, **train):
+def _train(folder, encoder, out, epochs, log=lambda line: None, **train):
     source = open_source(str(folder))
-    return train_detector(source=source, data_id="tiny", encoder=encoder, config=cpu(**TINY),
-                          train=TrainConfig(epochs=epochs, batch_size=16, **train), out_dir=out, log=log)
+    with on_dede_log(log):
+        return train_detector(source=source, data_id="tiny", encoder=encoder, config=cpu(**TINY),
+                              train=TrainConfig(epochs=epochs, batch_size=16, **train), out_dir=out)
 
 
 def _interrupt_after_epoch_1(line):
@@ -78,7 +80,7 @@ def test_cli_reports_bad_input(tmp_path, capsys):
 def test_ctrl_c_then_rerun_resumes(tmp_path, image_folder, encoder_spec):
     """A real `dede train` process interrupted with SIGINT resumes from its last epoch when rerun."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "dede_core.cli", "train", str(image_folder), "--encoder", encoder_spec,
+    cmd = [sys.executable, "-m", "flows.cli", "train", str(image_folder), "--encoder", encoder_spec,
            "--out", str(out), "--epochs", "400", "--batch-size", "16", "--workers", "0", "--threads", "1"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
@@ -102,7 +104,7 @@ def test_ctrl_c_then_rerun_resumes(tmp_path, image_folder, encoder_spec):
 
 
 def test_held_out_calibration_set_is_stored_and_order_free(tmp_path, image_folder, encoder):
-    from dede_core.detector.train import split_holdout
+    from dede_core.detector.aux import split_holdout
 
     ckpt = load_checkpoint(_train(image_folder, encoder, tmp_path / "run", epochs=1, holdout=10, knn_bank=20))
     assert ckpt.meta["held_out"] == 10 and ckpt.meta["images"] == 38

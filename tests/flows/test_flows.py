@@ -138,8 +138,7 @@ def test_sanitize_rerun_over_a_grown_corpus_picks_up_the_new_images(image_folder
 def test_parallel_groups_equal_one_score_call(sanitized, tmp_path):
     run = sanitized[0]
     shards, detector = str(run / "shards"), str(run / "detector" / "detector.pt")
-    score_shards(shards, detector=detector, out_dir=str(tmp_path / "one"), score=ScoreConfig(), progress=False,
-                 log=lambda _: None, **SCORE)
+    score_shards(shards, detector=detector, out_dir=str(tmp_path / "one"), score=ScoreConfig(), progress=False, **SCORE)
     summary = score_flow(shards, detector, str(tmp_path / "flow"), group_size=2, max_parallel=2, **SCORE)
     assert sorted(summary["scored"]) == SHARDS and summary["samples"] == summary["ok"] == 48
     for name in ["000000.parquet", "000001.parquet", "000002.parquet", "calibration.parquet"]:

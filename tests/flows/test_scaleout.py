@@ -34,7 +34,7 @@ def sha(path) -> str:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, image_folder, tiny_detector):
     root = tmp_path_factory.mktemp("scaleout")
-    write_shards(str(image_folder), str(root / "shards"), samples_per_shard=8, progress=False, log=lambda _: None)
+    write_shards(str(image_folder), str(root / "shards"), samples_per_shard=8, progress=False)
     return root, str(root / "shards"), tiny_detector
 
 

@@ -22,7 +22,7 @@ moto_server = pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")
 
 BUCKET = "dede-test"
-SCORE = dict(score=ScoreConfig(), knn_k=3, batch_size=8, workers=0, device="cpu", progress=False, log=lambda _: None)
+SCORE = dict(score=ScoreConfig(), knn_k=3, batch_size=8, workers=0, device="cpu", progress=False)
 RULE = dataclasses.replace(Rule.quantile(0.9), allow_weak_detector=True)  # tiny test detectors
 
 
@@ -59,7 +59,7 @@ def runs(s3, tmp_path_factory, image_folder, tiny_detector):
     local = tmp_path_factory.mktemp("local")
     remote = f"s3://{BUCKET}/run"
     for root in (str(local), remote):
-        write_shards(str(image_folder), f"{root}/shards", samples_per_shard=20, progress=False, log=lambda _: None)
+        write_shards(str(image_folder), f"{root}/shards", samples_per_shard=20, progress=False)
         score_shards(f"{root}/shards", detector=tiny_detector, out_dir=f"{root}/scores", **SCORE)
         clean(f"{root}/shards", f"{root}/scores", f"{root}/clean", RULE, progress=False)
     return local, remote

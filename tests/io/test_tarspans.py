@@ -35,7 +35,7 @@ def shards(tmp_path_factory):
         folder.mkdir(parents=True, exist_ok=True)
         side = 8 + 3 * i
         Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(folder / f"img{i:03d}.png")
-    write_shards(str(root / "images"), str(root / "shards"), samples_per_shard=10, progress=False, log=lambda _: None)
+    write_shards(str(root / "images"), str(root / "shards"), samples_per_shard=10, progress=False)
     return root / "shards"
 
 

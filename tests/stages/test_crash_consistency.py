@@ -157,7 +157,7 @@ def pipeline(tmp_path_factory, encoder, zygote) -> dict:
     write_shards(str(corpus), str(root / "shards"), samples_per_shard=10, progress=False)
     detector = train_detector(source=open_source(str(corpus)), data_id="crash", encoder=encoder, config=cpu(**TINY),
                               train=TrainConfig(epochs=1, batch_size=16, holdout=6, knn_bank=20),
-                              out_dir=root / "detector", log=lambda _: None)
+                              out_dir=root / "detector")
     zygote.ready()
     p = {"root": root, "corpus": corpus, "shards": root / "shards", "detector": detector}
     p["score"] = ["score", p["shards"], "--detector", detector, "--workers", "0", "--batch-size", "3", "--chunk", "8",
@@ -364,7 +364,7 @@ def test_reruns_with_another_detector_encoder_setting_or_rule_never_mix(pipeline
         return str(train_detector(source=open_source(str(pipeline["corpus"])), data_id="crash", encoder=enc,
                                   config=cpu(**TINY), train=TrainConfig(epochs=1, batch_size=16, holdout=6,
                                                                         knn_bank=20, seed=seed),
-                                  out_dir=tmp_path / name, log=lambda _: None))
+                                  out_dir=tmp_path / name))
 
     torch.manual_seed(7)
     torch.save(cifar_resnet18(width=8).state_dict(), tmp_path / "other_encoder.pt")

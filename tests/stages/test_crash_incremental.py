@@ -69,11 +69,11 @@ def grown(tmp_path_factory, encoder, zygote) -> dict:
     for i in range(30):
         (corpus / f"img_{i:02d}.png").write_bytes(images[i])
     shards, scores = root / "shards", root / "scores"
-    update_shards(str(corpus), str(shards), samples_per_shard=SPS, progress=False, log=lambda _: None)
+    update_shards(str(corpus), str(shards), samples_per_shard=SPS, progress=False)
     detector = train_detector(source=open_source(str(corpus)), data_id="crash-inc", encoder=encoder,
                               config=cpu(**TINY), train=TrainConfig(epochs=1, batch_size=16, holdout=6, knn_bank=20),
-                              out_dir=root / "detector", log=lambda _: None)
-    score = dict(detector=str(detector), workers=0, batch_size=8, knn_k=3, progress=False, log=lambda _: None)
+                              out_dir=root / "detector")
+    score = dict(detector=str(detector), workers=0, batch_size=8, knn_k=3, progress=False)
     score_shards(str(shards), out_dir=str(scores), **score)
     clean(shards, scores, root / "clean_before", dataclasses.replace(Rule.fpr(0.2), allow_weak_detector=True),
           progress=False)

@@ -43,7 +43,7 @@ def detector(tmp_path_factory, image_folder, encoder) -> str:
     out = tmp_path_factory.mktemp("detector")
     return str(train_detector(source=open_source(str(image_folder)), data_id="tiny", encoder=encoder,
                               config=cpu(**TINY), train=TrainConfig(epochs=1, batch_size=16, holdout=6, knn_bank=20),
-                              out_dir=out, log=lambda _: None))
+                              out_dir=out))
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:

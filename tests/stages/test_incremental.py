@@ -39,9 +39,9 @@ def put(corpus: Path, name: str, image: int) -> None:
 
 
 def run(corpus: Path, root: Path, detector: str):
-    update = update_shards(str(corpus), str(root / "shards"), samples_per_shard=4, progress=False, log=lambda _: None)
+    update = update_shards(str(corpus), str(root / "shards"), samples_per_shard=4, progress=False)
     scored = score_shards(str(root / "shards"), detector=detector, out_dir=str(root / "scores"), workers=0,
-                          batch_size=8, progress=False, log=lambda _: None)
+                          batch_size=8, progress=False)
     cleaned = clean(root / "shards", root / "scores", root / "clean", RULE, progress=False)
     return update, scored, cleaned
 
@@ -178,16 +178,13 @@ def test_parquet_rows_are_fingerprinted_and_a_rerun_finds_what_changed(tmp_path)
 
     write([IMAGES[0], IMAGES[1], None, IMAGES[3]])
     out = tmp_path / "shards"
-    first = update_shards(str(tmp_path / "data.parquet"), str(out), samples_per_shard=2, progress=False,
-                          log=lambda _: None)
+    first = update_shards(str(tmp_path / "data.parquet"), str(out), samples_per_shard=2, progress=False)
     assert first.changes.summary()["added"] == 3 and len(first.manifest.skipped) == 1
     before = snapshot(out)
-    again = update_shards(str(tmp_path / "data.parquet"), str(out), samples_per_shard=2, progress=False,
-                          log=lambda _: None)
+    again = update_shards(str(tmp_path / "data.parquet"), str(out), samples_per_shard=2, progress=False)
     assert again.changes.unchanged == 3 and snapshot(out) == before  # stat unchanged: nothing read or written
     write([IMAGES[0], IMAGES[5], None, IMAGES[3], IMAGES[6]])  # row 1 changed, row 4 added
-    update = update_shards(str(tmp_path / "data.parquet"), str(out), samples_per_shard=2, progress=False,
-                           log=lambda _: None)
+    update = update_shards(str(tmp_path / "data.parquet"), str(out), samples_per_shard=2, progress=False)
     assert (update.changes.added, update.changes.changed, update.changes.unchanged) == (["data_00000004"],
                                                                                         ["data_00000001"], 2)
     assert update.manifest.retired == [{"key": "data_00000001", "shard": "000000.tar", "reason": "source_changed"}]

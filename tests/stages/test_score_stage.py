@@ -33,7 +33,7 @@ def detector(tmp_path_factory, image_folder, encoder) -> str:
     out = tmp_path_factory.mktemp("detector")
     return str(train_detector(source=open_source(str(image_folder)), data_id="tiny", encoder=encoder,
                               config=cpu(**TINY), train=TrainConfig(epochs=1, batch_size=16, holdout=6, knn_bank=30),
-                              out_dir=out, log=lambda _: None))
+                              out_dir=out))
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def shards(tmp_path_factory, image_folder) -> str:
 def scored(tmp_path_factory, shards, detector):
     out = tmp_path_factory.mktemp("scores")
     result = score_shards(shards, detector=detector, out_dir=str(out), score=CONFIG, knn_k=3, batch_size=7,
-                          workers=0, progress=False, log=lambda _: None)
+                          workers=0, progress=False)
     return out, result
 
 
@@ -86,7 +86,7 @@ def test_end_to_end_matches_the_scorer(scored, detector, image_folder):
 def test_batches_across_shards_and_workers_give_the_same_scores(tmp_path, scored, shards, detector, encoder):
     out, _ = scored
     score_shards(shards, detector=detector, out_dir=str(tmp_path), score=CONFIG, knn_k=3, batch_size=64,
-                 workers=2, with_embedding=True, progress=False, log=lambda _: None)
+                 workers=2, with_embedding=True, progress=False)
     wide = table(tmp_path)
     assert wide.select(table(out).column_names).equals(table(out))
     assert {len(e) for e in wide.column("embedding").to_pylist()} == {encoder.dim}
@@ -97,7 +97,7 @@ def test_rerun_does_no_work_and_a_lost_shard_is_rescored_identically(tmp_path, s
     shutil.copytree(scored[0], copy)
     stamps = {p: p.stat().st_mtime_ns for p in copy.rglob("*")}
     run = lambda: score_shards(shards, detector=detector, out_dir=str(copy), score=CONFIG, knn_k=3,  # noqa: E731
-                               batch_size=7, workers=0, progress=False, log=lambda _: None)
+                               batch_size=7, workers=0, progress=False)
     again = run()
     assert again.skipped == ["000000.tar", "000001.tar", "000002.tar"] and again.scored == [] and again.samples == 0
     assert {p: p.stat().st_mtime_ns for p in copy.rglob("*")} == stamps
@@ -130,7 +130,7 @@ def test_bad_image_and_truncated_shard_are_recorded(tmp_path, image_folder, dete
     tar = tmp_path / "shards" / "000001.tar"
     tar.write_bytes(tar.read_bytes()[:3000])
     run = lambda: score_shards(str(tmp_path / "shards"), detector=detector, out_dir=str(tmp_path / "out"),  # noqa
-                               workers=0, batch_size=8, progress=False, log=lambda _: None)
+                               workers=0, batch_size=8, progress=False)
     result = run()
     assert result.scored == ["000000.tar", "000002.tar"] and list(result.failed) == ["000001.tar"]
     assert "bytes but the manifest says" in result.failed["000001.tar"]
@@ -145,10 +145,10 @@ def test_bad_image_and_truncated_shard_are_recorded(tmp_path, image_folder, dete
 def test_subsets_for_parallel_workers(tmp_path, shards, detector, scored):
     out = tmp_path / "scores"
     first = score_shards(shards, detector=detector, out_dir=str(out), score=CONFIG, knn_k=3, shards=[],
-                         workers=0, progress=False, log=lambda _: None)
+                         workers=0, progress=False)
     assert first.scored == [] and (out / "run.json").exists() and (out / "calibration.parquet").exists()
     part = score_shards(shards, detector=detector, out_dir=str(out), score=CONFIG, knn_k=3, shards=["000002"],
-                        workers=0, progress=False, log=lambda _: None)
+                        workers=0, progress=False)
     assert part.scored == ["000002.tar"] and [p.name for p in out.glob("[0-9]*.parquet")] == ["000002.parquet"]
     assert table(out, "000002").equals(table(scored[0], "000002"))
     with pytest.raises(ValueError, match="not in the manifest"):

@@ -13,6 +13,7 @@ from PIL import Image
 from dede_core.stages.shard import list_shards, sniff_extension, write_shards
 from dede_core.io.sources import open_source
 from schemas.manifest import read_manifest
+from conftest import on_dede_log
 
 
 def encoded(value: int, fmt: str) -> bytes:
@@ -55,7 +56,8 @@ def test_rerun_is_a_noop_and_other_settings_are_refused(sharded, image_folder):
     out, manifest = sharded
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     lines = []
-    assert write_shards(str(image_folder), str(out), samples_per_shard=20, log=lines.append) == manifest
+    with on_dede_log(lines.append):
+        assert write_shards(str(image_folder), str(out), samples_per_shard=20) == manifest
     assert "already sharded" in lines[0]
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
     with pytest.raises(ValueError, match="samples_per_shard: 20 -> 16"):
@@ -89,7 +91,7 @@ def test_parquet_source_hf_style(tmp_path):
     assert [s["__key__"] for s in samples] == ["train_00000000", "train_00000001", "train_00000003"]
     assert samples[0]["png"] == images[0] and samples[1]["jpg"] == images[1] and samples[2]["png"] == images[3]
     assert [int(s["cls"]) for s in samples] == [1, 0, 1]
-    assert json.loads(samples[1]["json"]) == {"row": 1, "path": "x1.img", "class": "cat"}
+    assert json.loads(samples[1]["json"]) == {"row": 1, "path": "x1.img", "class": "cat", "source": "train.parquet#row=1"}
 
 
 def test_parquet_key_column_and_duplicates(tmp_path):
