@@ -101,13 +101,10 @@ def write_scores(shards: str, scores: str, seed: int = 0) -> None:
     for entry in read_manifest(shards).shards:
         keys = read_spans(shards, entry).keys
         n = len(keys)
-        table = pa.table({"key": keys, "shard": [entry.name] * n, "position": np.arange(n, dtype=np.int32),
-                          "label": pa.nulls(n, pa.int32()), "width": pa.nulls(n, pa.int32()),
-                          "height": pa.nulls(n, pa.int32()), "status": ["ok"] * n, "error": pa.nulls(n, pa.string()),
-                          "score": rng.uniform(0, 1, n), "recon_error": rng.uniform(0, 1, n),
-                          "draws": np.ones(n, dtype=np.int16), "knn_score": pa.nulls(n, pa.float64()),
-                          "density_score": pa.nulls(n, pa.float64()), "detector_hash": ["bench"] * n,
-                          "encoder_id": ["bench"] * n})
+        given = {"key": keys, "shard": [entry.name] * n, "position": np.arange(n, dtype=np.int32),
+                 "status": ["ok"] * n, "score": rng.uniform(0, 1, n), "recon_error": rng.uniform(0, 1, n),
+                 "draws": np.ones(n, dtype=np.int16), "detector_hash": ["bench"] * n, "encoder_id": ["bench"] * n}
+        table = pa.table({f.name: given.get(f.name, pa.nulls(n, f.type)) for f in schema})  # others: null
         pq.write_table(table.cast(schema), os.path.join(scores, entry.name[:-4] + ".parquet"))
 
 
