@@ -40,7 +40,7 @@ def test_a_failed_clean_job_fails_the_finish_and_is_all_a_rerun_plans(tmp_path):
     shards, scores, _ = corpus(tmp_path)
     run = CleanRun(shards, scores, str(tmp_path / "out"), CleanSettings(Rule.threshold(T)))
     plan = CLEAN.plan(run)
-    first, second = plan.jobs()
+    _, second = plan.jobs()
     with pytest.raises(OSError, match="disk full"):
         CLEAN.finish(plan, run_jobs(CLEAN, [second]), {"000000.tar": OSError("disk full")})
     assert not (tmp_path / "out" / "manifest.json").exists()  # the folder is not complete
