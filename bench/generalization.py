@@ -33,7 +33,8 @@ from dede_core.detector.encoders import load_encoder
 from dede_core.detector.health import RELIANCE_FLOOR
 from dede_core.detector.knn import density_score
 from dede_core.detector.scorer import ScoreConfig
-from dede_core.detector.train import TrainConfig, detector_config
+from dede_core.detector.aux import detector_config
+from dede_core.detector.train import TrainConfig
 
 RESULT_VERSION = 3  # raise when what a case computes changes beyond the configs in its result id
 

@@ -7,7 +7,6 @@ Fashion-MNIST, then backdoored by a BadEncoder-style fine-tune.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
@@ -127,10 +126,6 @@ def evaluate_victim(spec: str, *, trigger: str, target: int, trigger_args: dict 
 def victim_spec(weights: Path, width: int) -> str:
     """The encoder spec under which the pipeline loads a recipe's encoder."""
     return f"cifar-resnet18?weights={weights}&width={width}"
-
-
-def recipe_dict(recipe: VictimRecipe) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(recipe)))
 
 
 def write_poisoned_corpus(out_dir: str | Path, images: Tensor, labels: Tensor, *, rate: float, trigger: str,

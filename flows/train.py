@@ -10,7 +10,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from dede_core.detector.encoders import load_encoder
-from dede_core.detector.train import TrainConfig, data_id, detector_config, train_detector
+from dede_core.detector.aux import data_id, detector_config
+from dede_core.detector.train import TrainConfig, train_detector
 from dede_core.io.sources import open_source
 
 

@@ -19,7 +19,7 @@ from dede_core.detector.model import DeDe
 
 # Below this embedding-reliance ratio a detector is reported as unable to find backdoors, and clean refuses it
 # unless told otherwise. The no-embedding ablation sits at 1.00 by construction; a detector that failed on a held-out
-# attack measured 1.13 (issue #11), and the detectors of docs/results/generalization.md and the demo's measured
+# attack (an encoder and trigger nobody tuned for) measured 1.13, and the detectors of docs/results/generalization.md and the demo's measured
 # 2.87-5.84 (the tables carry each value).
 RELIANCE_FLOOR = 1.3
 CHUNK = 64  # rows per forward pass

@@ -26,8 +26,3 @@ def mask_noise(keys: list[str], num_patches: int, *, seed: int, draw: int = 0) -
         generator.manual_seed(sample_seed(key, seed, draw))
         rows.append(torch.rand(num_patches, generator=generator))
     return torch.stack(rows) if rows else torch.empty(0, num_patches)
-
-
-def training_noise(batch: int, num_patches: int, generator: torch.Generator) -> Tensor:
-    """Noise (N, L) for a training step, drawn from the run's own seeded generator."""
-    return torch.rand(batch, num_patches, generator=generator)

@@ -112,7 +112,7 @@ class ScoreWriter:
                          "encoder_id": f"{ckpt.encoder_spec}#{ckpt.encoder_fingerprint[:16]}"}
         self.calibration_embeddings = ckpt.calibration_embeddings
         if ckpt.calibration_images is not None and self.calibration_embeddings is None:
-            # an older checkpoint: its held-out images are embedded as they are
+            # a checkpoint without stored embeddings: its held-out images are embedded here
             self.calibration_embeddings = scorer.embed(ckpt.calibration_images)
         # The held-out images' k-distances: the reference of the two-sided density score.
         self.reference_knn = None

@@ -32,7 +32,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from dede_core.detector.encoders import load_encoder
-    from dede_core.detector.train import TrainConfig, data_id, detector_config, train_detector
+    from dede_core.detector.aux import data_id, detector_config
+    from dede_core.detector.train import TrainConfig, train_detector
     from dede_core.io.sources import open_source
 
     torch.set_num_threads(args.threads or torch.get_num_threads())

@@ -19,7 +19,8 @@ from dede_core.detector.model import DeDe
 from dede_core.detector.scorer import ScoreConfig, Scorer
 from dede_core.stages.select import Rule, check_health
 from dede_core.io.sources import open_source
-from dede_core.detector.train import TrainConfig, best_epoch, detector_config, stop_reason, train_detector
+from dede_core.detector.aux import detector_config
+from dede_core.detector.train import TrainConfig, best_epoch, stop_reason, train_detector
 
 TINY = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
 

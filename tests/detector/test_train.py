@@ -104,7 +104,7 @@ def test_ctrl_c_then_rerun_resumes(tmp_path, image_folder, encoder_spec):
 
 
 def test_held_out_calibration_set_is_stored_and_order_free(tmp_path, image_folder, encoder):
-    from dede_core.detector.train import split_holdout
+    from dede_core.detector.aux import split_holdout
 
     ckpt = load_checkpoint(_train(image_folder, encoder, tmp_path / "run", epochs=1, holdout=10, knn_bank=20))
     assert ckpt.meta["held_out"] == 10 and ckpt.meta["images"] == 38
