@@ -87,6 +87,8 @@ def connect(
                                (views.MANIFEST_VIEW, manifest)):
             if file is not None:
                 conn.execute(template.format(file=views.literal(file)))
+        for view in ("scores", "rejected") if rejected else ("scores",):
+            _add_source(conn, view)
         allowed = files + [f for f in (calibration, rejected, manifest) if f is not None]
         for statement in views.lockdown(allowed):
             conn.execute(statement)
@@ -94,6 +96,14 @@ def connect(
         conn.close()
         raise ValueError(f"cannot open the scores in {os.fspath(scores_dir)}: {e}") from None
     return conn
+
+
+def _add_source(conn: duckdb.DuckDBPyConnection, view: str) -> None:
+    """Give a view over files written before the `source` column that column, as NULL."""
+    columns = [row[0] for row in conn.execute(f"DESCRIBE {view}").fetchall()]
+    if "source" not in columns:
+        for statement in views.ADD_SOURCE:
+            conn.execute(statement.format(view=view))
 
 
 def has_view(conn: duckdb.DuckDBPyConnection, name: str) -> bool:

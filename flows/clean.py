@@ -20,18 +20,21 @@ from schemas.manifest import read_manifest
 
 
 @task(name="write-report", cache_policy=NONE)
-def report_task(scores: str, shards: str, out_html: str, settings: CleanSettings) -> str:
+def report_task(scores: str, shards: str, out_html: str, settings: CleanSettings,
+                thumbnails: int) -> str:
     # The Selection is rebuilt from the scores (one query) rather than passed between tasks as an Arrow table.
     selection = select(scores, settings.rule, keep_unscored=settings.keep_unscored,
                        retired=read_manifest(shards).retired)
-    return write_report(scores, shards, out_html, selection=selection)
+    return write_report(scores, shards, out_html, selection=selection, n_thumbs=thumbnails)
 
 
 @flow(name="dede-clean")
 def clean_flow(shards: str, scores: str, out: str, settings: CleanSettings = CleanSettings(),
-               engine: Engine = Engine(), report: bool = True, report_path: str | None = None) -> dict:
+               engine: Engine = Engine(), report: bool = True, report_path: str | None = None,
+               thumbnails: int = 24) -> dict:
     """OUT/<shard>.tar minus what settings.rule (default fpr 0.05) drops, OUT/rejected.parquet, summary.json,
-    manifest.json; then the HTML report at report_path (default OUT/report.html) unless report=False. A rerun
+    manifest.json (settings.copy=False: the verdicts only, rejected.parquet and summary.json); then the HTML
+    report at report_path (default OUT/report.html, with `thumbnails` sample images) unless report=False. A rerun
     that cleans nothing new keeps an existing report. engine: local, dask or dask://HOST:PORT
     (flows/runners.py). Folders may be fsspec URLs. Returns counts, paths and workers (shard -> "host:pid" that
     cleaned it)."""
@@ -48,5 +51,5 @@ def clean_flow(shards: str, scores: str, out: str, settings: CleanSettings = Cle
         path = report_path or storage.join(storage.absolute(out), "report.html")
         summary["report"] = path
         if result.written or not storage.isfile(path):
-            report_task(scores, shards, path, settings)
+            report_task(scores, shards, path, settings, thumbnails)
     return summary

@@ -81,6 +81,7 @@ class SanitizeConfig:
     score: ScoreSettings = field(default_factory=ScoreSettings)
     clean: CleanSettings = field(default_factory=CleanSettings)
     engine: Engine = field(default_factory=Engine)  # where score and clean run their jobs
+    thumbnails: int = 24  # sample images in RUN/report.html
 
 
 def record_config(src: str, encoder: str, out: str, config: SanitizeConfig) -> dict[str, Any]:
@@ -97,7 +98,9 @@ def record_config(src: str, encoder: str, out: str, config: SanitizeConfig) -> d
             "with_embedding": score.with_embedding, "batch_size": score.batch_size, "device": score.device,
             "workers": score.workers, "group_size": score.group_size, "max_parallel": engine.max_parallel,
             "runner": engine.runner, "dask_workers": engine.dask_workers,
-            "follow_external_links": config.shard.follow_external_links}
+            "follow_external_links": config.shard.follow_external_links, "image_column": config.shard.image_column,
+            "key_column": config.shard.key_column, "label_column": config.shard.label_column,
+            "copy_samples": config.clean.copy, "thumbnails": config.thumbnails}
 
 
 @flow(name="dede-sanitize")
@@ -130,7 +133,7 @@ def sanitize_flow(src: str, encoder: str, out: str, config: SanitizeConfig = San
     work["score"] = {"scored": len(scored["scored"]), "already_done": len(scored["skipped"])}
     with timer.stage("clean"):
         cleaned = clean_flow(paths["shards"], paths["scores"], paths["clean"], config.clean, config.engine,
-                             report_path=paths["report"])
+                             report_path=paths["report"], thumbnails=config.thumbnails)
     work["clean"] = {"written": len(cleaned["written"]), "already_done": len(cleaned["skipped"])}
 
     record = record_task(record_settings, paths, timer.seconds, work)

@@ -1,6 +1,6 @@
 """Every file and folder name the pipeline writes, in one place: the stages, the flows and any reader agree.
 
-RUN (dede sanitize)          shards/ detector/ scores/ clean/ report.html sanitize.json
+RUN (dede sanitize)          shards/ detector/ scores/ clean/ report.html report_images/ sanitize.json
 shards/ (dede shard)         NNNNNN.tar, source-NNNNNN.parquet, manifest.json (written last: the folder is done)
 detector/ (dede train)       detector.pt (every epoch), aux_cache.pt
 scores/ (dede score)         run.json (claims the folder), NNNNNN.parquet, calibration.parquet, skipped.parquet,
@@ -13,6 +13,7 @@ clean/ (dede clean)          clean_config.json (claims the folder), NNNNNN.tar, 
 # Stage folders inside a sanitize RUN folder.
 SHARDS_DIR, DETECTOR_DIR, SCORES_DIR, CLEAN_DIR = "shards", "detector", "scores", "clean"
 REPORT = "report.html"
+IMAGES_SUFFIX = "_images"  # beside an HTML page (report.html, dede sql --html): <stem>_images/, its full-size images
 RUN_RECORD = "sanitize.json"  # config, versions, detector hash, counts and timings of one sanitize run
 
 # Shards folder (and the cleaned one, which is a shards folder too).

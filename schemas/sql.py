@@ -10,6 +10,9 @@ from collections.abc import Sequence
 
 # Every scores file of a folder (one per shard); union_by_name because the embedding column is optional.
 SCORES_VIEW = "CREATE VIEW scores AS SELECT * FROM read_parquet({files}, union_by_name = true)"
+# Files written before the `source` column (schemas/tables.py) get it as NULL, so every query may name it.
+ADD_SOURCE = ("ALTER VIEW {view} RENAME TO {view}_without_source",
+              "CREATE VIEW {view} AS SELECT *, CAST(NULL AS VARCHAR) AS source FROM {view}_without_source")
 # Scores of held-out auxiliary images the detector never trained on: the label-free reference for --fpr.
 CALIBRATION_VIEW = "CREATE VIEW calibration AS SELECT * FROM read_parquet({file})"
 # What a clean run dropped, with the reason (REJECTED schema).

@@ -12,10 +12,15 @@ STATUS_DECODE_ERROR = "decode_error"  # bytes present, not a usable image (error
 STATUS_READ_ERROR = "read_error"  # the sample could not be read from its shard
 STATUS_SKIPPED = "skipped"  # a source entry `dede shard` left out (SCORES/skipped.parquet; shard is "")
 
+# Where a sample came from, relative to the corpus (the shards manifest's `source`): "cat/001.png",
+# "train-00000.parquet#row=12" or "src.tar#cat_001.png"; null when unknown (files written before the column).
+SOURCE_FIELD = pa.field("source", pa.string())
+
 SCORES = pa.schema([
     pa.field("key", pa.string(), nullable=False),  # the WebDataset __key__, stable from ingest to clean
     pa.field("shard", pa.string(), nullable=False),  # shard file name, e.g. 000003.tar
     pa.field("position", pa.int32(), nullable=False),  # index of the sample inside its shard
+    SOURCE_FIELD,
     pa.field("label", pa.int32()),  # class index from .cls, when present
     pa.field("width", pa.int32()),  # original image width, when decodable
     pa.field("height", pa.int32()),  # original image height, when decodable
@@ -44,9 +49,18 @@ CALIBRATION = pa.schema([
 REJECTED = pa.schema([
     pa.field("key", pa.string(), nullable=False),
     pa.field("shard", pa.string(), nullable=False),
+    SOURCE_FIELD,  # as in the scores table; null for tar members that are no sample
     pa.field("score", pa.float64()),
     pa.field("reason", pa.string(), nullable=False),  # e.g. "score > 812.4 (fpr 0.05)", "decode_error: ..."
 ])
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A table of an older file as `schema`: columns it lacks (e.g. `source`) become nulls, then cast."""
+    for i, field in enumerate(schema):
+        if field.name not in table.column_names:
+            table = table.add_column(i, field.name, pa.nulls(table.num_rows, field.type))
+    return table.select(schema.names).cast(schema)
 
 
 def scores_schema(with_embedding: bool) -> pa.Schema:

@@ -23,7 +23,7 @@ from dede_core.io.sources import TarShardSource
 
 SCHEMA = pa.schema([
     pa.field("key", pa.string()),  # the sample key (WebDataset __key__)
-    pa.field("item", pa.string()),  # its name in the source: relative path, "row N", "shard.tar@offset"
+    pa.field("item", pa.string()),  # its source reference: relative path, "FILE#row=N", "TAR#MEMBER"
     pa.field("shard", pa.string()),  # the shard that holds its current version
     pa.field("size", pa.int64()),  # size of the file it was read from (null when unknown)
     pa.field("mtime_ns", pa.int64()),  # modification time of that file (null when unknown: bytes are hashed)

@@ -189,6 +189,7 @@ class _TarEntry:
     size: int
     label: int | None
     meta: dict
+    member: str  # the image member's name in the tar
 
 
 def split_member(name: str) -> tuple[str, str] | None:
@@ -274,7 +275,7 @@ class TarShardSource:
         image = group[image_ext]
         self._first_seen[key] = shard
         self._keys.append(key)
-        self._entries.append(_TarEntry(shard, image.offset_data, image.size, label, meta))
+        self._entries.append(_TarEntry(shard, image.offset_data, image.size, label, meta, image.name))
 
     @staticmethod
     def _read_label_meta(tar: tarfile.TarFile, group: dict) -> tuple[int | None, dict, str | None]:
@@ -310,9 +311,13 @@ class TarShardSource:
         return list(self._keys)
 
     def item(self, i: int) -> tuple[str, str]:
-        """(shard:offset of the image member, the shard file whose size and mtime fingerprint it)."""
+        """(TAR#MEMBER: the tar and its image member, the shard file whose size and mtime fingerprint it)."""
         e = self._entries[_index(i, len(self._entries))]
-        return _SURROGATE.sub(_escape_surrogate, f"{os.path.basename(e.shard)}@{e.offset}"), e.shard
+        return _SURROGATE.sub(_escape_surrogate, f"{os.path.basename(e.shard)}#{e.member}"), e.shard
+
+    def meta(self, i: int) -> dict:
+        """The sample's .json (read when the shard was indexed), without reading its image."""
+        return dict(self._entries[_index(i, len(self._entries))].meta)
 
 
 def _open_dir(path: str, follow_external_links: bool = False) -> Source:

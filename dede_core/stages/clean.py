@@ -33,7 +33,7 @@ from dede_core.stages import folder
 from dede_core.stages.protocol import Placement, run_in_order
 from schemas import names
 from schemas.manifest import Manifest, ShardEntry, differences, read_manifest, write_manifest
-from schemas.tables import REJECTED, with_metadata
+from schemas.tables import REJECTED, conform, with_metadata
 
 FORMAT = "dede-clean/1"
 CHUNK = 1 << 20
@@ -239,19 +239,23 @@ def _write_parquet(table: pa.Table, path: str) -> None:
         pq.write_table(table, f)
 
 
-def _rejected_table(rows: list[tuple[str, str, float | None, str]]) -> pa.Table:
-    columns = list(zip(*rows)) if rows else [[], [], [], []]
+def _rejected_table(rows: list[tuple[str, str, str | None, float | None, str]]) -> pa.Table:
+    columns = list(zip(*rows)) if rows else [[] for _ in REJECTED]
     return pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(columns, REJECTED)], schema=REJECTED)
 
 
-def _scored_keys(scores_dir: str, name: str) -> set[str]:
+def _scored_keys(scores_dir: str, name: str) -> dict[str, str | None]:
+    """key -> source reference of every row of a shard's scores file (None where the file has no source)."""
     path = storage.join(scores_dir, folder.stem(name) + ".parquet")
     with storage.open_read(path) as f:
-        table = pq.read_table(f, columns=["key", "shard"])
+        file = pq.ParquetFile(f)
+        table = file.read(columns=[c for c in ("key", "shard", "source") if c in file.schema_arrow.names])
     others = set(table.column("shard").to_pylist()) - {name}
     if others:
         raise ValueError(f"{path} holds rows of shard(s) {sorted(others)[:3]}, not only {name}; rescore")
-    return set(table.column("key").to_pylist())
+    keys = table.column("key").to_pylist()
+    sources = table.column("source").to_pylist() if "source" in table.column_names else [None] * len(keys)
+    return dict(zip(keys, sources))
 
 
 @dataclass(frozen=True)
@@ -266,10 +270,11 @@ class ShardJob:
     keep_unscored: bool
     unscored: int  # unscored rows of this shard in the scores table
     identity_sha: str  # the marker's claim that it belongs to this clean run
+    copy: bool = True  # False: verdicts only, no OUT/<name> (dede clean --no-copy)
     seen: dict[str, str] = field(default_factory=dict)  # its keys an earlier shard holds -> that shard
 
 
-def _clean_shard(job: ShardJob, src: str, scratch: str | None, *, scored: set[str],
+def _clean_shard(job: ShardJob, src: str, scratch: str | None, *, scored: dict[str, str | None],
                  seen: dict[str, str]) -> dict[str, Any]:
     """Write OUT/<name> holding the kept samples; return the marker (counts, bytes, sha256, rejected rows).
     src is a local copy of the shard; the new shard is written in scratch when OUT is a URL, else in OUT."""
@@ -278,36 +283,47 @@ def _clean_shard(job: ShardJob, src: str, scratch: str | None, *, scored: set[st
     index = index_tar(src)
     kept, rows = [], []
     for s in index.samples:
+        source = scored.get(s.key)
         if job.dropped.get(s.key, (None, ""))[1] in RETIRED_REASONS:  # an old version: never in `seen`
-            rows.append((s.key, name, *job.dropped[s.key]))
+            rows.append((s.key, name, source, *job.dropped[s.key]))
             continue
         if s.key in seen:
-            rows.append((s.key, name, None, f"duplicate key (first seen in {seen[s.key]})"))
+            rows.append((s.key, name, source, None, f"duplicate key (first seen in {seen[s.key]})"))
             continue
         seen[s.key] = name
         if s.key in job.dropped:
-            rows.append((s.key, name, *job.dropped[s.key]))
+            rows.append((s.key, name, source, *job.dropped[s.key]))
         elif s.key in scored or job.keep_unscored:
             kept.append(s)
             unscored += s.key not in scored
         else:
-            rows.append((s.key, name, None, "not scored"))
+            rows.append((s.key, name, None, None, "not scored"))
             unscored += 1
-    rows += [(key, name, None, reason) for key, reason in index.others]
-    stray = scored - {s.key for s in index.samples}
+    rows += [(key, name, None, None, reason) for key, reason in index.others]
+    stray = set(scored) - {s.key for s in index.samples}
     if stray:
         raise ValueError(f"the scores of {name} hold {len(stray)} key(s) that {src} does not (e.g. "
                          f"{sorted(stray)[:3]}): the scores belong to another corpus; rescore these shards")
 
+    counts = Counts(total=len(kept) + len(rows), kept=len(kept), dropped=len(rows), unscored=unscored)
+    marker = {"shard": name, "bytes": 0, "sha256": None, "samples": len(kept), "counts": counts.to_dict(),
+              "first_key": kept[0].key if kept else "", "last_key": kept[-1].key if kept else ""}
+    if job.copy:
+        marker["bytes"], marker["sha256"] = _write_kept(job, src, scratch, index, kept)
+    _write_parquet(_rejected_table(rows), folder.Markers(out_dir).path(name, ".rejected.parquet"))
+    return marker
+
+
+def _write_kept(job: ShardJob, src: str, scratch: str | None, index: TarIndex, kept: list[TarSample]
+                ) -> tuple[int, str]:
+    """OUT/<name>: the kept samples' tar members copied byte for byte; returns (bytes, sha256) of it."""
+    entry, out_dir, name = job.entry, job.out_dir, job.entry.name
     spans = _merge(index.gaps + [span for s in kept for span in s.spans])
     with storage.AtomicFile(storage.join(out_dir, name), scratch=scratch) as f:
         src_sha, size, sha = _copy_spans(src, entry.bytes, spans, f)
         if src_sha != entry.sha256:
             raise ValueError(f"{src} does not match the sha256 in its manifest; the shard changed: reshard")
-    _write_parquet(_rejected_table(rows), folder.Markers(out_dir).path(name, ".rejected.parquet"))
-    counts = Counts(total=len(kept) + len(rows), kept=len(kept), dropped=len(rows), unscored=unscored)
-    return {"shard": name, "bytes": size, "sha256": sha, "samples": len(kept), "counts": counts.to_dict(),
-            "first_key": kept[0].key if kept else "", "last_key": kept[-1].key if kept else ""}
+    return size, sha
 
 
 def clean_shard(job: ShardJob) -> dict[str, Any]:
@@ -334,15 +350,15 @@ def clean_shard(job: ShardJob) -> dict[str, Any]:
     return marker
 
 
-def _marker(out_dir: str, name: str, identity_sha: str) -> dict[str, Any] | None:
+def _marker(out_dir: str, name: str, identity_sha: str, copy: bool) -> dict[str, Any] | None:
     """The marker of a finished shard of this run, or None when the shard must be (re)written."""
     marker = folder.Markers(out_dir).done(name)
     if marker is None:
         return None
     out = storage.join(out_dir, name)
     part = folder.Markers(out_dir).path(name, ".rejected.parquet")
-    ok = (marker.get("identity") == identity_sha and storage.isfile(part) and storage.isfile(out)
-          and storage.getsize(out) == marker.get("bytes"))
+    ok = (marker.get("identity") == identity_sha and storage.isfile(part)
+          and (not copy or (storage.isfile(out) and storage.getsize(out) == marker.get("bytes"))))
     return marker if ok else None
 
 
@@ -358,6 +374,7 @@ class CleanPlan:
     config: dict[str, Any]  # identity and paths, as in clean_config.json
     shard_ids: dict[str, str]  # shard -> what its cleaned output depends on (_shard_ids)
     markers: dict[str, dict[str, Any] | None]  # shard -> marker of an earlier finished shard, None if pending
+    copy: bool = True  # False: the verdicts only (rejected.parquet, summary.json), no cleaned shards
     earlier: dict[str, dict[str, str]] = field(default_factory=dict)  # pending shard -> its job's seen
 
     @property
@@ -375,7 +392,7 @@ class CleanPlan:
                         dropped={key: (score, reason) for key, score, reason in rows},
                         keep_unscored=self.selection.keep_unscored,
                         unscored=self.selection.by_shard.get(name, Counts()).unscored,
-                        identity_sha=self.shard_ids[name], seen=self.earlier.get(name, {}))
+                        identity_sha=self.shard_ids[name], copy=self.copy, seen=self.earlier.get(name, {}))
 
     def live_keys(self, name: str, keys: list[str]) -> list[str]:
         """A shard's keys less those retired from the source (they never count as duplicates)."""
@@ -384,9 +401,9 @@ class CleanPlan:
 
 
 def plan_clean(shards_dir: str | os.PathLike, scores_dir: str | os.PathLike, out_dir: str | os.PathLike,
-               rule: Rule = DEFAULT_RULE, *, keep_unscored: bool = False) -> CleanPlan:
+               rule: Rule = DEFAULT_RULE, *, keep_unscored: bool = False, copy: bool = True) -> CleanPlan:
     """Select, check the scores cover the shards, claim OUT (refusing other settings) and find the shards
-    still to clean. Folders may be local paths or fsspec URLs."""
+    still to clean. Folders may be local paths or fsspec URLs. copy=False: write the verdicts only."""
     shards_dir, scores_dir, out_dir = (storage.absolute(p) for p in (shards_dir, scores_dir, out_dir))
     if storage.isdir(out_dir):
         folder.Markers(out_dir).sweep()  # left by a killed run; this run's tasks start later
@@ -397,24 +414,26 @@ def plan_clean(shards_dir: str | os.PathLike, scores_dir: str | os.PathLike, out
     manifest = read_manifest(shards_dir)
     sel = select(scores_dir, rule, keep_unscored=keep_unscored, retired=manifest.retired)
     _check_coverage(manifest, sel, shards_dir, scores_dir)
-    identity = _identity(sel, scores_dir)
+    identity = _identity(sel, scores_dir) | ({} if copy else {"copy": False})
     config = {"identity": identity, "paths": {"shards_dir": shards_dir, "scores_dir": scores_dir}}
     _claim(out_dir, identity, config["paths"], [[e.name, e.sha256] for e in manifest.shards])
     shard_ids = _shard_ids(identity, manifest, scores_dir)
-    markers = {e.name: _marker(out_dir, e.name, shard_ids[e.name]) for e in manifest.shards}
+    markers = {e.name: _marker(out_dir, e.name, shard_ids[e.name], copy) for e in manifest.shards}
     return CleanPlan(shards_dir=shards_dir, scores_dir=scores_dir, out_dir=out_dir, selection=sel,
-                     manifest=manifest, config=config, shard_ids=shard_ids, markers=markers)
+                     manifest=manifest, config=config, shard_ids=shard_ids, markers=markers, copy=copy)
 
 
-def _finals(out_dir: str) -> list[str]:
-    return [storage.join(out_dir, n) for n in (names.REJECTED, names.SUMMARY, names.MANIFEST)]
+def _finals(out_dir: str, copy: bool = True) -> list[str]:
+    """The files a finished clean folder holds, manifest.json (of the cleaned shards) last."""
+    kinds = (names.REJECTED, names.SUMMARY, names.MANIFEST) if copy else (names.REJECTED, names.SUMMARY)
+    return [storage.join(out_dir, n) for n in kinds]
 
 
 def start_clean(plan: CleanPlan) -> CleanPlan:
     """The plan ready to run. When shards or final files are left to write, OUT/manifest.json is removed first
     (the folder is incomplete until every shard is done again) and each pending shard is given the keys an
     earlier shard holds: the duplicate-key check across shards, fixed before any shard is cleaned."""
-    if not plan.pending and all(storage.isfile(p) for p in _finals(plan.out_dir)):
+    if not plan.pending and all(storage.isfile(p) for p in _finals(plan.out_dir, plan.copy)):
         return plan
     if storage.isfile(_finals(plan.out_dir)[2]):
         storage.unlink(_finals(plan.out_dir)[2])
@@ -459,9 +478,9 @@ def finish_clean(plan: CleanPlan, markers: dict[str, dict[str, Any]]) -> CleanRe
     shard -> marker of every shard cleaned since the plan was made."""
     written = [e.name for e in plan.manifest.shards if plan.markers[e.name] is None]
     done = {e.name: plan.markers[e.name] or markers[e.name] for e in plan.manifest.shards}
-    if written or not all(storage.isfile(p) for p in _finals(plan.out_dir)):
+    if written or not all(storage.isfile(p) for p in _finals(plan.out_dir, plan.copy)):
         _finish(plan.out_dir, plan.selection, plan.manifest, [done[e.name] for e in plan.manifest.shards],
-                plan.config)
+                plan.config, plan.copy)
     by_shard = {name: Counts(**m["counts"]) for name, m in done.items()}
     return CleanResult(out_dir=plan.out_dir, selection=plan.selection, counts=sum(by_shard.values(), Counts()),
                        by_shard=by_shard, written=written,
@@ -469,11 +488,11 @@ def finish_clean(plan: CleanPlan, markers: dict[str, dict[str, Any]]) -> CleanRe
 
 
 def _finish(out_dir: str, sel: Selection, manifest: Manifest, markers: list[dict[str, Any]],
-            config: dict[str, Any]) -> None:
+            config: dict[str, Any], copy: bool = True) -> None:
     parts = []
     for m in markers:
         with storage.open_read(folder.Markers(out_dir).path(m["shard"], ".rejected.parquet")) as f:
-            parts.append(pq.read_table(f))
+            parts.append(conform(pq.read_table(f), REJECTED))  # a part written before `source` existed
     meta = with_metadata(REJECTED, "rejected", json.dumps(config, sort_keys=True)).metadata
     meta.update({b"dede.rule": sel.rule.label.encode(), b"dede.threshold": json.dumps(sel.threshold).encode()})
     rejected = pa.concat_tables(parts).cast(REJECTED) if parts else _rejected_table([])
@@ -482,8 +501,10 @@ def _finish(out_dir: str, sel: Selection, manifest: Manifest, markers: list[dict
     total = sum((Counts(**c) for c in by_shard.values()), Counts())
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     summary = {"format": "dede-clean-summary/1", "created": now, **sel.to_dict(), "counts": total.to_dict(),
-               "shards": by_shard, **config["paths"]}
+               "shards": by_shard, "copied": copy, **config["paths"]}
     storage.write_json(storage.join(out_dir, names.SUMMARY), summary)
+    if not copy:
+        return
     entries = [ShardEntry(name=m["shard"], samples=m["samples"], bytes=m["bytes"], sha256=m["sha256"],
                           first_key=m["first_key"], last_key=m["last_key"]) for m in markers]
     write_manifest(out_dir, Manifest(
@@ -498,6 +519,7 @@ class CleanSettings:
 
     rule: Rule = DEFAULT_RULE  # what is dropped (dede_core.stages.select)
     keep_unscored: bool = False  # keep samples without a score instead of dropping them
+    copy: bool = True  # False: the verdicts only (rejected.parquet, summary.json), no cleaned shards
 
 
 @dataclass(frozen=True)
@@ -516,8 +538,9 @@ class CleanStage:
     name, unit = "clean", "shards"
 
     def plan(self, run: CleanRun) -> CleanPlan:
-        return start_clean(plan_clean(run.shards, run.scores, run.out, run.settings.rule,
-                                      keep_unscored=run.settings.keep_unscored))
+        s = run.settings
+        return start_clean(plan_clean(run.shards, run.scores, run.out, s.rule, keep_unscored=s.keep_unscored,
+                                      copy=s.copy))
 
     def job_name(self, job: ShardJob) -> str:
         return job.entry.name
@@ -541,10 +564,12 @@ CLEAN = CleanStage()
 
 
 def clean(shards_dir: str | os.PathLike, scores_dir: str | os.PathLike, out_dir: str | os.PathLike,
-          rule: Rule = DEFAULT_RULE, *, keep_unscored: bool = False, progress: bool = True) -> CleanResult:
+          rule: Rule = DEFAULT_RULE, *, keep_unscored: bool = False, progress: bool = True,
+          copy: bool = True) -> CleanResult:
     """Write OUT/<shard>.tar with the samples the rule keeps, OUT/rejected.parquet, summary.json, manifest.json:
     the clean stage's steps in this process, one shard after the other. Rerunning the same command resumes or
-    does nothing; other settings into the same OUT are refused."""
+    does nothing; other settings into the same OUT are refused. copy=False writes only the verdicts
+    (rejected.parquet, summary.json): no shard is copied and there is no manifest.json."""
     run = CleanRun(os.fspath(shards_dir), os.fspath(scores_dir), os.fspath(out_dir),
-                   CleanSettings(rule, keep_unscored))
+                   CleanSettings(rule, keep_unscored, copy))
     return run_in_order(CLEAN, run, progress=progress)

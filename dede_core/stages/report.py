@@ -1,8 +1,9 @@
-"""One self-contained HTML page about a selection: score histogram with the threshold, counts, how the threshold
-was chosen, and thumbnails of the most-flagged samples and of those just below the threshold.
+"""One HTML page about a selection: score histogram with the threshold, counts (overall and dropped per label),
+how the threshold was chosen, and thumbnails of the most-flagged samples and of those just below the threshold.
 
-Images and the plot are inlined as base64 PNG, so the file can be mailed or archived alone. Every key and text
-from the data goes through html.escape: keys and error messages come from the corpus, not from us.
+Thumbnails and the plot are inlined as base64 PNG, so the page reads alone; each thumbnail links to its
+full-size image, written beside the page in `<page>_images/`. Every key and text from the data goes through
+html.escape: keys and error messages come from the corpus, not from us.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import html
 import io
 import math
 import os
+import re
 import tarfile
+from urllib.parse import quote
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -24,15 +27,20 @@ from dede_core.detector.health import describe_health
 from dede_core.stages.select import Selection, format_number, hit_sql, scored_sql
 from dede_core.io.sources import TAR_IMAGE_EXTENSIONS, clean_key, split_member
 from dede_core.sql import connect, has_view
+from schemas import names
+from schemas.manifest import read_manifest
+from schemas.tables import STATUS_SKIPPED
 
 THUMB_MIN = 96  # small images (CIFAR's 32x32) are enlarged by a whole factor, nearest neighbour: no blur
 THUMB_MAX = 160
 
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
+PAGE_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
 th{background:#f3f3f3}.grid{display:flex;flex-wrap:wrap;gap:10px}
 figure{margin:0;width:170px;font-size:12px;word-break:break-all}
-figure img{image-rendering:pixelated;display:block;max-width:160px}.muted{color:#777}"""
+figure img{image-rendering:pixelated;display:block;max-width:160px}.muted{color:#777}
+td img{image-rendering:pixelated;display:block;max-width:160px}td.text{text-align:left;word-break:break-all}"""
+WEB_FORMATS = {"PNG": "png", "JPEG": "jpg", "GIF": "gif", "WEBP": "webp", "BMP": "bmp"}  # shown as they are
 
 
 def _png_base64(image: Image.Image) -> str:
@@ -107,16 +115,81 @@ def _thumbnail(data: bytes | None) -> str:
     return f'<img alt="" src="data:image/png;base64,{_png_base64(image)}">'
 
 
-def _gallery(rows: list[tuple[str, str, float | None]], images: dict[str, bytes], column: str) -> str:
+def full_size(data: bytes) -> tuple[bytes, str]:
+    """(bytes, extension) a browser shows: the original bytes when it can, else a PNG of them; raw as .bin
+    when they do not decode."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        kind = image.format
+        if kind in WEB_FORMATS:
+            return data, WEB_FORMATS[kind]
+        image.load()
+        buf = io.BytesIO()
+        image.convert("RGB").save(buf, format="PNG")
+        return buf.getvalue(), "png"
+    except Exception:  # noqa: BLE001 - the corpus may hold anything
+        return data, "bin"
+
+
+def write_images(images: list[tuple[str, bytes]], folder: str) -> list[str]:
+    """Write each (key, bytes) as FOLDER/NNNN-<key>.<ext>, numbered in the given order so that a file viewer
+    shows them in that order; returns the file names."""
+    storage.makedirs(folder)
+    files = []
+    for rank, (key, data) in enumerate(images):
+        body, ext = full_size(data)
+        files.append(f"{rank:04d}-{re.sub(r'[^A-Za-z0-9_-]+', '_', key)[:80]}.{ext}")
+        storage.write_bytes(storage.join(folder, files[-1]), body)
+    return files
+
+
+def image_links(keys: list[str], images: dict[str, bytes], out_html: str) -> dict[str, str]:
+    """key -> relative link to its full-size image, written to `<out_html stem>_images/` (the page's own folder:
+    images an earlier page linked to are removed)."""
+    found = [k for k in dict.fromkeys(keys) if k in images]
+    stem = os.path.splitext(storage.basename(out_html))[0] + names.IMAGES_SUFFIX
+    folder = storage.join(os.path.dirname(out_html) or ".", stem)
+    files = write_images([(k, images[k]) for k in found], folder) if found else []
+    if storage.isdir(folder):
+        for name in set(storage.listdir(folder)) - set(files):
+            if re.fullmatch(r"\d{4}-.+", name):
+                storage.unlink(storage.join(folder, name))
+    return {k: f"{quote(stem)}/{quote(n)}" for k, n in zip(found, files)}
+
+
+def linked_thumbnail(data: bytes | None, link: str | None) -> str:
+    """The thumbnail, wrapped in a link to the full-size image when there is one."""
+    thumb = _thumbnail(data)
+    return f'<a href="{html.escape(link)}">{thumb}</a>' if link else thumb
+
+
+def _gallery(rows: list[tuple[str, str, float | None]], images: dict[str, bytes], column: str,
+             links: dict[str, str]) -> str:
     if not rows:
         return '<p class="muted">none</p>'
     figures = []
     for key, shard, value in rows:
         shown = "NULL" if value is None else format_number(value)
-        figures.append(f"<figure>{_thumbnail(images.get(key))}<figcaption>{html.escape(key)}<br>"
-                       f"{html.escape(column)} {html.escape(shown)} <span class=muted>{html.escape(shard)}"
-                       f"</span></figcaption></figure>")
+        figures.append(f"<figure>{linked_thumbnail(images.get(key), links.get(key))}<figcaption>"
+                       f"{html.escape(key)}<br>{html.escape(column)} {html.escape(shown)} <span class=muted>"
+                       f"{html.escape(shard)}</span></figcaption></figure>")
     return '<div class="grid">' + "".join(figures) + "</div>"
+
+
+def _by_label(conn, selection: Selection, shards_dir: str) -> str:
+    """A table: per label, its class name (from the shards manifest), samples and how many were dropped."""
+    conn.register("dropped_rows", selection.dropped)
+    rows = conn.execute(
+        f"SELECT s.label, count(*), count(d.key) FROM scores s LEFT JOIN dropped_rows d USING (shard, key) "
+        f"WHERE s.status <> '{STATUS_SKIPPED}' GROUP BY s.label ORDER BY s.label NULLS LAST").fetchall()
+    try:
+        classes = read_manifest(shards_dir).classes or []
+    except (OSError, ValueError):
+        classes = []
+    named = [[("none" if label is None else label),
+              classes[label] if label is not None and 0 <= label < len(classes) else "",
+              n, d, f"{100 * d / n:.1f}%"] for label, n, d in rows]
+    return _table(["label", "class", "samples", "dropped", "dropped %"], named)
 
 
 def _table(header: list[str], rows: list[list[object]]) -> str:
@@ -127,7 +200,9 @@ def _table(header: list[str], rows: list[list[object]]) -> str:
 
 def write_report(scores_dir: str | os.PathLike, shards_dir: str | os.PathLike, out_html: str | os.PathLike, *,
                  selection: Selection, n_thumbs: int = 24) -> str:
-    """Write one self-contained HTML report of `selection` over SCORES and SHARDS; returns its path."""
+    """Write the HTML report of `selection` over SCORES and SHARDS, with n_thumbs thumbnails (half the most
+    flagged, half just below the threshold) linked to their full-size images in `<report>_images/`; returns its
+    path."""
     if isinstance(n_thumbs, bool) or not isinstance(n_thumbs, int) or n_thumbs < 0:
         raise ValueError(f"n_thumbs must be a non-negative int, got {n_thumbs!r}")
     scores_dir, shards_dir, out_html = (os.fspath(p) for p in (scores_dir, shards_dir, out_html))
@@ -145,12 +220,14 @@ def write_report(scores_dir: str | os.PathLike, shards_dir: str | os.PathLike, o
                f"ORDER BY {column} DESC NULLS LAST, key LIMIT ?")
         flagged = conn.execute(top.format(cond=hit), [n_thumbs // 2]).fetchall()
         below = conn.execute(top.format(cond=f"NOT {hit}"), [n_thumbs - n_thumbs // 2]).fetchall()
+        by_label = _by_label(conn, selection, shards_dir)
     finally:
         conn.close()
     wanted: dict[str, set[str]] = {}
     for key, shard, _ in flagged + below:
         wanted.setdefault(shard, set()).add(key)
     images = read_images(shards_dir, wanted)
+    links = image_links([key for key, _, _ in flagged + below], images, out_html)
 
     c = selection.counts
     reasons: dict[str, int] = {}
@@ -163,7 +240,7 @@ def write_report(scores_dir: str | os.PathLike, shards_dir: str | os.PathLike, o
     e = html.escape
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8"><title>dede selection report</title>',
-        f"<style>{_CSS}</style></head><body>", "<h1>dede selection report</h1>",
+        f"<style>{PAGE_CSS}</style></head><body>", "<h1>dede selection report</h1>",
         f"<p>scores <code>{e(storage.absolute(scores_dir))}</code>, shards <code>{e(storage.absolute(shards_dir))}"
         f"</code><br>detector <code>{e(str(selection.detector_hash))}</code>, encoder "
         f"<code>{e(str(selection.encoder_id))}</code></p>",
@@ -174,11 +251,12 @@ def write_report(scores_dir: str | os.PathLike, shards_dir: str | os.PathLike, o
         "<h2>Counts</h2>",
         _table(["total", "kept", "dropped", "unscored"], [[c.total, c.kept, c.dropped, c.unscored]]),
         '<p class="muted">over the rows of the scores table</p>',
+        "<h2>Dropped per label</h2>", by_label,
         "<h2>Score distribution</h2>",
         f'<img alt="histogram of {e(column)}" src="data:image/png;base64,'
         f'{_histogram(values, calibration, threshold, column)}">',
-        "<h2>Most flagged</h2>", _gallery(flagged, images, column),
-        f"<h2>{below_title}</h2>", _gallery(below, images, column),
+        "<h2>Most flagged</h2>", _gallery(flagged, images, column, links),
+        f"<h2>{below_title}</h2>", _gallery(below, images, column, links),
         "<h2>Reasons for dropping</h2>", _table(["reason", "samples"], [[r, n] for r, n in top_reasons]),
         "</body></html>",
     ]

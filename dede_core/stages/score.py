@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dede_core.io import storage
+from dede_core.io import source_index, storage
 from dede_core.detector.cache import forget_detector
 from dede_core.io.progress import Progress
 from dede_core.detector.health import describe_health
@@ -125,8 +125,9 @@ def _select(entries: list[ShardEntry], wanted: list[str] | None) -> list[ShardEn
 class _ShardRows:
     """One pending shard: its reader and its result columns, filled by position as batches come back."""
 
-    def __init__(self, entry: ShardEntry, source: TarShardSource) -> None:
+    def __init__(self, entry: ShardEntry, source: TarShardSource, refs: dict[str, str]) -> None:
         self.entry, self.source, self.keys = entry, source, source.keys()
+        self.sources = [_reference(source.meta(i), refs.get(key)) for i, key in enumerate(self.keys)]
         self.stem = os.path.splitext(entry.name)[0]
         # Members the reader could not make a sample of come last, as read_error rows: nothing disappears.
         n = len(self.keys) + len(source.skipped)
@@ -138,7 +139,20 @@ class _ShardRows:
         self.started: float | None = None
 
 
-def _open_part(shards_dir: str, entry: ShardEntry, scratch: str | None) -> _ShardRows:
+def _reference(meta: dict[str, Any], indexed: str | None) -> str | None:
+    """A sample's source reference: its .json's `source` (written by `dede shard`), else the shards folder's
+    source index, else the image folder path an older .json holds."""
+    found = meta.get("source") or indexed or meta.get("path")
+    return found if isinstance(found, str) else None
+
+
+def source_refs(shards_dir: str) -> dict[str, str]:
+    """key -> source reference from the shards folder's source index ({} when it has none)."""
+    index = source_index.read(shards_dir, read_manifest(shards_dir).source_index) or {}
+    return {key: entry.item for key, entry in index.items() if entry.item is not None}
+
+
+def _open_part(shards_dir: str, entry: ShardEntry, scratch: str | None, refs: dict[str, str]) -> _ShardRows:
     """Index one shard; ValueError/OSError when it is missing, cut short or not a tar (the shard fails).
     A shard at a URL is downloaded into `scratch` first: the reader needs random access."""
     path = storage.join(shards_dir, entry.name)
@@ -146,7 +160,7 @@ def _open_part(shards_dir: str, entry: ShardEntry, scratch: str | None) -> _Shar
     if size != entry.bytes:
         raise ValueError(f"{path} is {size} bytes but the manifest says {entry.bytes}: it changed or was cut "
                          f"short since sharding; reshard or restore it")
-    return _ShardRows(entry, TarShardSource([storage.local_copy(path, scratch or "")]))
+    return _ShardRows(entry, TarShardSource([storage.local_copy(path, scratch or "")]), refs)
 
 
 def _route(batch: dict[str, Any], parts: list[_ShardRows], run: ScoreWriter) -> list[_ShardRows]:
@@ -162,6 +176,7 @@ def _route(batch: dict[str, Any], parts: list[_ShardRows], run: ScoreWriter) -> 
         part.started = part.started or now
         row = {name: batch[name][i] for name in ("label", "width", "height", "status", "error")}
         row["key"] = part.keys[position]  # known from the shard's index even when the sample cannot be read
+        row["source"] = part.sources[position]
         if i in scored:
             row |= scored[i]
         part.rows[position] = row
@@ -180,9 +195,10 @@ def _open_parts(shards_dir: str, markers: folder.Markers, todo: list[ShardEntry]
                 scratch: str | None = None) -> tuple[list[_ShardRows], dict[str, str]]:
     """Index the pending shards; a broken one is recorded in _failed/ and left out, the others go on."""
     parts, failed = [], {}
+    refs = source_refs(shards_dir) if todo else {}
     for entry in todo:
         try:
-            parts.append(_open_part(shards_dir, entry, scratch))
+            parts.append(_open_part(shards_dir, entry, scratch, refs))
         except (OSError, ValueError) as exc:
             failed[entry.name] = f"{type(exc).__name__}: {exc}"
             log.warning(f"shard {entry.name} cannot be read and is not scored: {failed[entry.name]}")

@@ -291,7 +291,7 @@ def _check_column(conn: duckdb.DuckDBPyConnection, rule: Rule, scores_dir: str) 
 
 
 def judged_sql(rule: Rule, threshold: float | None, keep_unscored: bool, rows: str = "scores") -> str:
-    """SQL over the scores view: key, shard, position, score, unscored, reason (NULL when kept). rows: the
+    """SQL over the scores view: key, shard, position, source, score, unscored, reason (NULL when kept). rows: the
     relation judged, `scores` or LIVE (retired rows carry their reason in `retired_reason`)."""
     if rule.kind == "where":
         reason = literal(f"where: {rule.value}")
@@ -303,7 +303,7 @@ def judged_sql(rule: Rule, threshold: float | None, keep_unscored: bool, rows: s
                        f"ELSE {missing} END")
     retired = rows != "scores"
     return (
-        f"SELECT key, shard, position, score, "
+        f"SELECT key, shard, position, source, score, "
         f"{'retired_reason IS NULL AND ' if retired else ''}NOT {scored_sql(rule)} AS unscored, CASE "
         + ("WHEN retired_reason IS NOT NULL THEN retired_reason " if retired else "")
         + f"WHEN NOT {scored_sql(rule)} THEN {'NULL' if keep_unscored else unscored_reason} "
@@ -357,7 +357,7 @@ def select(scores_dir: str | os.PathLike, rule: Rule = DEFAULT_RULE, *, keep_uns
             per_shard = conn.execute(
                 f"SELECT shard, count(*), count(reason), count(*) FILTER (WHERE unscored) FROM ({judged}) "
                 f"GROUP BY shard ORDER BY shard").fetchall()
-            dropped = conn.sql(f"SELECT key, shard, score, reason FROM ({judged}) WHERE reason IS NOT NULL "
+            dropped = conn.sql(f"SELECT key, shard, source, score, reason FROM ({judged}) WHERE reason IS NOT NULL "
                                f"ORDER BY shard, position, key").to_arrow_table()
         except duckdb.Error as e:
             raise ValueError(f"selecting with {rule.label!r} failed: {e}") from None

@@ -19,17 +19,16 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
-import fsspec
-import pyarrow as pa
-import pyarrow.parquet as pq
 import webdataset as wds
 
 from dede_core.io import source_index, storage
+from dede_core.io.parquet import ParquetFiles, ParquetRows, find_parquet
 from dede_core.io.progress import Progress
-from dede_core.io.sources import TAR_IMAGE_EXTENSIONS, Sample, Source, TarShardSource, clean_key, open_source
+from dede_core.io.sources import TAR_IMAGE_EXTENSIONS, Sample, Source, TarShardSource, open_source
 from schemas.manifest import Manifest, ShardEntry, differences, manifest_path, read_manifest, write_manifest
 
 log = logging.getLogger("dede")
+AnySource = Source | ParquetRows | ParquetFiles  # what _open gives
 
 # Magic numbers of the formats dede decodes -> the extension a shard stores them under.
 MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
@@ -137,101 +136,7 @@ def _write_all(samples: Iterator[Sample], out_dir: str, per_shard: int, classes:
     return entries
 
 
-IMAGE_COLUMNS = ("image", "bytes", "jpg", "png")  # tried in this order when image_column is not given
-
-
-def _image_column(schema: pa.Schema, wanted: str | None, url: str) -> str:
-    name = wanted or next((c for c in IMAGE_COLUMNS if c in schema.names), None)
-    if name is None or name not in schema.names:
-        raise ValueError(f"{url} has no image column {wanted or IMAGE_COLUMNS} (columns: {schema.names}); "
-                         f"pass image_column")
-    kind = schema.field(name).type
-    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
-        kind = kind.field("bytes").type  # Hugging Face datasets store images as {bytes, path}
-    if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
-        raise ValueError(f"column {name!r} of {url} is {schema.field(name).type}, expected encoded image bytes "
-                         f"(binary, or a struct with a 'bytes' field)")
-    return name
-
-
-def _labels(column: pa.ChunkedArray | None, schema: pa.Schema, name: str | None
-            ) -> tuple[list[int | None] | None, list[str] | None]:
-    """(label per row, class names): integer labels as they are, string labels indexed by sorted name."""
-    if column is None:
-        return None, None
-    kind = column.type
-    if pa.types.is_integer(kind):
-        try:  # Hugging Face ClassLabel names live in the schema metadata
-            info = json.loads(schema.metadata[b"huggingface"])["info"]["features"][name]
-            names = [str(n) for n in info["names"]]
-        except (KeyError, TypeError, ValueError):
-            names = None
-        return column.to_pylist(), names
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_dictionary(kind):
-        values = column.to_pylist()
-        names = sorted({str(v) for v in values if v is not None})
-        index = {n: i for i, n in enumerate(names)}
-        return [None if v is None else index[str(v)] for v in values], names
-    raise ValueError(f"label column {name!r} is {kind}; expected integers or class-name strings")
-
-
-class ParquetRows:
-    """Rows of a Parquet file (local path or fsspec URL) holding encoded images, as Samples in file order.
-
-    Keys come from key_column, else from the file name and row number (stable for the same file). Only the
-    small key and label columns are read up front; image bytes stream batch by batch.
-    """
-
-    def __init__(self, url: str, *, image_column: str | None = None, key_column: str | None = None,
-                 label_column: str | None = None, batch_rows: int = 256) -> None:
-        self.url, self.batch_rows = url, batch_rows
-        with fsspec.open(url, "rb") as f:
-            pf = pq.ParquetFile(f)
-            schema, rows = pf.schema_arrow, pf.metadata.num_rows
-            self.image_column = _image_column(schema, image_column, url)
-            label_column = label_column or ("label" if "label" in schema.names else None)
-            for wanted in (key_column, label_column):
-                if wanted is not None and wanted not in schema.names:
-                    raise ValueError(f"{url} has no column {wanted!r} (columns: {schema.names})")
-            small = pf.read(columns=[c for c in (key_column, label_column) if c])
-        if key_column is not None:
-            raw = small.column(key_column).to_pylist()
-            if any(v is None or str(v) == "" for v in raw):
-                raise ValueError(f"key column {key_column!r} of {url} has empty or null keys")
-            self._keys = [clean_key(v) for v in raw]
-        else:
-            stem = clean_key(os.path.splitext(os.path.basename(url.rstrip("/")))[0])
-            self._keys = [f"{stem}_{i:08d}" for i in range(rows)]
-        column = small.column(label_column) if label_column else None
-        self._labels, self.classes = _labels(column, schema, label_column)
-        self.skipped: list[tuple[str, str]] = []  # rows without image bytes, filled while iterating
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def keys(self) -> list[str]:
-        return list(self._keys)
-
-    def item(self, i: int) -> tuple[str, str]:
-        """(row N, the file whose size and mtime fingerprint every row of it)."""
-        return f"row {i}", self.url
-
-    def __iter__(self) -> Iterator[Sample]:
-        row = 0
-        with fsspec.open(self.url, "rb") as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=self.batch_rows, columns=[self.image_column]):
-                for value in batch.column(0).to_pylist():
-                    data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
-                    key, label = self._keys[row], self._labels[row] if self._labels else None
-                    if data:
-                        meta = {"row": row, "path": path} if path else {"row": row}
-                        yield Sample(key=key, data=data, label=label, meta=meta)
-                    else:
-                        self.skipped.append((key, f"row {row}: no image bytes"))
-                    row += 1
-
-
-def _check_unique(source: Source | ParquetRows) -> None:
+def _check_unique(source: AnySource) -> None:
     """Refuse duplicate keys: every later stage selects samples by key, so a duplicate is ambiguous."""
     seen: set[str] = set()
     dups = [k for k in source.keys() if k in seen or seen.add(k)]
@@ -244,18 +149,20 @@ def _check_unique(source: Source | ParquetRows) -> None:
 
 
 def _is_parquet(src: str) -> bool:
-    return src.lower().endswith((".parquet", ".pq"))
+    return find_parquet(src) is not None
 
 
 def _source_id(src: str) -> str:
     return src if "://" in src else os.path.abspath(src)
 
 
-def _open(src: str, options: dict[str, Any]) -> Source | ParquetRows:
+def _open(src: str, options: dict[str, Any]) -> AnySource:
     options = dict(options)
     follow = bool(options.pop("follow_external_links", False))
-    if _is_parquet(src):
-        return ParquetRows(src, **options)
+    parquet = find_parquet(src)
+    if parquet is not None:
+        files, root = parquet
+        return ParquetRows(src, **options) if files == [src] else ParquetFiles(files, root, **options)
     if any(v is not None for v in options.values()):
         raise ValueError(f"image_column, key_column and label_column apply to Parquet sources only, not {src}")
     if "://" in src:
@@ -309,7 +216,7 @@ def _merged_classes(old: list[str] | None, new: list[str] | None) -> list[str] |
     return old + sorted(set(new or []) - set(old))
 
 
-def _classify(source: Source | ParquetRows, old: dict[str, source_index.Entry], changes: source_index.Changes,
+def _classify(source: AnySource, old: dict[str, source_index.Entry], changes: source_index.Changes,
               index: dict[str, source_index.Entry]) -> dict[int, tuple[str, int | None, int | None]]:
     """Samples whose file kept its name, size and mtime are unchanged, unread (into `index`); the others come
     back as {position: (item, size, mtime_ns)}, to be read and hashed."""
@@ -328,7 +235,7 @@ def _classify(source: Source | ParquetRows, old: dict[str, source_index.Entry], 
     return todo
 
 
-def _pending(source: Source | ParquetRows, todo: dict[int, tuple[str, int | None, int | None]],
+def _pending(source: AnySource, todo: dict[int, tuple[str, int | None, int | None]],
              old: dict[str, source_index.Entry], classes: list[str] | None, changes: source_index.Changes,
              index: dict[str, source_index.Entry], first: int, per_shard: int, bar: Progress) -> Iterator[Sample]:
     """The samples to write, read once: new keys and keys whose bytes changed (a touched file whose bytes are
@@ -336,12 +243,12 @@ def _pending(source: Source | ParquetRows, todo: dict[int, tuple[str, int | None
     remap = None
     if classes and source.classes and classes != source.classes:
         remap = {i: classes.index(name) for i, name in enumerate(source.classes)}
-    if isinstance(source, ParquetRows):
-        rows = (s for s in source if s.meta["row"] in todo) if todo else iter(())
-        pairs = ((todo[s.meta["row"]], s) for s in rows)
+    if isinstance(source, (ParquetRows, ParquetFiles)):
+        pairs = ((todo[i], s) for i, s in source.indexed() if i in todo) if todo else iter(())
     else:
         pairs = ((where, source[i]) for i, where in todo.items())
     for (item, size, mtime), sample in pairs:
+        sample = dataclasses.replace(sample, meta={**sample.meta, "source": item})  # the .json says where from
         digest = source_index.sha256(sample.data)
         was = old.get(sample.key)
         if was and was.sha256 == digest:
@@ -360,7 +267,8 @@ def _pending(source: Source | ParquetRows, todo: dict[int, tuple[str, int | None
 def update_shards(src: str, out_dir: str, *, samples_per_shard: int = 10_000, image_column: str | None = None,
                   key_column: str | None = None, label_column: str | None = None, follow_external_links: bool = False,
                   progress: bool = True) -> ShardUpdate:
-    """Write SRC (image folder, WebDataset shards, or a Parquet file of image bytes) as OUT/NNNNNN.tar shards
+    """Write SRC (image folder, WebDataset shards, or Parquet of image bytes: a file, a folder or a glob of files)
+    as OUT/NNNNNN.tar shards
     plus OUT/manifest.json, or bring an existing OUT up to date with SRC: new and changed samples go into new
     shards after the existing ones (which stay byte-identical), removed and changed ones are listed in the
     manifest's `retired`. A rerun over an unchanged SRC reads no image and writes nothing."""
@@ -394,7 +302,7 @@ def update_shards(src: str, out_dir: str, *, samples_per_shard: int = 10_000, im
     kept = list(done.shards) if done else []
     changes, index = source_index.Changes(), {}
     todo = _classify(source, old, changes, index)
-    if isinstance(source, ParquetRows) and done is not None and todo:
+    if isinstance(source, (ParquetRows, ParquetFiles)) and done is not None and todo:
         empty, keys = {k for k, _ in done.skipped}, source.keys()
         if all(keys[i] in empty for i in todo):
             todo = {}  # only its empty rows are left and the file is unchanged (its other rows are): not read
@@ -414,7 +322,7 @@ def update_shards(src: str, out_dir: str, *, samples_per_shard: int = 10_000, im
     retired += [{"key": k, "shard": old[k].shard, "reason": source_index.REMOVED} for k in changes.removed]
     retired += [{"key": k, "shard": old[k].shard, "reason": source_index.CHANGED} for k in changes.changed]
     skipped = list(source.skipped)
-    if isinstance(source, ParquetRows) and not todo and done is not None:
+    if isinstance(source, (ParquetRows, ParquetFiles)) and not todo and done is not None:
         skipped = list(done.skipped)  # the file was not read again: its empty rows are as before
     if done is not None and not (changes.added or changes.changed or changes.removed) and (
             done.source_index and index == old and skipped == done.skipped):

@@ -91,6 +91,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _what(args: argparse.Namespace) -> str:
+    return "verdicts only (--no-copy; list them with dede keys)" if args.no_copy else "cleaned shards"
+
+
 def cmd_clean(args: argparse.Namespace) -> int:
     """--runner local: the stage's steps in this process; otherwise the dede-clean flow."""
     options.check_local_out(args.out, "clean", allow_url=True)
@@ -108,18 +112,19 @@ def cmd_clean(args: argparse.Namespace) -> int:
         print(f"kept {c.kept} of {c.total} samples, dropped {c.dropped} ({c.unscored} without a score, {fate})")
         print(f"rule {settings.rule.label}: {sel.how}")
         print(describe_health(sel.detector_health))
-        print(f"cleaned shards -> {result.out_dir}  (rejected: {result.rejected_path})")
+        print(f"{_what(args)} -> {result.out_dir}  (rejected: {result.rejected_path})")
         if not args.no_report:
-            path = write_report(args.scores, args.shards, os.path.join(result.out_dir, REPORT), selection=sel)
+            path = write_report(args.scores, args.shards, os.path.join(result.out_dir, REPORT), selection=sel,
+                                n_thumbs=args.thumbnails)
             print(f"report -> {path}")
         return 0
     from flows.clean import clean_flow
 
     result = run_flow("clean", clean_flow, args.shards, args.scores, args.out, settings, engine,
-                      report=not args.no_report)
+                      report=not args.no_report, thumbnails=args.thumbnails)
     c = result["counts"]
     print(f"kept {c['kept']} of {c['total']} samples, dropped {c['dropped']}; {result['how']}")
-    print(f"cleaned shards -> {result['out']}  (rejected: {result['rejected']})")
+    print(f"{_what(args)} -> {result['out']}  (rejected: {result['rejected']})")
     if result["report"]:
         print(f"report -> {result['report']}")
     return 0
@@ -154,8 +159,25 @@ def cmd_sql(args: argparse.Namespace) -> int:
         conn.close()
     if args.out:
         print(f"{table.num_rows} rows -> {write_result(table, args.out)}")
-    else:
+    elif not (args.html or args.export_images):
         print(format_table(table, max_rows=args.max_rows))
+    if args.html or args.export_images:
+        from dede_core.sql_page import inspect_result
+
+        written = inspect_result(table, args.scores, query=args.query, shards_dir=args.shards, html_out=args.html,
+                                 export_dir=args.export_images, max_rows=args.max_rows)
+        if args.html:
+            print(f"page -> {written.pop(0)}")
+        if args.export_images:
+            print(f"{len(written)} images -> {args.export_images}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from dede_core.verdicts import Verdicts, write_keys
+
+    written = write_keys(Verdicts(args.run).table(rejected=args.rejected), args.out)
+    print(f"-> {written}" if args.out else written, end="\n" if args.out else "")
     return 0
 
 

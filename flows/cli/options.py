@@ -131,6 +131,27 @@ def add_follow_links_option(p: argparse.ArgumentParser) -> None:
                    "listed in the manifest's skipped, never read); for corpora you trust")
 
 
+def add_parquet_options(p: argparse.ArgumentParser) -> None:
+    """How a Parquet SRC is read, shared by `dede shard` and `dede sanitize`."""
+    g = p.add_argument_group("Parquet sources (one file, a folder of files, or a glob such as 'data/train-*.parquet')")
+    g.add_argument("--image-column", default=None,
+                   help="column of encoded image bytes, or of {bytes, path} structs (default: image, bytes, jpg, png)")
+    g.add_argument("--key-column", default=None,
+                   help="column of unique sample keys, e.g. an id (default: <file stem>_<row number>)")
+    g.add_argument("--label-column", default=None, help="column of labels, integers or class names "
+                   "(default: 'label' if any)")
+
+
+def add_output_options(p: argparse.ArgumentParser) -> None:
+    """What the clean stage writes besides its verdicts, shared by `dede clean` and `dede sanitize`."""
+    p.add_argument("--no-copy", action="store_true",
+                   help="write the verdicts only (rejected.parquet, summary.json, the report), not the cleaned "
+                   "shards: for training loaders that skip what dede dropped (dede keys, docs/api.md)")
+    p.add_argument("--thumbnails", type=int, default=24, metavar="N",
+                   help="sample thumbnails in the report, half the most flagged, half just below the threshold "
+                   "(default 24)")
+
+
 def score_config(args: argparse.Namespace):
     from dede_core.detector.scorer import ScoreConfig
 
@@ -171,10 +192,10 @@ def score_settings(args: argparse.Namespace, *, group_size: int | None):
 
 
 def clean_settings(args: argparse.Namespace):
-    """The clean stage's settings from the rule options."""
+    """The clean stage's settings from the rule and output options."""
     from dede_core.stages.clean import CleanSettings
 
-    return CleanSettings(rule=rule_from_args(args), keep_unscored=args.keep_unscored)
+    return CleanSettings(rule=rule_from_args(args), keep_unscored=args.keep_unscored, copy=not args.no_copy)
 
 
 def engine(args: argparse.Namespace):
@@ -196,6 +217,8 @@ def sanitize_config(args: argparse.Namespace):
     return SanitizeConfig(
         detector=args.detector, aux=args.aux,
         training=TrainSettings(preset=args.preset, overrides=detector_overrides(args), train=train),
-        shard=ShardSettings(samples_per_shard=args.samples_per_shard,
+        shard=ShardSettings(samples_per_shard=args.samples_per_shard, image_column=args.image_column,
+                            key_column=args.key_column, label_column=args.label_column,
                             follow_external_links=args.follow_external_links),
-        score=score_settings(args, group_size=args.group_size), clean=clean_settings(args), engine=engine(args))
+        score=score_settings(args, group_size=args.group_size), clean=clean_settings(args), engine=engine(args),
+        thumbnails=args.thumbnails)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 
 from flows.cli import commands
-from flows.cli.options import (add_detector_options, add_epoch_options, add_follow_links_option, add_rule_options,
-                               add_runner_options, add_score_options, default_workers)
+from flows.cli.options import (add_detector_options, add_epoch_options, add_follow_links_option, add_output_options,
+                               add_parquet_options, add_rule_options, add_runner_options, add_score_options,
+                               default_workers)
 
 CLEAN_HELP = """\
 Write the cleaned corpus: every shard of SHARDS again, minus the samples the rule drops. Kept samples are
@@ -16,10 +17,14 @@ copied byte for byte (never decoded); samples without a score (decode_error / re
 Writes into OUT (rerunning the same command resumes or does nothing; another rule into the same OUT is
 refused):
   OUT/<shard>.tar        the kept samples of each shard
-  OUT/rejected.parquet   one row per dropped sample: key, shard, score, reason
+  OUT/rejected.parquet   one row per dropped sample: key, shard, source, score, reason
   OUT/summary.json       counts, the rule, the threshold and how it was chosen
   OUT/manifest.json      the cleaned shards, in the shards folder format (written last)
-  OUT/report.html        histogram, counts and thumbnails of the most-flagged samples (unless --no-report)
+  OUT/report.html        histogram, counts (dropped per label) and thumbnails of the most-flagged samples,
+                         linked to their full-size images in OUT/report_images/ (unless --no-report)
+
+--no-copy writes the verdicts without the cleaned shards (no .tar, no manifest.json): `dede keys OUT` lists
+the kept samples, and training code can skip the dropped ones while loading (docs/api.md).
 
 The default rule is --fpr 0.05: the threshold is the 95th percentile of the scores of held-out auxiliary
 images the detector never trained on (SCORES/calibration.parquet), chosen without labels.
@@ -31,17 +36,24 @@ write it whole with --out. The connection can read only these views' files: COPY
 any statement that writes are refused.
 
 Views:
-  scores       every SCORES/<shard>.parquet: key, shard, position, label, width, height, status (ok |
+  scores       every SCORES/<shard>.parquet: key, shard, position, source, label, width, height, status (ok |
                decode_error | read_error | skipped), error, score, draws, knn_score, detector_hash,
                encoder_id [, embedding]; status skipped: source entries dede shard left out (shard '')
   calibration  SCORES/calibration.parquet: key, score, knn_score of held-out auxiliary images
-  rejected     with --rejected CLEAN: key, shard, score, reason of every dropped sample
+  rejected     with --rejected CLEAN: key, shard, source, score, reason of every dropped sample
   manifest     with --shards SHARDS: name, samples, bytes, sha256, first_key, last_key per shard
 
 Examples:
   dede sql scores "SELECT status, count(*) FROM scores GROUP BY status"
   dede sql scores "SELECT key, score FROM scores ORDER BY score DESC LIMIT 20" --out top.csv
   dede sql scores "SELECT reason, count(*) FROM rejected GROUP BY ALL" --rejected clean
+  dede sql scores "SELECT key, score FROM scores ORDER BY score DESC LIMIT 40" --html top.html
+  dede sql scores "SELECT key FROM scores WHERE label = 3 AND score > 900" --export-images look/
+
+--html and --export-images look each result row up by its `key` (so select it): the page shows its thumbnail
+(linked to the full-size image, in <page>_images/), score, label, source reference and the result's columns;
+the folder gets the images, numbered in result order. Images are read from --shards, by default the `shards`
+folder beside SCORES (a dede sanitize run).
 """
 
 EPILOG = "Encoder specs: see docs/encoders.md (e.g. cifar-resnet18?width=16&weights=enc.pt, efficientnet-lite0)."
@@ -54,8 +66,9 @@ Run the whole pipeline as the Prefect flow dede-sanitize, into one RUN folder:
   RUN/detector/detector.pt  the detector, trained on --aux, else on the
                             corpus itself; not made when --detector given (as dede train)
   RUN/scores/               scores, one Parquet file per shard             (as dede score)
-  RUN/clean/                cleaned shards, rejected.parquet, summary.json (as dede clean)
-  RUN/report.html           histogram, counts, thumbnails of the selection
+  RUN/clean/                cleaned shards, rejected.parquet, summary.json (as dede clean;
+                            --no-copy: the verdicts only, no cleaned shards)
+  RUN/report.html           histogram, counts, thumbnails of the selection (+ RUN/report_images/)
   RUN/sanitize.json         config, package versions, detector hash, counts, seconds per stage
 
 Rerunning the same command resumes an interrupted run; on a finished run over an unchanged SRC it does no
@@ -72,18 +85,18 @@ to that server.
 def _add_shard(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("shard", help="pack a corpus into WebDataset shards with a manifest",
                        description="SRC: an image folder (a subfolder name is the class label), WebDataset "
-                       "shards, or a Parquet file with an image-bytes column. Writes OUT/000000.tar, ... with "
+                       "shards, or Parquet with an image-bytes column (a file, a folder of files, or a glob such "
+                       "as 'data/train-*.parquet'). Writes OUT/000000.tar, ... with "
                        "the original bytes under stable keys, and OUT/manifest.json. Rerunning brings OUT up to date "
                        "with SRC: new and changed samples go into new shards after the existing ones (which "
                        "stay byte-identical), removed and changed ones are listed as retired in the manifest "
                        "(dede clean then drops them); an unchanged SRC is not read again (size and mtime "
                        "checked) and nothing is written.")
-    p.add_argument("src", help="image folder, .tar shard(s), or .parquet file (local path or fsspec URL)")
+    p.add_argument("src", help="image folder, .tar shard(s), or Parquet: a file, a folder or a glob (local path or "
+                   "fsspec URL)")
     p.add_argument("--out", required=True, help="shards folder to write")
     p.add_argument("--samples-per-shard", type=int, default=10_000, help="default 10000")
-    p.add_argument("--image-column", default=None, help="Parquet: column of image bytes (default: detected)")
-    p.add_argument("--key-column", default=None, help="Parquet: column of sample keys (default: row numbers)")
-    p.add_argument("--label-column", default=None, help="Parquet: column of labels (default: 'label' if any)")
+    add_parquet_options(p)
     add_follow_links_option(p)
     p.set_defaults(func=commands.cmd_shard)
 
@@ -136,6 +149,7 @@ def _add_clean(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="new (or empty) folder for the cleaned shards")
     add_rule_options(p)
     p.add_argument("--no-report", action="store_true", help="do not write OUT/report.html")
+    add_output_options(p)
     add_runner_options(p)
     p.set_defaults(func=commands.cmd_clean)
 
@@ -147,9 +161,26 @@ def _add_sql(sub: argparse._SubParsersAction) -> None:
     p.add_argument("query", help='one SELECT statement, e.g. "SELECT * FROM scores ORDER BY score DESC LIMIT 10"')
     p.add_argument("--out", help="write the whole result to this .csv or .parquet file instead of printing it")
     p.add_argument("--rejected", help="a clean folder (or its rejected.parquet): adds the view `rejected`")
-    p.add_argument("--shards", help="a shards folder (or its manifest.json): adds the view `manifest`")
-    p.add_argument("--max-rows", type=int, default=50, help="rows printed (default 50; --out writes them all)")
+    p.add_argument("--shards", help="a shards folder (or its manifest.json): adds the view `manifest`, and is where "
+                   "--html and --export-images read images (default: the shards folder beside SCORES)")
+    p.add_argument("--max-rows", type=int, default=50,
+                   help="rows printed, shown by --html or exported (default 50; --out writes them all)")
+    p.add_argument("--html", metavar="PAGE.html", help="also write the result rows as a page of thumbnails")
+    p.add_argument("--export-images", metavar="DIR", help="also write the result rows' images to DIR")
     p.set_defaults(func=commands.cmd_sql)
+
+
+def _add_keys(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("keys", help="list the samples a clean run kept (or dropped), with their source references",
+                       description="The kept samples of RUN (a dede sanitize run folder, or a dede clean folder, "
+                       "also one written with --no-copy): the scores table less rejected.parquet, exactly the "
+                       "samples of the cleaned shards. Printed as `key<TAB>source` lines, or written with --out "
+                       "(.txt: the same lines; .parquet: key, shard, source, label, score). RUN may be an fsspec "
+                       "URL. Python: dede_core.Verdicts (docs/api.md).")
+    p.add_argument("run", help="dede sanitize run folder or dede clean output folder")
+    p.add_argument("--rejected", action="store_true", help="the dropped samples instead (with score and reason)")
+    p.add_argument("--out", metavar="FILE.txt|FILE.parquet", help="write them to this file instead of printing")
+    p.set_defaults(func=commands.cmd_keys)
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
@@ -162,7 +193,8 @@ def _add_sanitize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sanitize", help="shard, train, score, clean and report in one go (Prefect flow)",
                        formatter_class=argparse.RawDescriptionHelpFormatter, description=SANITIZE_HELP,
                        epilog=EPILOG)
-    p.add_argument("src", help="corpus: image folder, .tar shard(s), or a .parquet file of image bytes")
+    p.add_argument("src", help="corpus: image folder, .tar shard(s), or Parquet of image bytes (a file, a folder "
+                   "of files, or a glob such as 'data/train-*.parquet')")
     p.add_argument("--encoder", required=True, help="victim encoder spec: the encoder trained on this corpus")
     p.add_argument("--out", required=True, help="run folder RUN to write (or to resume)")
     p.add_argument("--detector", help="use this detector checkpoint instead of training one")
@@ -174,15 +206,17 @@ def _add_sanitize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group-size", type=int, default=1, help="shards per scoring task (default 1)")
     p.add_argument("--max-parallel", type=int, default=1, help="scoring tasks at a time (default 1)")
     add_follow_links_option(p)
+    add_parquet_options(p)
     add_runner_options(p)
     add_detector_options(p)
     add_rule_options(p)
+    add_output_options(p)
     g = p.add_argument_group("scoring")
     add_score_options(g)
     p.set_defaults(func=commands.cmd_sanitize)
 
 
-COMMANDS = (_add_sanitize, _add_shard, _add_train, _add_score, _add_clean, _add_sql, _add_info)
+COMMANDS = (_add_sanitize, _add_shard, _add_train, _add_score, _add_clean, _add_keys, _add_sql, _add_info)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ from dede_core.detector.train import TrainConfig, train_detector
 from flows.cli import main
 
 TINY = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
-COMMANDS = ["data", "shard", "train", "score", "clean", "sql", "info", "sanitize"]
+COMMANDS = ["data", "shard", "train", "score", "clean", "sql", "keys", "info", "sanitize"]
 
 
 @pytest.fixture(scope="module")

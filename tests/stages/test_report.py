@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
 from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
 
 from dede_core.stages.report import write_report
 from dede_core.stages.select import Rule, select
@@ -57,3 +64,81 @@ def test_report_is_self_contained_with_threshold_and_escaped_keys(tmp_path):
     assert "x&lt;script" in flagged and "k6" in flagged  # the two highest scores (800, 700) are above 640
     below = text.split("<h2>Just below the threshold</h2>")[1].split("<h2>")[0]
     assert "k5" in below and "k4" in below
+
+
+def labelled_corpus(tmp_path, n: int = 12):
+    """One shard of n PNGs (one a TIFF, shown as PNG full size), labels 0..2 named by the manifest, scores 100*(i+1)."""
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    samples = []
+    for i in range(n):
+        data = png(i, size=32)
+        if i == n - 1:
+            buf = io.BytesIO()
+            Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(buf, format="TIFF")
+            data = buf.getvalue()
+        samples.append({"__key__": f"cat/k{i:02d}", "tiff" if i == n - 1 else "png": data, "cls": str(i % 3).encode()})
+    write_shards(str(tmp_path / "shards"), [samples])
+    manifest = tmp_path / "shards" / "manifest.json"
+    manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {"classes": ["ant", "bee", "cow"]}))
+    rows = [row(f"cat/k{i:02d}", "000000.tar", i, 100.0 * (i + 1), 1.0) | {"label": i % 3} for i in range(n)]
+    write_scores(str(tmp_path / "scores"), rows, [(float(v), 1.0) for v in range(100, 700)])
+    return str(tmp_path / "shards"), str(tmp_path / "scores")
+
+
+def test_report_counts_dropped_per_label_and_links_full_images(tmp_path):
+    shards, scores = labelled_corpus(tmp_path)
+    sel = select(scores, Rule.threshold(850.0))  # drops k08..k11: labels 2, 0, 1, 2
+    out = tmp_path / "report.html"
+    write_report(scores, shards, out, selection=sel, n_thumbs=6)
+    text = out.read_text()
+    by_label = text.split("<h2>Dropped per label</h2>")[1].split("<h2>")[0]
+    assert "<td>0</td><td>ant</td><td>4</td><td>1</td>" in by_label
+    assert "<td>2</td><td>cow</td><td>4</td><td>2</td>" in by_label
+    links = re.findall(r'<a href="([^"]+)">', text)
+    assert len(links) == 6 and all((tmp_path / link).is_file() for link in links)
+    assert any(link.endswith(".png") and "k11" in link for link in links)  # the TIFF, as PNG for the browser
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+PROBE = ("<script>window.addEventListener('load', () => { for (const img of document.images) "
+         "img.setAttribute('data-width', img.naturalWidth); document.body.setAttribute('data-loaded', 'yes'); });"
+         "</script>")
+
+
+def rendered(page: Path) -> str:
+    """The page's DOM after Chromium (headless) loaded it, each <img> with its decoded width in data-width."""
+    probe = page.with_name(f".probe-{page.name}")
+    probe.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
+    try:
+        done = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
+                               "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    finally:
+        probe.unlink()
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (Debian package chromium)")
+def test_report_renders_in_a_browser(tmp_path):
+    shards, scores = labelled_corpus(tmp_path)
+    out = tmp_path / "report" / "report.html"
+    write_report(scores, shards, out, selection=select(scores, Rule.threshold(850.0)), n_thumbs=6)
+    dom = rendered(out)
+    assert 'data-loaded="yes"' in dom and "Dropped per label" in dom
+    widths = [int(w) for w in re.findall(r'data-width="(\d+)"', dom)]
+    assert len(widths) == 1 + 6 and min(widths) > 0  # the histogram and every thumbnail decoded
+    links = re.findall(r'<a href="([^"]+)"', dom)
+    assert len(links) == 6 and all((out.parent / unquote(link)).is_file() for link in links)
+
+
+def test_a_new_report_removes_the_images_the_old_one_linked(tmp_path):
+    shards, scores = labelled_corpus(tmp_path)
+    out = tmp_path / "report.html"
+    write_report(scores, shards, out, selection=select(scores, Rule.threshold(850.0)), n_thumbs=6)
+    write_report(scores, shards, out, selection=select(scores, Rule.threshold(850.0)), n_thumbs=2)
+    assert len(list((tmp_path / "report_images").iterdir())) == 2

@@ -89,7 +89,7 @@ def test_parquet_source_hf_style(tmp_path):
     assert [s["__key__"] for s in samples] == ["train_00000000", "train_00000001", "train_00000003"]
     assert samples[0]["png"] == images[0] and samples[1]["jpg"] == images[1] and samples[2]["png"] == images[3]
     assert [int(s["cls"]) for s in samples] == [1, 0, 1]
-    assert json.loads(samples[1]["json"]) == {"row": 1, "path": "x1.img", "class": "cat"}
+    assert json.loads(samples[1]["json"]) == {"row": 1, "path": "x1.img", "class": "cat", "source": "train.parquet#row=1"}
 
 
 def test_parquet_key_column_and_duplicates(tmp_path):

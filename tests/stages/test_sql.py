@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 
 import duckdb
 import pyarrow as pa
@@ -24,7 +26,8 @@ def conn(tmp_path):
     clean = tmp_path / "clean"
     clean.mkdir()
     pq.write_table(pa.table({"key": ["k003"], "shard": ["000001.tar"], "score": [None], "reason": ["decode_error: x"]},
-                            schema=REJECTED), clean / "rejected.parquet")
+                            schema=REJECTED.remove(REJECTED.get_field_index("source"))),  # an older file
+                   clean / "rejected.parquet")
     c = connect(scores, rejected=str(clean), manifest=shards)
     yield c
     c.close()
@@ -39,7 +42,8 @@ def test_views_answer(conn):
     assert joined.to_pylist() == [{"status": "decode_error", "reason": "decode_error: x"}]
     assert run_query(conn, "FROM manifest SELECT name, samples ORDER BY name").to_pylist() == [
         {"name": "000000.tar", "samples": 1}, {"name": "000001.tar", "samples": 1}]
-    assert run_query(conn, "DESCRIBE scores").num_rows == 15
+    assert run_query(conn, "DESCRIBE scores").num_rows == 16
+    assert run_query(conn, "SELECT DISTINCT source FROM rejected").to_pylist() == [{"source": None}]  # older file
 
 
 ATTACKS = [
@@ -110,3 +114,34 @@ def test_connect_refuses_missing_inputs(tmp_path):
     scores_fixture(scores)
     with pytest.raises(ValueError, match="no shards manifest"):
         connect(scores, manifest=tmp_path)
+
+
+def test_html_page_and_exported_images_of_a_result(tmp_path):
+    from dede_core.sql_page import inspect_result
+    from test_report import CHROMIUM, labelled_corpus, rendered
+
+    shards, scores = labelled_corpus(tmp_path)
+    query = "SELECT key, score * 2 AS doubled FROM scores ORDER BY score DESC LIMIT 3"
+    c = connect(scores)
+    table = run_query(c, query)
+    c.close()
+    page, exported = str(tmp_path / "page" / "top.html"), str(tmp_path / "eyeball")
+    os.makedirs(os.path.dirname(page))
+    written = inspect_result(table, scores, query=query, shards_dir=shards, html_out=page, export_dir=exported)
+    assert written[0] == page and sorted(os.listdir(exported)) == ["0000-cat_k11.png", "0001-cat_k10.png",
+                                                                   "0002-cat_k09.png"]
+    text = open(page).read()
+    assert "cat/k11" in text and "1200.00" in text and "2400.00" in text and "2 (cow)" in text
+    assert text.index("cat/k11") < text.index("cat/k10") < text.index("cat/k09")  # result order
+    if CHROMIUM:
+        from pathlib import Path
+
+        widths = [int(w) for w in re.findall(r'data-width="(\d+)"', rendered(Path(page)))]
+        assert len(widths) == 3 and min(widths) > 0
+    with pytest.raises(ValueError, match="no `key` column"):
+        inspect_result(table.drop_columns(["key"]), scores, query=query, shards_dir=shards, html_out=page)
+    assert inspect_result(table, scores, query=query, html_out=page) == [page]  # SCORES/../shards by default
+    lone = tmp_path / "elsewhere" / "scores"
+    shutil.copytree(scores, lone)
+    with pytest.raises(ValueError, match="pass --shards"):
+        inspect_result(table, str(lone), query=query, html_out=page)
