@@ -10,7 +10,8 @@ pipeline step the same way:
     result = stage.finish(plan, markers, errors)   the folder's final files, from every job's marker
 
 `run_in_order` is the in-process engine the library's one-call API uses; flows/stage.py runs the same four
-steps on threads or Dask. A rerun plans again from the markers on disk, so recovery needs no engine state.
+steps on threads or Dask, adapting each job to where it runs (stage.place: a worker's one GPU, its CPUs). A
+rerun plans again from the markers on disk, so recovery needs no engine state.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from dede_core.io.progress import Progress
 
-Config = TypeVar("Config", contravariant=True)
-Plan = TypeVar("Plan")
+Config = TypeVar("Config")
 Job = TypeVar("Job")
-Result = TypeVar("Result", covariant=True)
+Result = TypeVar("Result")
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,9 @@ class PlanOf(Protocol[Job]):
 
     def jobs(self) -> list[Job]:
         """The jobs left to do; [] when the folder is complete."""
+
+
+Plan = TypeVar("Plan", bound=PlanOf)
 
 
 class Stage(Protocol, Generic[Config, Plan, Job, Result]):
