@@ -16,7 +16,11 @@ import pyarrow.parquet as pq
 from bench.metrics import precision_recall
 from dede_core.sql import connect, format_table, run_query
 from bench.victims import VictimRecipe, build_victim, evaluate_victim, fashion_mnist_32, write_poisoned_corpus
-from flows.sanitize import sanitize_flow
+from dede_core.detector.train import TrainConfig
+from dede_core.stages.score import ScoreSettings
+from flows.sanitize import SanitizeConfig, sanitize_flow
+from flows.shard import ShardSettings
+from flows.train import TrainSettings
 
 DEMO_RECIPE = VictimRecipe()  # SimCLR width 16, 2 epochs on 10k images; BadEncoder patch trigger, target 0
 DEMO_QUERY = ("SELECT key, label, round(score, 1) AS score, round(knn_score, 2) AS knn_score "
@@ -48,8 +52,9 @@ def run_demo(out: str = "runs/demo", cache: str = "cache", *, corpus_size: int =
     planted = json.loads(planted_file.read_text())
     # One run folder per victim: a rebuilt encoder never meets a run folder made with another one.
     run = out_dir / f"run-{bad.stem.rsplit('-', 1)[-1]}"
-    result = sanitize_flow(str(corpus), DEMO_RECIPE.spec(bad), str(run), epochs=epochs, max_epochs=max_epochs,
-                           samples_per_shard=1000, workers=workers)
+    config = SanitizeConfig(training=TrainSettings(train=TrainConfig(epochs=epochs, max_epochs=max_epochs)),
+                            shard=ShardSettings(samples_per_shard=1000), score=ScoreSettings(workers=workers))
+    result = sanitize_flow(str(corpus), DEMO_RECIPE.spec(bad), str(run), config)
     rejected = pq.read_table(run / "clean" / "rejected.parquet").column("key").to_pylist()
     quality = precision_recall(rejected, planted)
     conn = connect(run / "scores")

@@ -52,6 +52,24 @@ def parse_runner(text: str, *, workers: int | None = None) -> Runner:
 
 
 @dataclass(frozen=True)
+class Engine:
+    """Where a stage's jobs run: the --runner, --max-parallel and --dask-workers options as one object."""
+
+    runner: str = LOCAL  # local | dask | dask://HOST:PORT
+    max_parallel: int = 1  # jobs at a time on the local runner (threads); 1 suits a CPU, whose cores one job uses
+    dask_workers: int | None = None  # CPU worker processes of a Dask cluster started here (None: 2)
+
+    def __post_init__(self) -> None:
+        value = self.max_parallel
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"max_parallel must be an int >= 1, got {value!r}")
+        self.parse()  # refuse a bad runner before any work
+
+    def parse(self) -> Runner:
+        return parse_runner(self.runner, workers=self.dask_workers)
+
+
+@dataclass(frozen=True)
 class WorkerPlan:
     """One Dask worker process of a cluster started here."""
 

@@ -9,7 +9,9 @@ does no new work and leaves the outputs as they are (RUN/sanitize.json included:
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -17,11 +19,13 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from dede_core.stages import record as run_manifest
-from dede_core.stages.select import DEFAULT_RULE, Rule
+from dede_core.stages.clean import CleanSettings
+from dede_core.stages.score import ScoreSettings
 from flows.clean import clean_flow
+from flows.runners import Engine
 from flows.score import score_flow
-from flows.shard import shard_flow
-from flows.train import train_flow
+from flows.shard import ShardSettings, shard_flow
+from flows.train import TrainSettings, train_flow
 from schemas.manifest import differences
 from schemas.names import RUN_RECORD
 
@@ -66,61 +70,73 @@ def record_task(config: dict[str, Any], paths: dict[str, str], timings: dict[str
     return record
 
 
-@flow(name="dede-sanitize")
-def sanitize_flow(src: str, encoder: str, out: str, *, detector: str | None = None, aux: str | None = None,
-                  preset: str = "cpu", detector_overrides: dict[str, Any] | None = None, epochs: int | None = None,
-                  max_epochs: int = 100, patience: int = 8,
-                  train_batch_size: int = 64, train_seed: int = 0, samples_per_shard: int = 10_000,
-                  rule: dict[str, Any] | None = None, keep_unscored: bool = False, seed: int = 0, draws: int = 1,
-                  visible: int | None = None, chunk: int = 64, knn_k: int = 10, with_embedding: bool = False,
-                  batch_size: int = 256, device: str = "cpu", workers: int = 0, group_size: int = 1,
-                  max_parallel: int = 1, runner: str = "local", dask_workers: int | None = None,
-                  follow_external_links: bool = False, image_column: str | None = None,
-                  key_column: str | None = None, label_column: str | None = None, copy_samples: bool = True,
-                  thumbnails: int = 24) -> dict:
-    """Shard SRC, train a detector for ENCODER (unless `detector` is given), score, clean with `rule`
-    (Rule.to_dict(); default fpr 0.05) and report, all under OUT. device: cpu or cuda[:N]. runner: where the
-    score and clean stages run their shard tasks (local, dask, dask://HOST:PORT; flows/runners.py).
-    image_column, key_column, label_column: how a Parquet SRC is read. copy_samples=False: RUN/clean holds the
-    verdicts only (rejected.parquet, summary.json), no cleaned shards. thumbnails: sample images in the report.
+@dataclass(frozen=True)
+class SanitizeConfig:
+    """Every setting of a sanitize run but its corpus, encoder and RUN folder, one object per stage."""
 
-    Returns {run, paths, counts, threshold, how}; RUN/sanitize.json holds the full record.
+    detector: str | None = None  # a trained checkpoint to use: nothing is trained
+    aux: str | None = None  # clean images to train the detector on (default: the corpus itself)
+    training: TrainSettings = field(default_factory=TrainSettings)  # trains on score.device, score.workers
+    shard: ShardSettings = field(default_factory=ShardSettings)
+    score: ScoreSettings = field(default_factory=ScoreSettings)
+    clean: CleanSettings = field(default_factory=CleanSettings)
+    engine: Engine = field(default_factory=Engine)  # where score and clean run their jobs
+    thumbnails: int = 24  # sample images in RUN/report.html
+
+
+def record_config(src: str, encoder: str, out: str, config: SanitizeConfig) -> dict[str, Any]:
+    """The settings as RUN/sanitize.json records them: flat, as runs recorded before there were config objects,
+    so that a rerun into an older RUN compares its training settings (_trained_before) and rewrites nothing."""
+    train, score, engine = config.training.train, config.score, config.engine
+    return {"src": src, "encoder": encoder, "out": out, "detector": config.detector, "aux": config.aux,
+            "preset": config.training.preset, "detector_overrides": dict(config.training.overrides) or None,
+            "epochs": train.epochs, "max_epochs": train.max_epochs, "patience": train.patience,
+            "train_batch_size": train.batch_size, "train_seed": train.seed,
+            "samples_per_shard": config.shard.samples_per_shard, "rule": config.clean.rule.to_dict(),
+            "keep_unscored": config.clean.keep_unscored, "seed": score.score.seed, "draws": score.score.draws,
+            "visible": score.score.visible, "chunk": score.score.chunk, "knn_k": score.knn_k,
+            "with_embedding": score.with_embedding, "batch_size": score.batch_size, "device": score.device,
+            "workers": score.workers, "group_size": score.group_size, "max_parallel": engine.max_parallel,
+            "runner": engine.runner, "dask_workers": engine.dask_workers,
+            "follow_external_links": config.shard.follow_external_links, "image_column": config.shard.image_column,
+            "key_column": config.shard.key_column, "label_column": config.shard.label_column,
+            "copy_samples": config.clean.copy, "thumbnails": config.thumbnails}
+
+
+@flow(name="dede-sanitize")
+def sanitize_flow(src: str, encoder: str, out: str, config: SanitizeConfig = SanitizeConfig()) -> dict:
+    """Shard SRC, train a detector for ENCODER (unless config.detector is given), score, clean with
+    config.clean.rule (default fpr 0.05) and report, all under OUT. config.engine: where the score and clean
+    stages run their jobs (local, dask, dask://HOST:PORT; flows/runners.py).
+
+    Returns {run, paths, counts, work, threshold, how}; RUN/sanitize.json holds the full record.
     """
-    config = {k: v for k, v in locals().items()}
-    rule = rule or DEFAULT_RULE.to_dict()
-    config["rule"] = Rule.from_dict(rule).to_dict()  # refuse a bad rule before hours of work
-    paths = run_paths(out, detector)
+    record_settings = record_config(src, encoder, out, config)
+    paths = run_paths(out, config.detector)
     timer, work = run_manifest.StageTimer(), {}
 
     with timer.stage("shard"):
-        shards = shard_flow(src, paths["shards"], samples_per_shard=samples_per_shard, image_column=image_column,
-                            key_column=key_column, label_column=label_column,
-                            follow_external_links=follow_external_links)
+        shards = shard_flow(src, paths["shards"], config.shard)
     work["shard"] = {"samples": shards["samples"], "shards": len(shards["shards"]), **shards["changes"]}
-    trained = detector is None and aux is None and _trained_before(paths, config)
+    trained = config.detector is None and config.aux is None and _trained_before(paths, record_settings)
     if trained:  # the corpus may have grown since: scores stay comparable only from the first run's detector
         get_run_logger().info(f"reusing {paths['detector']}, trained on the corpus by the first run")
-    elif detector is None:
+    elif config.detector is None:
         with timer.stage("train"):
-            train_flow(aux or paths["shards"], encoder, os.path.dirname(paths["detector"]), preset_name=preset,
-                       epochs=epochs, max_epochs=max_epochs, patience=patience, batch_size=train_batch_size,
-                       seed=train_seed, device=device,
-                       workers=workers, overrides=detector_overrides)
-    work["train"] = ({"given": paths["detector"]} if detector else {"reused": paths["detector"]} if trained
-                     else {"trained_on": aux or paths["shards"]})
+            train_flow(config.aux or paths["shards"], encoder, os.path.dirname(paths["detector"]), config.training,
+                       device=config.score.device, workers=config.score.workers)
+    work["train"] = ({"given": paths["detector"]} if config.detector else {"reused": paths["detector"]} if trained
+                     else {"trained_on": config.aux or paths["shards"]})
     with timer.stage("score"):
-        scored = score_flow(paths["shards"], paths["detector"], paths["scores"], seed=seed, draws=draws,
-                            visible=visible, chunk=chunk, knn_k=knn_k, with_embedding=with_embedding,
-                            batch_size=batch_size, workers=workers, device=device, group_size=group_size,
-                            max_parallel=max_parallel, encoder=encoder, runner=runner, dask_workers=dask_workers)
+        score = dataclasses.replace(config.score, encoder=encoder)  # the victim named here, never the checkpoint's
+        scored = score_flow(paths["shards"], paths["detector"], paths["scores"], score, config.engine)
     work["score"] = {"scored": len(scored["scored"]), "already_done": len(scored["skipped"])}
     with timer.stage("clean"):
-        cleaned = clean_flow(paths["shards"], paths["scores"], paths["clean"], rule=rule,
-                             keep_unscored=keep_unscored, report_path=paths["report"], runner=runner,
-                             dask_workers=dask_workers, copy_samples=copy_samples, thumbnails=thumbnails)
+        cleaned = clean_flow(paths["shards"], paths["scores"], paths["clean"], config.clean, config.engine,
+                             report_path=paths["report"], thumbnails=config.thumbnails)
     work["clean"] = {"written": len(cleaned["written"]), "already_done": len(cleaned["skipped"])}
 
-    record = record_task(config, paths, timer.seconds, work)
+    record = record_task(record_settings, paths, timer.seconds, work)
     get_run_logger().info(run_manifest.work_text(work))
     create_markdown_artifact(markdown=run_manifest.markdown(record, work), key=ARTIFACT_KEY,
                              description=f"dede sanitize of {src} into {paths['manifest']}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -9,17 +10,26 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from dede_core.detector.encoders import load_encoder
-from dede_core.io.sources import open_source
 from dede_core.detector.aux import data_id, detector_config
 from dede_core.detector.train import TrainConfig, train_detector
+from dede_core.io.sources import open_source
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Which detector is trained and how: a preset, overrides of its DetectorConfig fields, the optimisation."""
+
+    preset: str = "cpu"  # cpu | paper (dede_core.detector.config)
+    overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"in_chans": 1, "fit": "pad"}
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 @task(name="train-detector", cache_policy=NONE)
-def train_task(data: str, encoder_spec: str, out: str, preset_name: str, overrides: dict[str, Any],
-               train: TrainConfig, device: str, workers: int) -> str:
+def train_task(data: str, encoder_spec: str, out: str, settings: TrainSettings, device: str, workers: int) -> str:
     source = open_source(data)
+    train = settings.train
     keys = source.keys()[: train.max_images] if train.max_images else source.keys()
-    config, size_note = detector_config(preset_name, overrides, source)
+    config, size_note = detector_config(settings.preset, dict(settings.overrides), source)
     get_run_logger().info(size_note)
     path = train_detector(source=source, data_id=data_id(data, keys), encoder=load_encoder(encoder_spec),
                           config=config, train=train, out_dir=out, device=device, workers=workers)
@@ -27,14 +37,7 @@ def train_task(data: str, encoder_spec: str, out: str, preset_name: str, overrid
 
 
 @flow(name="dede-train")
-def train_flow(data: str, encoder: str, out: str, preset_name: str = "cpu", epochs: int | None = None,
-               max_epochs: int = 100, patience: int = 8, batch_size: int = 64, seed: int = 0,
-               max_images: int | None = None, device: str = "cpu",
-               workers: int = 0, overrides: dict[str, Any] | None = None) -> str:
-    """Train (or resume) a detector into OUT/detector.pt and return its path.
-
-    overrides: DetectorConfig fields that replace the preset's (e.g. {"in_chans": 1, "fit": "pad"}).
-    """
-    train = TrainConfig(epochs=epochs, max_epochs=max_epochs, patience=patience, batch_size=batch_size, seed=seed,
-                        max_images=max_images)
-    return train_task(data, encoder, str(Path(out)), preset_name, dict(overrides or {}), train, device, workers)
+def train_flow(data: str, encoder: str, out: str, settings: TrainSettings = TrainSettings(), device: str = "cpu",
+               workers: int = 0) -> str:
+    """Train (or resume) a detector into OUT/detector.pt and return its path."""
+    return train_task(data, encoder, str(Path(out)), settings, device, workers)

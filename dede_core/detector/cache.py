@@ -46,3 +46,11 @@ def load_detector_once(path: str | os.PathLike, *, encoder_spec: str | None = No
         while len(_CACHE) > KEEP:
             _CACHE.popitem(last=False)
         return loaded
+
+
+def forget_detector(path: str | os.PathLike, *, encoder_spec: str | None = None) -> None:
+    """Drop a detector from this process' cache (a one-off call that should not keep it in memory)."""
+    path = os.path.realpath(os.fspath(path))
+    with _LOCK:
+        for key in [k for k in _CACHE if k[0] == path and k[2] == encoder_spec]:
+            del _CACHE[key]

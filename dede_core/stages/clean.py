@@ -1,22 +1,24 @@
 """Write the cleaned corpus: every shard again, minus the dropped samples, kept samples copied byte for byte.
 
 Kept members are copied as raw tar blocks (header and data), never decoded, so a kept sample is bit-identical to
-the source's. One shard at a time: temporary name, rename, then OUT/_done/<stem>.rejected.parquet and the marker
-OUT/_done/<stem>.json last. Rerunning the same command resumes; OUT/clean_config.json makes a rerun with another
-rule or other scores refuse. The folder ends with rejected.parquet, summary.json and manifest.json (written last,
+the source's. Each shard is one job of the stage (dede_core.stages.protocol: CLEAN): temporary name, rename, then
+OUT/_done/<stem>.rejected.parquet and the marker OUT/_done/<stem>.json last. The plan fixes which keys each shard
+must drop as duplicates of an earlier shard's, so jobs run in any order or at once. Rerunning the same command
+resumes; OUT/clean_config.json makes a rerun with another rule or other scores refuse. The folder ends with rejected.parquet, summary.json and manifest.json (written last,
 in the shards folder format, so the cleaned corpus can be scored again).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
 import os
 import tarfile
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from collections.abc import Mapping
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -24,12 +26,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dede_core.io import storage
-from dede_core.io.progress import Progress
 from dede_core.io.tarspans import copy_runs, merge_runs
 from dede_core.io.source_index import CHANGED, REMOVED
 from dede_core.stages.select import DEFAULT_RULE, Counts, Rule, Selection, select
 from dede_core.io.sources import clean_key, group_members  # the scorer's key rule, so keys match the scores
 from dede_core.stages import folder
+from dede_core.stages.protocol import Placement, run_in_order
 from schemas import names
 from schemas.manifest import Manifest, ShardEntry, differences, read_manifest, read_spans, write_manifest
 from schemas.tables import REJECTED, conform, with_metadata
@@ -231,6 +233,7 @@ class ShardJob:
     unscored: int  # unscored rows of this shard in the scores table
     identity_sha: str  # the marker's claim that it belongs to this clean run
     copy: bool = True  # False: verdicts only, no OUT/<name> (dede clean --no-copy)
+    seen: dict[str, str] = field(default_factory=dict)  # its keys an earlier shard holds -> that shard
 
 
 def _clean_shard(job: ShardJob, src: str, scratch: str | None, *, scored: dict[str, str | None],
@@ -286,10 +289,10 @@ def _write_kept(job: ShardJob, src: str, scratch: str | None, index: TarIndex, k
     return size, sha
 
 
-def clean_shard(job: ShardJob, seen: dict[str, str] | None = None) -> dict[str, Any]:
+def clean_shard(job: ShardJob) -> dict[str, Any]:
     """Clean one shard of a plan: OUT/<name>, then _done/<stem>.rejected.parquet, then the marker
-    _done/<stem>.json last; returns the marker. seen: key -> first shard, for the keys of this shard that an
-    earlier shard (manifest order) already holds (they are dropped as duplicates); it is updated in place."""
+    _done/<stem>.json last; returns the marker. The keys an earlier shard (manifest order) already holds
+    (job.seen) are dropped as duplicates, so shards can be cleaned in any order, or at once."""
     entry, out_dir = job.entry, job.out_dir
     src = storage.join(job.shards_dir, entry.name)
     if not storage.isfile(src) or storage.getsize(src) != entry.bytes:
@@ -301,7 +304,7 @@ def clean_shard(job: ShardJob, seen: dict[str, str] | None = None) -> dict[str, 
     try:
         where = scratch.name if scratch else None
         marker = _clean_shard(job, storage.local_copy(src, where or ""), where if storage.is_url(out_dir) else None,
-                              scored=_scored_keys(job.scores_dir, entry.name), seen={} if seen is None else seen)
+                              scored=_scored_keys(job.scores_dir, entry.name), seen=dict(job.seen))
     finally:
         if scratch:
             scratch.cleanup()
@@ -335,10 +338,14 @@ class CleanPlan:
     shard_ids: dict[str, str]  # shard -> what its cleaned output depends on (_shard_ids)
     markers: dict[str, dict[str, Any] | None]  # shard -> marker of an earlier finished shard, None if pending
     copy: bool = True  # False: the verdicts only (rejected.parquet, summary.json), no cleaned shards
+    earlier: dict[str, dict[str, str]] = field(default_factory=dict)  # pending shard -> its job's seen
 
     @property
     def pending(self) -> list[str]:
         return [e.name for e in self.manifest.shards if self.markers[e.name] is None]
+
+    def jobs(self) -> list[ShardJob]:
+        return [self.job(name) for name in self.pending]
 
     def job(self, name: str) -> ShardJob:
         entry = next(e for e in self.manifest.shards if e.name == name)
@@ -348,7 +355,7 @@ class CleanPlan:
                         dropped={key: (score, reason) for key, score, reason in rows},
                         keep_unscored=self.selection.keep_unscored,
                         unscored=self.selection.by_shard.get(name, Counts()).unscored,
-                        identity_sha=self.shard_ids[name], copy=self.copy)
+                        identity_sha=self.shard_ids[name], copy=self.copy, seen=self.earlier.get(name, {}))
 
     def live_keys(self, name: str, keys: list[str]) -> list[str]:
         """A shard's keys less those retired from the source (they never count as duplicates)."""
@@ -385,14 +392,20 @@ def _finals(out_dir: str, copy: bool = True) -> list[str]:
     return [storage.join(out_dir, n) for n in kinds]
 
 
-def start_clean(plan: CleanPlan) -> bool:
-    """True when shards or final files are left to write; then OUT/manifest.json is removed first, since the
-    folder is incomplete until every shard is done again."""
+def start_clean(plan: CleanPlan) -> CleanPlan:
+    """The plan ready to run. When shards or final files are left to write, OUT/manifest.json is removed first
+    (the folder is incomplete until every shard is done again) and each pending shard is given the keys an
+    earlier shard holds: the duplicate-key check across shards, fixed before any shard is cleaned."""
     if not plan.pending and all(storage.isfile(p) for p in _finals(plan.out_dir, plan.copy)):
-        return False
+        return plan
     if storage.isfile(_finals(plan.out_dir)[2]):
         storage.unlink(_finals(plan.out_dir)[2])
-    return True
+    if not plan.pending:
+        return plan
+    order = [e.name for e in plan.manifest.shards]
+    upto = order[:max(order.index(name) for name in plan.pending) + 1]  # later shards hold no earlier keys
+    keys = {name: sample_keys(plan.shards_dir, name) for name in upto}
+    return dataclasses.replace(plan, earlier=earlier_keys(plan, keys))
 
 
 def sample_keys(shards_dir: str, name: str) -> list[str]:
@@ -408,10 +421,13 @@ def sample_keys(shards_dir: str, name: str) -> list[str]:
 
 def earlier_keys(plan: CleanPlan, keys: dict[str, list[str]]) -> dict[str, dict[str, str]]:
     """For each pending shard, its keys that an earlier shard (manifest order) already holds -> that shard:
-    what a sequential clean would have in `seen` for it. keys: every shard's sample_keys."""
+    what a sequential clean would have in `seen` for it. keys: sample_keys of the shards up to the last
+    pending one."""
     first: dict[str, str] = {}
     out: dict[str, dict[str, str]] = {}
     for entry in plan.manifest.shards:
+        if entry.name not in keys:
+            break
         live = plan.live_keys(entry.name, keys[entry.name])
         if plan.markers[entry.name] is None:
             out[entry.name] = {k: first[k] for k in live if k in first}
@@ -460,32 +476,63 @@ def _finish(out_dir: str, sel: Selection, manifest: Manifest, markers: list[dict
         options={"cleaned_with": sel.rule.label, "threshold": sel.threshold, "keep_unscored": sel.keep_unscored}))
 
 
+@dataclass(frozen=True)
+class CleanSettings:
+    """How a corpus is cleaned, apart from which folders: the clean stage's settings."""
+
+    rule: Rule = DEFAULT_RULE  # what is dropped (dede_core.stages.select)
+    keep_unscored: bool = False  # keep samples without a score instead of dropping them
+    copy: bool = True  # False: the verdicts only (rejected.parquet, summary.json), no cleaned shards
+
+
+@dataclass(frozen=True)
+class CleanRun:
+    """One run of the clean stage: its folders and settings (what CLEAN.plan takes)."""
+
+    shards: str  # shards folder written by the shard stage
+    scores: str  # scores folder of those shards
+    out: str  # new (or this run's) folder for the cleaned shards
+    settings: CleanSettings = field(default_factory=CleanSettings)
+
+
+class CleanStage:
+    """The clean stage's four steps (dede_core.stages.protocol); a job is one shard."""
+
+    name, unit = "clean", "shards"
+
+    def plan(self, run: CleanRun) -> CleanPlan:
+        s = run.settings
+        return start_clean(plan_clean(run.shards, run.scores, run.out, s.rule, keep_unscored=s.keep_unscored,
+                                      copy=s.copy))
+
+    def job_name(self, job: ShardJob) -> str:
+        return job.entry.name
+
+    def place(self, job: ShardJob, where: Placement) -> ShardJob:
+        return job  # copies bytes: runs the same anywhere
+
+    def run_job(self, job: ShardJob) -> dict[str, Any]:
+        return clean_shard(job)
+
+    def finish(self, plan: CleanPlan, markers: Mapping[str, dict[str, Any]],
+               errors: Mapping[str, BaseException]) -> CleanResult:
+        """The final files, once every shard is cleaned; else the first failed shard's error (the shards that
+        finished keep their markers: a rerun cleans only the rest)."""
+        for exc in errors.values():
+            raise exc
+        return finish_clean(plan, dict(markers))
+
+
+CLEAN = CleanStage()
+
+
 def clean(shards_dir: str | os.PathLike, scores_dir: str | os.PathLike, out_dir: str | os.PathLike,
           rule: Rule = DEFAULT_RULE, *, keep_unscored: bool = False, progress: bool = True,
           copy: bool = True) -> CleanResult:
-    """Write OUT/<shard>.tar with the samples the rule keeps, OUT/rejected.parquet, summary.json, manifest.json,
-    one shard after the other. Rerunning the same command resumes or does nothing; other settings into the
-    same OUT are refused. The dede-clean flow runs the same steps with shards in parallel. copy=False writes
-    only the verdicts (rejected.parquet, summary.json): no shard is copied and there is no manifest.json."""
-    plan = plan_clean(shards_dir, scores_dir, out_dir, rule, keep_unscored=keep_unscored, copy=copy)
-    markers: dict[str, dict[str, Any]] = {}
-    if start_clean(plan) and plan.pending:
-        markers = _run(plan, progress)
-    return finish_clean(plan, markers)
-
-
-def _run(plan: CleanPlan, progress: bool) -> dict[str, dict[str, Any]]:
-    pending, markers = set(plan.pending), {}
-    bar = Progress(len(pending), desc="cleaning", unit="shards", quiet=not progress)
-    start, read = time.perf_counter(), 0
-    seen: dict[str, str] = {}
-    for entry in plan.manifest.shards:
-        if entry.name not in pending:  # finished earlier: only its keys matter, to spot duplicates later on
-            for key in plan.live_keys(entry.name, sample_keys(plan.shards_dir, entry.name)):
-                seen.setdefault(key, entry.name)
-            continue
-        markers[entry.name] = clean_shard(plan.job(entry.name), seen)
-        read += entry.bytes
-        bar.update(1, f"{read / 1e6 / max(time.perf_counter() - start, 1e-9):.1f} MB/s")
-    bar.close(f"{read / 1e6:.1f} MB read")
-    return markers
+    """Write OUT/<shard>.tar with the samples the rule keeps, OUT/rejected.parquet, summary.json, manifest.json:
+    the clean stage's steps in this process, one shard after the other. Rerunning the same command resumes or
+    does nothing; other settings into the same OUT are refused. copy=False writes only the verdicts
+    (rejected.parquet, summary.json): no shard is copied and there is no manifest.json."""
+    run = CleanRun(os.fspath(shards_dir), os.fspath(scores_dir), os.fspath(out_dir),
+                   CleanSettings(rule, keep_unscored, copy))
+    return run_in_order(CLEAN, run, progress=progress)

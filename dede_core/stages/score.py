@@ -1,46 +1,38 @@
 """Score stage: a shards folder -> OUT/<shard>.parquet per shard, OUT/calibration.parquet and OUT/run.json.
 
 The shard is the unit of work: its Parquet file appears (temporary name + rename) only once every sample of it
-is scored, then `_done/<shard>.json` is written last; rerunning skips shards with both. Batches still span
-shards: one DataLoader runs over all pending shards and results are routed back to their shard by position.
+is scored, then `_done/<shard>.json` is written last; rerunning skips shards with both. A job (the stage's
+protocol, dede_core.stages.protocol: SCORE) is a group of shards; within it batches span shards: one DataLoader
+runs over the group and results are routed back to their shard by position.
 OUT/run.json pins the detector, encoder and score settings, so one folder never mixes scores of two setups.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import hashlib
-import json
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
-
-from dede_core import __version__
 from dede_core.io import source_index, storage
-from dede_core.detector.checkpoint import Checkpoint, load_detector
-from dede_core.detector.cache import load_detector_once
+from dede_core.detector.cache import forget_detector
 from dede_core.io.progress import Progress
 from dede_core.detector.health import describe_health
-from dede_core.detector.knn import density_score, knn_distance
 from dede_core.io.loader import make_loader
-from dede_core.detector.scorer import ScoreConfig, Scorer, for_checkpoint
+from dede_core.detector.scorer import ScoreConfig
 from dede_core.stages import folder
+from dede_core.stages.protocol import Placement, run_in_order
+from dede_core.stages.scoring import ScoreWriter, open_writer
 from dede_core.io.sources import TarShardSource
-from schemas.manifest import ShardEntry, differences, read_manifest
+from schemas.manifest import ShardEntry, read_manifest
 from schemas import names
-from schemas.tables import (CALIBRATION, STATUS_DECODE_ERROR, STATUS_OK, STATUS_READ_ERROR, STATUS_SKIPPED,
-                            scores_schema, with_metadata)
+from schemas.tables import STATUS_DECODE_ERROR, STATUS_OK, STATUS_READ_ERROR
 
 log = logging.getLogger("dede")
-
-IGNORED_ON_RERUN = ("dede_version",)  # recorded, but a new release may finish an old run's shards
-
 
 @dataclass(frozen=True)
 class ScoreStageResult:
@@ -57,32 +49,65 @@ class ScoreStageResult:
     images_per_s: float
 
 
-def run_config(ckpt: Checkpoint, score: ScoreConfig, *, knn_k: int, with_embedding: bool, device: str,
-               shards_id: str) -> dict[str, Any]:
-    """Everything a score depends on; saved as OUT/run.json and in every Parquet file's metadata."""
-    return {"detector_hash": ckpt.content_hash, "encoder_spec": ckpt.encoder_spec,
-            "encoder_fingerprint": ckpt.encoder_fingerprint, "detector_config": ckpt.config.to_dict(),
-            "score": score.to_dict(), "knn_k": knn_k, "with_embedding": with_embedding,
-            "detector_health": ckpt.meta.get("health"),
-            # bf16 autocast on CUDA gives other (close) numbers than the CPU: one folder holds one kind.
-            "device_type": torch.device(device).type, "shards": shards_id, "dede_version": __version__}
+@dataclass(frozen=True)
+class ScoreSettings:
+    """How a shards folder is scored, apart from which folders: the score stage's settings."""
+
+    score: ScoreConfig = field(default_factory=ScoreConfig)  # how each score is computed (saved in OUT/run.json)
+    knn_k: int = 10  # neighbours of the k-NN score
+    with_embedding: bool = False  # keep each sample's victim embedding in its row
+    batch_size: int = 256  # images per forward pass
+    workers: int = 0  # decoding processes per job
+    device: str = "cpu"  # cpu, cuda or cuda:N
+    encoder: str | None = None  # the victim's spec, when the detector's own must not be trusted to run code
+    group_size: int | None = 1  # shards per job; None: every pending shard in one job
+
+    def __post_init__(self) -> None:
+        size = self.group_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"group_size must be an int >= 1 (or None: one job), got {size!r}")
 
 
-def _claim_run(out_dir: str, config: dict[str, Any], markers: folder.Markers, entries: list[ShardEntry]) -> None:
-    """OUT/run.json: the setup every score of the folder is made with. A rerun may only add shards (a corpus
-    grown by `dede shard`, every finished shard unchanged in the manifest); other settings are refused."""
-    strip = lambda d: {k: v for k, v in d.items() if k not in IGNORED_ON_RERUN}  # noqa: E731
+@dataclass(frozen=True)
+class ScoreRun:
+    """One run of the score stage: its folders and settings (what SCORE.plan takes)."""
 
-    def check(old: dict[str, Any]) -> bool:
-        diffs = differences(strip(old), strip(config))
-        by_name = {e.name: e.sha256 for e in entries}
-        grown = all(by_name.get(m.get("shard")) == m.get("sha256") for m in markers.all_done())
-        if diffs and all(d.startswith("shards:") for d in diffs) and grown:
-            return True
-        folder.refuse(out_dir, "scores", diffs, "scores of two setups never mix: ")
-        return False
+    shards: str  # shards folder written by the shard stage (path or fsspec URL)
+    detector: str  # detector checkpoint
+    out: str  # scores folder
+    settings: ScoreSettings = field(default_factory=ScoreSettings)
+    only: list[str] | None = None  # score these shards only (names or stems); None: every shard
+    progress: bool = True  # progress lines on the dede logger
 
-    folder.claim(out_dir, names.SCORE_RUN, config, check=check)
+
+@dataclass(frozen=True)
+class ScoreJob:
+    """One group of shards to score: small and picklable, it travels to the process that scores it."""
+
+    run: ScoreRun
+    names: list[str]
+
+
+def job_label(names: list[str]) -> str:
+    """'000003' or '000004..000007': names a job by its shards."""
+    stems = [folder.stem(name) for name in names]
+    return stems[0] if len(stems) == 1 else f"{stems[0]}..{stems[-1]}"
+
+
+@dataclass(frozen=True)
+class ScorePlan:
+    """A score run fixed before any shard is scored: OUT claimed, calibration written, the jobs left."""
+
+    run: ScoreRun
+    groups: list[list[str]]  # the pending shards, one list per job
+    skipped: list[str]  # shards complete before this run
+    started: float  # time.time() when planning began
+
+    def jobs(self) -> list[ScoreJob]:
+        return [ScoreJob(self.run, names) for names in self.groups]
+
+    def group(self, label: str) -> list[str]:
+        return next(names for names in self.groups if job_label(names) == label)
 
 
 def _select(entries: list[ShardEntry], wanted: list[str] | None) -> list[ShardEntry]:
@@ -138,93 +163,7 @@ def _open_part(shards_dir: str, entry: ShardEntry, scratch: str | None, refs: di
     return _ShardRows(entry, TarShardSource([storage.local_copy(path, scratch or "")]), refs)
 
 
-def _write_parquet(table: pa.Table, path: str) -> None:
-    with storage.AtomicFile(path) as f:
-        pq.write_table(table, f)
-
-
-class _Run:
-    """One call's fixed context: where to write, the scorer, the bank, the schema with its metadata."""
-
-    def __init__(self, out_dir: str, scorer: Scorer, ckpt: Checkpoint, config: dict[str, Any],
-                 markers: folder.Markers) -> None:
-        self.out_dir, self.scorer, self.ckpt, self.config, self.markers = out_dir, scorer, ckpt, config, markers
-        self.knn_k, self.with_embedding = config["knn_k"], config["with_embedding"]
-        self.bank = None if ckpt.knn_bank is None else ckpt.knn_bank.to(scorer.device, torch.float32)
-        config_json = json.dumps(config, sort_keys=True)
-        self.schema = with_metadata(scores_schema(self.with_embedding), "scores", config_json)
-        self.calibration_schema = with_metadata(CALIBRATION, "calibration", config_json)
-        self.constant = {"draws": config["score"]["draws"], "detector_hash": ckpt.content_hash,
-                         "encoder_id": f"{ckpt.encoder_spec}#{ckpt.encoder_fingerprint[:16]}"}
-        self.calibration_embeddings = ckpt.calibration_embeddings
-        if ckpt.calibration_images is not None and self.calibration_embeddings is None:
-            # a checkpoint without stored embeddings: its held-out images are embedded here
-            self.calibration_embeddings = scorer.embed(ckpt.calibration_images)
-        # The held-out images' k-distances: the reference of the two-sided density score.
-        self.reference_knn = None
-        if self.calibration_embeddings is not None and len(self.calibration_embeddings):
-            self.reference_knn = knn_distance(self.calibration_embeddings, self.bank, self.knn_k,
-                                              chunk=scorer.config.chunk)
-
-    def score(self, images: torch.Tensor, keys: list[str], *, victim: torch.Tensor | None = None,
-              embedding: torch.Tensor | None = None) -> dict[str, list]:
-        """-> {score, recon_error, knn_score, density_score, embedding}, one list entry per key."""
-        out = self.scorer.score(images, keys, victim=victim, embedding=embedding)
-        knn = knn_distance(out.embedding, self.bank, self.knn_k, chunk=self.scorer.config.chunk)
-        none = [None] * len(keys)
-        density = none if knn is None or self.reference_knn is None else density_score(knn, self.reference_knn)
-        return {"score": out.score.tolist(), "recon_error": out.error.tolist(),
-                "knn_score": none if knn is None else knn.tolist(),
-                "density_score": density if isinstance(density, list) else density.tolist(),
-                "embedding": list(out.embedding.numpy())}
-
-    def write_shard(self, part: _ShardRows) -> Counter:
-        """OUT/<stem>.parquet (temp + rename), then the _done marker last; returns the status counts."""
-        columns = {name: [row.get(name) for row in part.rows] for name in self.schema.names
-                   if name not in self.constant}
-        columns |= {"shard": [part.entry.name] * len(part.rows), "position": list(range(len(part.rows)))}
-        columns |= {name: [value] * len(part.rows) for name, value in self.constant.items()}
-        _write_parquet(pa.Table.from_pydict(columns, schema=self.schema),
-                       storage.join(self.out_dir, f"{part.stem}.parquet"))
-        counts = Counter(columns["status"])
-        elapsed = 0.0 if part.started is None else time.perf_counter() - part.started
-        self.markers.mark_done(part.entry.name, {"shard": part.entry.name, "rows": len(part.rows), "counts": counts,
-                                                 "elapsed_s": round(elapsed, 3), "sha256": part.entry.sha256,
-                                                 "detector_hash": self.ckpt.content_hash})
-        return counts
-
-    def write_skipped(self, skipped: list[tuple[str, str]]) -> None:
-        """OUT/skipped.parquet: a row (status skipped, shard "", error = why) per source entry that `dede shard`
-        left out, so one query over the scores view accounts for every input; rewritten when the list changes."""
-        path = storage.join(self.out_dir, names.SKIPPED)
-        if storage.isfile(path):
-            with storage.open_read(path) as f:
-                had = pq.read_table(f, columns=["key", "error"]).to_pylist()
-            if [(r["key"], r["error"]) for r in had] == list(skipped):
-                return
-        elif not skipped:
-            return
-        n = len(skipped)
-        columns = {name: [None] * n for name in self.schema.names}
-        columns |= {"key": [k for k, _ in skipped], "error": [r for _, r in skipped], "shard": [""] * n,
-                    "position": list(range(n)), "status": [STATUS_SKIPPED] * n}
-        columns |= {name: [value] * n for name, value in self.constant.items()}
-        _write_parquet(pa.Table.from_pydict(columns, schema=self.schema), path)
-
-    def write_calibration(self, batch_size: int) -> None:
-        """OUT/calibration.parquet: the checkpoint's held-out images, scored exactly like the corpus."""
-        keys, images, embeddings = self.ckpt.calibration_keys, self.ckpt.calibration_images, self.calibration_embeddings
-        columns: dict[str, list] = {name: [] for name in self.calibration_schema.names}
-        for start in range(0, len(keys) if images is not None else 0, batch_size):
-            stop = start + batch_size
-            scored = self.score(images[start:stop], keys[start:stop], embedding=embeddings[start:stop])
-            for name in columns:  # knn and density are None when the detector carries no k-NN bank
-                columns[name] += keys[start:stop] if name == "key" else scored[name]
-        table = pa.Table.from_pydict(columns, schema=self.calibration_schema)
-        _write_parquet(table, storage.join(self.out_dir, names.CALIBRATION))
-
-
-def _route(batch: dict[str, Any], parts: list[_ShardRows], run: _Run) -> list[_ShardRows]:
+def _route(batch: dict[str, Any], parts: list[_ShardRows], run: ScoreWriter) -> list[_ShardRows]:
     """Score a batch, put each row into its shard; returns the shards this batch completed."""
     ok = [i for i, status in enumerate(batch["status"]) if status == STATUS_OK]
     image, victim = batch["views"]
@@ -245,19 +184,6 @@ def _route(batch: dict[str, Any], parts: list[_ShardRows], run: _Run) -> list[_S
         if part.missing == 0:
             completed.append(part)
     return completed
-
-
-def _check_args(knn_k: int, batch_size: int, workers: int, device: str, ckpt: Checkpoint) -> None:
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device must be cpu, cuda or cuda:N (resolve 'auto' first), got {device!r}") from None
-    for name, value, low in (("knn_k", knn_k, 1), ("batch_size", batch_size, 1), ("workers", workers, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    bank = 0 if ckpt.knn_bank is None else ckpt.knn_bank.shape[0]
-    if 0 < bank < knn_k:
-        raise ValueError(f"knn_k={knn_k} but the detector's k-NN bank holds {bank} embeddings; pass knn_k <= {bank}")
 
 
 def _is_done(out_dir: str, markers: folder.Markers, entry: ShardEntry) -> bool:
@@ -281,46 +207,43 @@ def _open_parts(shards_dir: str, markers: folder.Markers, todo: list[ShardEntry]
 
 
 
-def score_shards(shards_dir: str, *, detector: str, out_dir: str, score: ScoreConfig = ScoreConfig(),
-                 knn_k: int = 10, with_embedding: bool = False, batch_size: int = 256, workers: int = 2,
-                 device: str = "cpu", shards: list[str] | None = None, progress: bool = True, encoder: str | None = None,
-                 reuse_detector: bool = False) -> ScoreStageResult:
-    """Score every sample of a shards folder (or the named `shards` of it) into OUT/<shard>.parquet.
+def plan_score(run: ScoreRun) -> ScorePlan:
+    """Claim OUT (OUT/run.json; other settings are refused), write OUT/calibration.parquet, and group the
+    shards still to score into jobs. A run of every shard (only None or []) also sweeps a killed run's
+    temporaries and writes OUT/skipped.parquet: never while another run's jobs write into OUT."""
+    started = time.time()
+    manifest = read_manifest(run.shards)
+    entries = _select(manifest.shards, run.only)
+    writer = open_writer(run, manifest)
+    whole = not run.only
+    if whole:
+        log.info(describe_health(writer.ckpt.meta.get("health")))
+    if not storage.isfile(storage.join(run.out, names.CALIBRATION)):
+        writer.write_calibration(run.settings.batch_size)
+    if whole:
+        writer.markers.sweep()
+        writer.write_skipped(list(manifest.skipped))
+    skipped = [e.name for e in entries if _is_done(run.out, writer.markers, e)]
+    pending = [e.name for e in entries if e.name not in skipped]
+    size = run.settings.group_size or max(1, len(pending))
+    return ScorePlan(run=run, groups=[pending[i:i + size] for i in range(0, len(pending), size)],
+                     skipped=skipped, started=started)
 
-    Rerunning skips finished shards, retries failed ones, and refuses if the detector or settings changed.
-    `shards=[]` scores no shard but writes OUT/run.json and OUT/calibration.parquet (a flow's first task).
-    `encoder`: the victim's spec, when the detector's own must not be trusted to run code (checkpoint.load_detector).
-    `reuse_detector`: keep the loaded detector for the next call in this process (a worker's later tasks).
-    SHARDS and OUT may be fsspec URLs (dede_core.io.storage): shards are then downloaded one call at a time.
-    """
-    started = time.perf_counter()
-    shards_dir, out_dir = os.fspath(shards_dir), os.fspath(out_dir)
-    manifest = read_manifest(shards_dir)
-    entries = _select(manifest.shards, shards)
-    load = load_detector_once if reuse_detector else load_detector
-    model, encoder, ckpt = load(detector, encoder_spec=encoder)
-    _check_args(knn_k, batch_size, workers, device, ckpt)
-    score = for_checkpoint(score, ckpt)
-    scorer = Scorer(detector=model, encoder=encoder, config=score, device=device, references=ckpt.knn_bank)
-    listing = json.dumps([[e.name, e.sha256] for e in manifest.shards]).encode()
-    shards_id = f"{len(manifest.shards)} shards, sha256 {hashlib.sha256(listing).hexdigest()[:16]}"
-    config = run_config(ckpt, score, knn_k=knn_k, with_embedding=with_embedding, device=device, shards_id=shards_id)
-    markers = folder.Markers(out_dir)
-    _claim_run(out_dir, config, markers, manifest.shards)
-    if not shards:  # a whole-folder call, or a flow's first task: once per run, not once per shard group
-        log.info(describe_health(ckpt.meta.get("health")))
-    run = _Run(out_dir, scorer, ckpt, config, markers)
-    if not storage.isfile(storage.join(out_dir, names.CALIBRATION)):
-        run.write_calibration(batch_size)
-    if not shards:  # a whole-folder call (or a flow's first task): never two tasks at once
-        markers.sweep()
-        run.write_skipped(list(manifest.skipped))
-    skipped = [e.name for e in entries if _is_done(out_dir, markers, e)]
-    scratch = storage.scratch(shards_dir)  # downloaded shards, when SHARDS is a URL
+
+def score_job(job: ScoreJob) -> dict[str, Any]:
+    """Score one group of shards into OUT/<stem>.parquet, each shard's marker last; an unreadable shard is
+    recorded in OUT/_failed/ and the others go on. Returns the job's counts (ScoreStageResult as a dict)."""
+    started, run = time.perf_counter(), job.run
+    manifest = read_manifest(run.shards)
+    entries = _select(manifest.shards, job.names)
+    writer = open_writer(run, manifest)
+    skipped = [e.name for e in entries if _is_done(run.out, writer.markers, e)]  # done since the plan
+    scratch = storage.scratch(run.shards)  # downloaded shards, when SHARDS is a URL
     try:
-        parts, failed = _open_parts(shards_dir, markers, [e for e in entries if e.name not in skipped],
+        parts, failed = _open_parts(run.shards, writer.markers, [e for e in entries if e.name not in skipped],
                                     scratch.name if scratch else None)
-        counts = _score_parts(parts, run, batch_size=batch_size, workers=workers, progress=progress)
+        counts = _score_parts(parts, writer, batch_size=run.settings.batch_size, workers=run.settings.workers,
+                              progress=run.progress)
     finally:
         if scratch:
             scratch.cleanup()
@@ -331,11 +254,81 @@ def score_shards(shards_dir: str, *, detector: str, out_dir: str, score: ScoreCo
                               read_errors=counts[STATUS_READ_ERROR], elapsed_s=elapsed,
                               images_per_s=rows / elapsed if elapsed > 0 else 0.0)
     log.info(f"scored {rows} samples in {len(parts)} shards ({result.images_per_s:.1f} img/s); {len(skipped)} "
-        f"already done; {len(failed)} unreadable{' (see _failed/)' if failed else ''} -> {out_dir}")
-    return result
+             f"already done; {len(failed)} unreadable{' (see _failed/)' if failed else ''} -> {run.out}")
+    return dataclasses.asdict(result)
 
 
-def _score_parts(parts: list[_ShardRows], run: _Run, *, batch_size: int, workers: int,
+def finish_score(plan: ScorePlan, markers: Mapping[str, dict[str, Any]],
+                 errors: Mapping[str, BaseException]) -> ScoreStageResult:
+    """The run's counts over its jobs; a job that raised counts each of its shards as failed."""
+    jobs = [ScoreStageResult(**m) for m in markers.values()]
+    failed = {name: why for job in jobs for name, why in job.failed.items()}
+    for label, exc in errors.items():
+        failed |= {name: f"{type(exc).__name__}: {exc}" for name in plan.group(label)}
+    elapsed = time.time() - plan.started
+    rows = sum(j.samples for j in jobs)
+    return ScoreStageResult(scored=[n for j in jobs for n in j.scored],
+                            skipped=plan.skipped + [n for j in jobs for n in j.skipped], failed=failed,
+                            samples=rows, ok=sum(j.ok for j in jobs), decode_errors=sum(j.decode_errors for j in jobs),
+                            read_errors=sum(j.read_errors for j in jobs), elapsed_s=elapsed,
+                            images_per_s=rows / elapsed if elapsed > 0 else 0.0)
+
+
+class ScoreStage:
+    """The score stage's four steps (dede_core.stages.protocol); a job is a group of shards."""
+
+    name, unit = "score", "shard groups"
+
+    def plan(self, run: ScoreRun) -> ScorePlan:
+        return plan_score(run)
+
+    def job_name(self, job: ScoreJob) -> str:
+        return job_label(job.names)
+
+    def place(self, job: ScoreJob, where: Placement) -> ScoreJob:
+        """On a worker pinned to one GPU that GPU is cuda (cuda:0); decoders are capped by the worker's CPUs."""
+        s = job.run.settings
+        device = "cuda" if where.pinned_gpu and s.device.startswith("cuda") else s.device
+        workers = s.workers if where.decode_limit is None else min(s.workers, where.decode_limit)
+        settings = dataclasses.replace(s, device=device, workers=workers)
+        return dataclasses.replace(job, run=dataclasses.replace(job.run, settings=settings))
+
+    def run_job(self, job: ScoreJob) -> dict[str, Any]:
+        return score_job(job)
+
+    def finish(self, plan: ScorePlan, markers: Mapping[str, dict[str, Any]],
+               errors: Mapping[str, BaseException]) -> ScoreStageResult:
+        return finish_score(plan, markers, errors)
+
+
+SCORE = ScoreStage()
+
+
+def score_shards(shards_dir: str, *, detector: str, out_dir: str, score: ScoreConfig = ScoreConfig(),
+                 knn_k: int = 10, with_embedding: bool = False, batch_size: int = 256, workers: int = 2,
+                 device: str = "cpu", shards: list[str] | None = None, progress: bool = True, encoder: str | None = None,
+                 reuse_detector: bool = False) -> ScoreStageResult:
+    """Score every sample of a shards folder (or the named `shards` of it) into OUT/<shard>.parquet: the score
+    stage's steps in this process, every pending shard in one job (one DataLoader, batches across shards).
+
+    Rerunning skips finished shards, retries failed ones, and refuses if the detector or settings changed.
+    `shards=[]` scores no shard but writes OUT/run.json and OUT/calibration.parquet.
+    `encoder`: the victim's spec, when the detector's own must not be trusted to run code (checkpoint.load_detector).
+    `reuse_detector`: keep the loaded detector for the next call in this process.
+    SHARDS and OUT may be fsspec URLs (dede_core.io.storage): shards are then downloaded one call at a time.
+    """
+    settings = ScoreSettings(score=score, knn_k=knn_k, with_embedding=with_embedding, batch_size=batch_size,
+                             workers=workers, device=device, encoder=encoder, group_size=None)
+    run = ScoreRun(os.fspath(shards_dir), os.fspath(detector), os.fspath(out_dir), settings, only=shards,
+                   progress=progress)
+    try:
+        return run_in_order(SCORE, run, progress=progress)
+    finally:
+        if not reuse_detector:
+            forget_detector(run.detector, encoder_spec=encoder)
+
+
+def _score_parts(parts: list[_ShardRows], run: ScoreWriter, *, batch_size: int, workers: int,
                  progress: bool) -> Counter:
     """Decode in workers, score batch by batch, write each shard as soon as its last sample is back."""
     counts: Counter = Counter()

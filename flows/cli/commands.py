@@ -60,23 +60,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _local(args: argparse.Namespace) -> bool:
-    from flows.runners import parse_runner
-
-    return parse_runner(args.runner, workers=args.dask_workers).kind == "local"
-
-
 def cmd_score(args: argparse.Namespace) -> int:
-    """--runner local: the library call in this process; otherwise the dede-score flow on the Dask runner."""
+    """--runner local: the stage's steps in this process (one job); otherwise the dede-score flow."""
     options.check_local_out(args.out, "score", allow_url=True)
-    if _local(args):
-        from dede_core.stages.score import score_shards
+    engine = options.engine(args)
+    if engine.parse().kind == "local":
+        from dede_core.stages.protocol import run_in_order
+        from dede_core.stages.score import SCORE, ScoreRun
 
-        result = score_shards(args.shards, detector=args.detector, out_dir=args.out,
-                              score=options.score_config(args), knn_k=args.knn_k,
-                              with_embedding=args.with_embedding, batch_size=args.batch_size,
-                              workers=args.workers, device=options.device(args.device), shards=args.only or None,
-                              encoder=args.encoder)
+        run = ScoreRun(args.shards, args.detector, args.out, options.score_settings(args, group_size=None),
+                       only=args.only or None)
+        result = run_in_order(SCORE, run)
         if result.failed:
             log.error("%d shards could not be read: %s; see %s/_failed/", len(result.failed),
                       sorted(result.failed), args.out)
@@ -87,11 +81,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     from flows.score import ShardsFailed, score_flow
 
     try:
-        summary = run_flow("score", score_flow, args.shards, args.detector, args.out, seed=args.seed,
-                           draws=args.draws, visible=args.visible, chunk=args.chunk, knn_k=args.knn_k,
-                           with_embedding=args.with_embedding, batch_size=args.batch_size, workers=args.workers,
-                           device=options.device(args.device), encoder=args.encoder, runner=args.runner,
-                           dask_workers=args.dask_workers, cpu_bf16=args.bf16)
+        summary = run_flow("score", score_flow, args.shards, args.detector, args.out,
+                           options.score_settings(args, group_size=1), engine)
     except ShardsFailed as exc:
         log.error("dede score: %s", exc)
         return 1
@@ -105,21 +96,21 @@ def _what(args: argparse.Namespace) -> str:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    """--runner local: the library call in this process; otherwise the dede-clean flow on the Dask runner."""
+    """--runner local: the stage's steps in this process; otherwise the dede-clean flow."""
     options.check_local_out(args.out, "clean", allow_url=True)
-    rule = options.rule_from_args(args)
-    if _local(args):
+    settings, engine = options.clean_settings(args), options.engine(args)
+    if engine.parse().kind == "local":
         from dede_core.detector.health import describe_health
-        from dede_core.stages.clean import clean
+        from dede_core.stages.clean import CLEAN, CleanRun
+        from dede_core.stages.protocol import run_in_order
         from dede_core.stages.report import write_report
         from schemas.names import REPORT
 
-        result = clean(args.shards, args.scores, args.out, rule, keep_unscored=args.keep_unscored,
-                       copy=not args.no_copy)
+        result = run_in_order(CLEAN, CleanRun(args.shards, args.scores, args.out, settings))
         c, sel = result.counts, result.selection
         fate = "kept" if args.keep_unscored else "dropped"
         print(f"kept {c.kept} of {c.total} samples, dropped {c.dropped} ({c.unscored} without a score, {fate})")
-        print(f"rule {rule.label}: {sel.how}")
+        print(f"rule {settings.rule.label}: {sel.how}")
         print(describe_health(sel.detector_health))
         print(f"{_what(args)} -> {result.out_dir}  (rejected: {result.rejected_path})")
         if not args.no_report:
@@ -129,9 +120,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
         return 0
     from flows.clean import clean_flow
 
-    result = run_flow("clean", clean_flow, args.shards, args.scores, args.out, rule=rule.to_dict(),
-                      keep_unscored=args.keep_unscored, report=not args.no_report, runner=args.runner,
-                      dask_workers=args.dask_workers, copy_samples=not args.no_copy, thumbnails=args.thumbnails)
+    result = run_flow("clean", clean_flow, args.shards, args.scores, args.out, settings, engine,
+                      report=not args.no_report, thumbnails=args.thumbnails)
     c = result["counts"]
     print(f"kept {c['kept']} of {c['total']} samples, dropped {c['dropped']}; {result['how']}")
     print(f"{_what(args)} -> {result['out']}  (rejected: {result['rejected']})")
@@ -146,20 +136,8 @@ def cmd_sanitize(args: argparse.Namespace) -> int:
     from flows.score import ShardsFailed
 
     options.check_local_out(args.out, "sanitize")
-    rule = options.rule_from_args(args)
     try:
-        result = run_flow(
-            "sanitize", sanitize_flow, args.src, args.encoder, args.out, detector=args.detector, aux=args.aux,
-            preset=args.preset, detector_overrides=options.detector_overrides(args), epochs=args.epochs,
-            max_epochs=args.max_epochs, patience=args.patience,
-            train_batch_size=args.train_batch_size, samples_per_shard=args.samples_per_shard, rule=rule.to_dict(),
-            keep_unscored=args.keep_unscored, seed=args.seed, draws=args.draws, visible=args.visible,
-            chunk=args.chunk, knn_k=args.knn_k, with_embedding=args.with_embedding, batch_size=args.batch_size,
-            device=options.device(args.device), workers=args.workers, group_size=args.group_size,
-            max_parallel=args.max_parallel, runner=args.runner, dask_workers=args.dask_workers,
-            follow_external_links=args.follow_external_links, image_column=args.image_column,
-            key_column=args.key_column, label_column=args.label_column, copy_samples=not args.no_copy,
-            thumbnails=args.thumbnails)
+        result = run_flow("sanitize", sanitize_flow, args.src, args.encoder, args.out, options.sanitize_config(args))
     except ShardsFailed as exc:
         log.error("dede sanitize: %s", exc)
         return 1

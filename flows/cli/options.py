@@ -180,3 +180,45 @@ def add_runner_options(p: argparse.ArgumentParser) -> None:
                    help="CPU worker processes of the cluster --runner dask starts (default 2; with GPUs: one "
                    "per GPU)")
 
+
+
+def score_settings(args: argparse.Namespace, *, group_size: int | None):
+    """The score stage's settings from the score options; group_size shards per job (None: one job)."""
+    from dede_core.stages.score import ScoreSettings
+
+    return ScoreSettings(score=score_config(args), knn_k=args.knn_k, with_embedding=args.with_embedding,
+                         batch_size=args.batch_size, workers=args.workers, device=device(args.device),
+                         encoder=args.encoder, group_size=group_size)
+
+
+def clean_settings(args: argparse.Namespace):
+    """The clean stage's settings from the rule and output options."""
+    from dede_core.stages.clean import CleanSettings
+
+    return CleanSettings(rule=rule_from_args(args), keep_unscored=args.keep_unscored, copy=not args.no_copy)
+
+
+def engine(args: argparse.Namespace):
+    """Where the stages' jobs run: --runner, --dask-workers and (sanitize) --max-parallel."""
+    from flows.runners import Engine
+
+    return Engine(runner=args.runner, max_parallel=getattr(args, "max_parallel", 1), dask_workers=args.dask_workers)
+
+
+def sanitize_config(args: argparse.Namespace):
+    """Every stage's settings of `dede sanitize`, as the dede-sanitize flow takes them."""
+    from dede_core.detector.train import TrainConfig
+    from flows.sanitize import SanitizeConfig
+    from flows.shard import ShardSettings
+    from flows.train import TrainSettings
+
+    train = TrainConfig(epochs=args.epochs, max_epochs=args.max_epochs, patience=args.patience,
+                        batch_size=args.train_batch_size)
+    return SanitizeConfig(
+        detector=args.detector, aux=args.aux,
+        training=TrainSettings(preset=args.preset, overrides=detector_overrides(args), train=train),
+        shard=ShardSettings(samples_per_shard=args.samples_per_shard, image_column=args.image_column,
+                            key_column=args.key_column, label_column=args.label_column,
+                            follow_external_links=args.follow_external_links),
+        score=score_settings(args, group_size=args.group_size), clean=clean_settings(args), engine=engine(args),
+        thumbnails=args.thumbnails)

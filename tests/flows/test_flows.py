@@ -13,17 +13,29 @@ import pytest
 import webdataset as wds
 
 from dede_core.detector.checkpoint import load_checkpoint
-from dede_core.stages.score import score_shards
+from dede_core.detector.train import TrainConfig
+from dede_core.stages.clean import CleanSettings
+from dede_core.stages.score import ScoreSettings, score_shards
 from dede_core.detector.scorer import ScoreConfig
 from dede_core.stages.select import Rule
 from flows import is_transient, retry_transient
-from flows.sanitize import ARTIFACT_KEY, sanitize_flow
+from flows.runners import Engine
+from flows.sanitize import ARTIFACT_KEY, SanitizeConfig, sanitize_flow
 from flows.score import ShardsFailed, score_flow
+from flows.shard import ShardSettings
+from flows.train import TrainSettings
 
 TINY = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
 SHARDS = ["000000.tar", "000001.tar", "000002.tar"]
 SCORE = dict(knn_k=3, batch_size=16, workers=0, device="cpu")
 WEAK_OK = dataclasses.replace(Rule.quantile(0.9), allow_weak_detector=True)  # 1-epoch test detectors fail the health check
+
+
+def sanitize_config(rule: Rule, epochs: int = 1) -> SanitizeConfig:
+    """1 epoch of a tiny detector, 20 samples a shard, SCORE's scoring settings."""
+    return SanitizeConfig(training=TrainSettings(overrides=TINY, train=TrainConfig(epochs=epochs, batch_size=16)),
+                          shard=ShardSettings(samples_per_shard=20), score=ScoreSettings(**SCORE),
+                          clean=CleanSettings(rule=rule))
 
 
 def tree(folder) -> dict[str, tuple[int, str]]:
@@ -47,11 +59,10 @@ def samples(folder, names=SHARDS) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def sanitized(tmp_path_factory, image_folder, encoder_spec, prefect_harness):
     run = tmp_path_factory.mktemp("run")
-    kwargs = dict(epochs=1, train_batch_size=16, detector_overrides=TINY, samples_per_shard=20,
-                  rule=WEAK_OK.to_dict(), **SCORE)
-    first = sanitize_flow(str(image_folder), encoder_spec, str(run), **kwargs)
+    config = sanitize_config(WEAK_OK)
+    first = sanitize_flow(str(image_folder), encoder_spec, str(run), config)
     before = tree(run)
-    second = sanitize_flow(str(image_folder), encoder_spec, str(run), **kwargs)
+    second = sanitize_flow(str(image_folder), encoder_spec, str(run), config)
     return run, first, second, before
 
 
@@ -112,14 +123,13 @@ def test_sanitize_rerun_over_a_grown_corpus_picks_up_the_new_images(image_folder
 
     corpus, run = tmp_path / "corpus", tmp_path / "run"
     shutil.copytree(image_folder, corpus)
-    kwargs = dict(epochs=1, train_batch_size=16, detector_overrides=TINY, samples_per_shard=20,
-                  rule=dataclasses.replace(Rule.fpr(0.2), allow_weak_detector=True).to_dict(), **SCORE)
-    first = sanitize_flow(str(corpus), encoder_spec, str(run), **kwargs)
+    rule = dataclasses.replace(Rule.fpr(0.2), allow_weak_detector=True)
+    first = sanitize_flow(str(corpus), encoder_spec, str(run), sanitize_config(rule))
     detector = tree(run / "detector")
     shutil.copy(image_folder / "b" / "img_000.png", corpus / "a" / "new_0.png")  # two new images, one removed
     shutil.copy(image_folder / "a" / "img_001.png", corpus / "a" / "new_1.png")
     os.unlink(next((corpus / "b").glob("*.png")))
-    second = sanitize_flow(str(corpus), encoder_spec, str(run), **kwargs)
+    second = sanitize_flow(str(corpus), encoder_spec, str(run), sanitize_config(rule))
     assert second["work"]["shard"] | {"new_shards": None} == {"added": 2, "changed": 0, "removed": 1,
                                                               "unchanged": 47, "new_shards": None, "samples": 50,
                                                               "shards": 4}
@@ -132,14 +142,15 @@ def test_sanitize_rerun_over_a_grown_corpus_picks_up_the_new_images(image_folder
     record = json.loads((run / "sanitize.json").read_text())
     assert record["work"]["shard"]["added"] == 2 and "2 added" in Artifact.get(ARTIFACT_KEY).data
     with pytest.raises(ValueError, match="epochs"):
-        sanitize_flow(str(corpus), encoder_spec, str(run), **(kwargs | {"epochs": 2}))
+        sanitize_flow(str(corpus), encoder_spec, str(run), sanitize_config(rule, epochs=2))
 
 
 def test_parallel_groups_equal_one_score_call(sanitized, tmp_path):
     run = sanitized[0]
     shards, detector = str(run / "shards"), str(run / "detector" / "detector.pt")
     score_shards(shards, detector=detector, out_dir=str(tmp_path / "one"), score=ScoreConfig(), progress=False, **SCORE)
-    summary = score_flow(shards, detector, str(tmp_path / "flow"), group_size=2, max_parallel=2, **SCORE)
+    summary = score_flow(shards, detector, str(tmp_path / "flow"), ScoreSettings(group_size=2, **SCORE),
+                         Engine(max_parallel=2))
     assert sorted(summary["scored"]) == SHARDS and summary["samples"] == summary["ok"] == 48
     for name in ["000000.parquet", "000001.parquet", "000002.parquet", "calibration.parquet"]:
         one, flow = pq.read_table(tmp_path / "one" / name), pq.read_table(tmp_path / "flow" / name)
@@ -155,8 +166,8 @@ def test_a_failed_shard_keeps_the_others_and_fails_at_the_end(sanitized, tmp_pat
     with open(shards / "000001.tar", "ab") as f:
         f.write(b"\0" * 512)  # no longer the size the manifest says: the scorer refuses this shard
     with pytest.raises(ShardsFailed, match="1 of 3 shards") as info:
-        score_flow(str(shards), str(run / "detector" / "detector.pt"), str(tmp_path / "scores"), max_parallel=2,
-                   **SCORE)
+        score_flow(str(shards), str(run / "detector" / "detector.pt"), str(tmp_path / "scores"),
+                   ScoreSettings(**SCORE), Engine(max_parallel=2))
     assert list(info.value.failed) == ["000001.tar"]
     assert sorted(p.name for p in (tmp_path / "scores").glob("[0-9]*.parquet")) == ["000000.parquet",
                                                                                    "000002.parquet"]
@@ -200,19 +211,20 @@ def test_retry_condition_sees_the_task_exception(prefect_harness):
 
 
 def test_a_group_that_raises_does_not_stop_the_others(sanitized, tmp_path, monkeypatch):
-    import flows.score
+    import dede_core.stages.score
 
-    real = flows.score.score_shards
+    real = dede_core.stages.score.score_job
 
-    def broken_for_000001(shards_dir, **kwargs):
-        if "000001.tar" in (kwargs.get("shards") or []):
+    def broken_for_000001(job):
+        if "000001.tar" in job.names:
             raise RuntimeError("boom")
-        return real(shards_dir, **kwargs)
+        return real(job)
 
-    monkeypatch.setattr(flows.score, "score_shards", broken_for_000001)
+    monkeypatch.setattr(dede_core.stages.score, "score_job", broken_for_000001)
     run = sanitized[0]
     with pytest.raises(ShardsFailed) as info:
-        score_flow(str(run / "shards"), str(run / "detector" / "detector.pt"), str(tmp_path / "scores"), **SCORE)
+        score_flow(str(run / "shards"), str(run / "detector" / "detector.pt"), str(tmp_path / "scores"),
+                   ScoreSettings(**SCORE))
     assert info.value.failed == {"000001.tar": "RuntimeError: boom"}
     assert sorted(p.name for p in (tmp_path / "scores").glob("[0-9]*.parquet")) == ["000000.parquet",
                                                                                    "000002.parquet"]

@@ -16,15 +16,18 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from dede_core.stages.shard import write_shards
+from dede_core.stages.clean import CleanSettings
+from dede_core.stages.score import ScoreSettings
+from dede_core.stages.select import Rule
 from flows.clean import clean_flow
-from flows.runners import ShardRunner, parse_runner, plan_cluster, start_cluster
+from flows.runners import Engine, ShardRunner, parse_runner, plan_cluster, start_cluster
 from flows.score import score_flow
 
 distributed = pytest.importorskip("distributed")
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test's own tasks travel to the workers
 
-SCORE = dict(knn_k=3, batch_size=8, workers=0, device="cpu")
-RULE = {"kind": "quantile", "value": 0.9, "column": "score", "allow_weak_detector": True}  # tiny detectors
+SCORE = ScoreSettings(knn_k=3, batch_size=8, workers=0, device="cpu")
+RULE = CleanSettings(Rule("quantile", 0.9, "score", allow_weak_detector=True))  # tiny detectors
 
 
 def sha(path) -> str:
@@ -51,9 +54,9 @@ def runs(corpus, cluster, prefect_harness):
     address = "dask://" + cluster.scheduler_address.removeprefix("tcp://")
     out = {}
     for name, runner in (("local", "local"), ("dask", address)):
-        scored = score_flow(shards, detector, str(root / name / "scores"), runner=runner, **SCORE)
-        cleaned = clean_flow(shards, str(root / name / "scores"), str(root / name / "clean"), rule=RULE,
-                             report=False, runner=runner)
+        scored = score_flow(shards, detector, str(root / name / "scores"), SCORE, Engine(runner))
+        cleaned = clean_flow(shards, str(root / name / "scores"), str(root / name / "clean"), RULE, Engine(runner),
+                             report=False)
         out[name] = (root / name, scored, cleaned)
     return out
 
@@ -101,8 +104,8 @@ def test_detector_is_loaded_once_per_worker(runs, corpus, cluster):
 def test_a_rerun_on_dask_does_no_work(runs, corpus):
     root, shards, _ = corpus
     before = {p.name: p.stat().st_mtime_ns for p in (root / "dask" / "clean").glob("*.tar")}
-    again = clean_flow(shards, str(root / "dask" / "scores"), str(root / "dask" / "clean"), rule=RULE, report=False,
-                       runner="dask", dask_workers=1)
+    again = clean_flow(shards, str(root / "dask" / "scores"), str(root / "dask" / "clean"), RULE,
+                       Engine("dask", dask_workers=1), report=False)
     assert again["written"] == [] and again["workers"] == {}
     assert {p.name: p.stat().st_mtime_ns for p in (root / "dask" / "clean").glob("*.tar")} == before
 

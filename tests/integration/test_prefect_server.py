@@ -26,10 +26,11 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 TINY = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
-PARAMS = {"epochs": 1, "train_batch_size": 16, "samples_per_shard": 20, "detector_overrides": TINY, "knn_k": 3,
-          "batch_size": 16, "workers": 0,
-          # a 1-epoch detector fails the health check: this test is about scheduling, not detection
-          "rule": {"kind": "fpr", "value": 0.2, "column": "score", "allow_weak_detector": True}}
+PARAMS = {"config": {  # flows/sanitize.py SanitizeConfig, nested as a deployment holds it
+    "training": {"overrides": TINY, "train": {"epochs": 1, "batch_size": 16}}, "shard": {"samples_per_shard": 20},
+    "score": {"knn_k": 3, "batch_size": 16, "workers": 0},
+    # a 1-epoch detector fails the health check: this test is about scheduling, not detection
+    "clean": {"rule": {"kind": "fpr", "value": 0.2, "column": "score", "allow_weak_detector": True}}}}
 
 
 def free_port() -> int:
