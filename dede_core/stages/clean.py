@@ -4,8 +4,9 @@ Kept members are copied as raw tar blocks (header and data), never decoded, so a
 the source's. Each shard is one job of the stage (dede_core.stages.protocol: CLEAN): temporary name, rename, then
 OUT/_done/<stem>.rejected.parquet and the marker OUT/_done/<stem>.json last. The plan fixes which keys each shard
 must drop as duplicates of an earlier shard's, so jobs run in any order or at once. Rerunning the same command
-resumes; OUT/clean_config.json makes a rerun with another rule or other scores refuse. The folder ends with rejected.parquet, summary.json and manifest.json (written last,
-in the shards folder format, so the cleaned corpus can be scored again).
+resumes; OUT/clean_config.json makes a rerun with another rule or other scores refuse. The folder ends with
+rejected.parquet, summary.json and manifest.json (written last, in the shards folder format, so the cleaned corpus
+can be scored again).
 """
 
 from __future__ import annotations
@@ -403,14 +404,18 @@ def start_clean(plan: CleanPlan) -> CleanPlan:
     if not plan.pending:
         return plan
     order = [e.name for e in plan.manifest.shards]
-    upto = order[:max(order.index(name) for name in plan.pending) + 1]  # later shards hold no earlier keys
-    keys = {name: sample_keys(plan.shards_dir, name) for name in upto}
+    upto = plan.manifest.shards[:max(order.index(name) for name in plan.pending) + 1]  # later: no earlier keys
+    keys = {e.name: sample_keys(plan.shards_dir, e) for e in upto}
     return dataclasses.replace(plan, earlier=earlier_keys(plan, keys))
 
 
-def sample_keys(shards_dir: str, name: str) -> list[str]:
-    """The sample keys of one shard, in order (the duplicate-key check across shards needs them)."""
-    path = storage.join(shards_dir, name)
+def sample_keys(shards_dir: str, entry: ShardEntry) -> list[str]:
+    """The sample keys of one shard, in order (the duplicate-key check across shards needs them): from the
+    spans the shard stage recorded, else by reading the tar (downloaded first when SHARDS is a URL)."""
+    recorded = recorded_index(shards_dir, entry)
+    if recorded is not None:
+        return [s.key for s in recorded.samples]
+    path = storage.join(shards_dir, entry.name)
     scratch = storage.scratch(shards_dir)
     try:
         return [s.key for s in index_tar(storage.local_copy(path, scratch.name if scratch else "")).samples]
