@@ -30,6 +30,7 @@ def log_to_stderr() -> None:
     if not any(isinstance(h, _Stderr) for h in logger.handlers):
         logger.addHandler(_Stderr())
     logger.setLevel(logging.INFO)
+    logger.propagate = False  # Prefect's console handler on the root logger would print every line twice
 
 
 def build_parser():

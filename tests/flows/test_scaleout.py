@@ -4,6 +4,8 @@ GPU task never shares its GPU (tested with a fake GPU count: this machine has no
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import os
 import sys
@@ -41,10 +43,24 @@ def corpus(tmp_path_factory, image_folder, tiny_detector):
     return root, str(root / "shards"), tiny_detector
 
 
+@contextlib.contextmanager
+def local_cluster(**kwargs):
+    """A LocalCluster on loopback. Its nannies get distributed's fixed few seconds to exit at close; on a loaded
+    machine they may need longer, and a late exit at teardown is no failure of the code under test (the
+    processes go with this one)."""
+    cluster = distributed.LocalCluster(processes=True, dashboard_address=":0", host="127.0.0.1", **kwargs)
+    try:
+        yield cluster
+    finally:
+        try:
+            cluster.close(timeout=120)
+        except (TimeoutError, asyncio.TimeoutError, asyncio.CancelledError):
+            pass
+
+
 @pytest.fixture(scope="module")
 def cluster():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                                  host="127.0.0.1") as c:
+    with local_cluster(n_workers=2, threads_per_worker=1) as c:
         yield c
 
 
@@ -182,8 +198,7 @@ def test_gpu_tasks_never_share_a_gpu(prefect_harness):
         with ShardRunner(parse_runner(address), gpu=gpu) as pool:
             return pool.run([(hold_gpu, {"seconds": 1.0}) for _ in range(3)])
 
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True, resources={"GPU": 1},
-                                  dashboard_address=":0", host="127.0.0.1") as c:
+    with local_cluster(n_workers=1, threads_per_worker=2, resources={"GPU": 1}) as c:
         address = "dask://" + c.scheduler_address.removeprefix("tcp://")
         gpu_spans, cpu_spans = run(True, address), run(False, address)
     assert len({pid for *_, pid in gpu_spans}) == 1  # one worker process ran them all
