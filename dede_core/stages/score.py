@@ -3,7 +3,7 @@
 The shard is the unit of work: its Parquet file appears (temporary name + rename) only once every sample of it
 is scored, then `_done/<shard>.json` is written last; rerunning skips shards with both. A job (the stage's
 protocol, dede_core.stages.protocol: SCORE) is a group of shards; within it batches span shards: one DataLoader
-runs over the group and results are routed back to their shard by position.
+runs over the group and results are routed back to their shard by position (score_batches.py).
 OUT/run.json pins the detector, encoder and score settings, so one folder never mixes scores of two setups.
 """
 
@@ -13,21 +13,18 @@ import dataclasses
 import logging
 import os
 import time
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dede_core.io import source_index, storage
+from dede_core.io import storage
 from dede_core.detector.cache import forget_detector
-from dede_core.io.progress import Progress
 from dede_core.detector.health import describe_health
-from dede_core.io.loader import make_loader
 from dede_core.detector.scorer import ScoreConfig
 from dede_core.stages import folder
 from dede_core.stages.protocol import Placement, run_in_order
-from dede_core.stages.scoring import ScoreWriter, open_writer
-from dede_core.io.sources import TarShardSource
+from dede_core.stages.score_batches import open_parts, score_parts
+from dede_core.stages.scoring import open_writer
 from schemas.manifest import ShardEntry, read_manifest
 from schemas import names
 from schemas.tables import STATUS_DECODE_ERROR, STATUS_OK, STATUS_READ_ERROR
@@ -122,89 +119,9 @@ def _select(entries: list[ShardEntry], wanted: list[str] | None) -> list[ShardEn
     return [e for e in entries if e.name in picked]
 
 
-class _ShardRows:
-    """One pending shard: its reader and its result columns, filled by position as batches come back."""
-
-    def __init__(self, entry: ShardEntry, source: TarShardSource, refs: dict[str, str]) -> None:
-        self.entry, self.source, self.keys = entry, source, source.keys()
-        self.sources = [_reference(source.meta(i), refs.get(key)) for i, key in enumerate(self.keys)]
-        self.stem = os.path.splitext(entry.name)[0]
-        # Members the reader could not make a sample of come last, as read_error rows: nothing disappears.
-        n = len(self.keys) + len(source.skipped)
-        self.rows: list[dict[str, Any] | None] = [None] * n
-        for j, (key, reason) in enumerate(source.skipped):
-            self.rows[len(self.keys) + j] = {"key": key, "label": None, "width": None, "height": None,
-                                             "status": STATUS_READ_ERROR, "error": reason}
-        self.missing = len(self.keys)
-        self.started: float | None = None
-
-
-def _reference(meta: dict[str, Any], indexed: str | None) -> str | None:
-    """A sample's source reference: its .json's `source` (written by `dede shard`), else the shards folder's
-    source index, else the image folder path an older .json holds."""
-    found = meta.get("source") or indexed or meta.get("path")
-    return found if isinstance(found, str) else None
-
-
-def source_refs(shards_dir: str) -> dict[str, str]:
-    """key -> source reference from the shards folder's source index ({} when it has none)."""
-    index = source_index.read(shards_dir, read_manifest(shards_dir).source_index) or {}
-    return {key: entry.item for key, entry in index.items() if entry.item is not None}
-
-
-def _open_part(shards_dir: str, entry: ShardEntry, scratch: str | None, refs: dict[str, str]) -> _ShardRows:
-    """Index one shard; ValueError/OSError when it is missing, cut short or not a tar (the shard fails).
-    A shard at a URL is downloaded into `scratch` first: the reader needs random access."""
-    path = storage.join(shards_dir, entry.name)
-    size = storage.getsize(path)
-    if size != entry.bytes:
-        raise ValueError(f"{path} is {size} bytes but the manifest says {entry.bytes}: it changed or was cut "
-                         f"short since sharding; reshard or restore it")
-    return _ShardRows(entry, TarShardSource([storage.local_copy(path, scratch or "")]), refs)
-
-
-def _route(batch: dict[str, Any], parts: list[_ShardRows], run: ScoreWriter) -> list[_ShardRows]:
-    """Score a batch, put each row into its shard; returns the shards this batch completed."""
-    ok = [i for i, status in enumerate(batch["status"]) if status == STATUS_OK]
-    image, victim = batch["views"]
-    results = run.score(image[ok], [batch["key"][i] for i in ok], victim=victim[ok]) if ok else {}
-    scored = {i: {name: values[j] for name, values in results.items()} for j, i in enumerate(ok)}
-    completed = []
-    now = time.perf_counter()
-    for i, (p, position) in enumerate(zip(batch["part"], batch["position"])):
-        part = parts[p]
-        part.started = part.started or now
-        row = {name: batch[name][i] for name in ("label", "width", "height", "status", "error")}
-        row["key"] = part.keys[position]  # known from the shard's index even when the sample cannot be read
-        row["source"] = part.sources[position]
-        if i in scored:
-            row |= scored[i]
-        part.rows[position] = row
-        part.missing -= 1
-        if part.missing == 0:
-            completed.append(part)
-    return completed
-
-
 def _is_done(out_dir: str, markers: folder.Markers, entry: ShardEntry) -> bool:
     return (markers.done(entry.name) is not None
             and storage.isfile(storage.join(out_dir, f"{folder.stem(entry.name)}.parquet")))
-
-
-def _open_parts(shards_dir: str, markers: folder.Markers, todo: list[ShardEntry],
-                scratch: str | None = None) -> tuple[list[_ShardRows], dict[str, str]]:
-    """Index the pending shards; a broken one is recorded in _failed/ and left out, the others go on."""
-    parts, failed = [], {}
-    refs = source_refs(shards_dir) if todo else {}
-    for entry in todo:
-        try:
-            parts.append(_open_part(shards_dir, entry, scratch, refs))
-        except (OSError, ValueError) as exc:
-            failed[entry.name] = f"{type(exc).__name__}: {exc}"
-            log.warning(f"shard {entry.name} cannot be read and is not scored: {failed[entry.name]}")
-            markers.mark_failed(entry.name, failed[entry.name])
-    return parts, failed
-
 
 
 def plan_score(run: ScoreRun) -> ScorePlan:
@@ -240,9 +157,9 @@ def score_job(job: ScoreJob) -> dict[str, Any]:
     skipped = [e.name for e in entries if _is_done(run.out, writer.markers, e)]  # done since the plan
     scratch = storage.scratch(run.shards)  # downloaded shards, when SHARDS is a URL
     try:
-        parts, failed = _open_parts(run.shards, writer.markers, [e for e in entries if e.name not in skipped],
+        parts, failed = open_parts(run.shards, writer.markers, [e for e in entries if e.name not in skipped],
                                     scratch.name if scratch else None)
-        counts = _score_parts(parts, writer, batch_size=run.settings.batch_size, workers=run.settings.workers,
+        counts = score_parts(parts, writer, batch_size=run.settings.batch_size, workers=run.settings.workers,
                               progress=run.progress)
     finally:
         if scratch:
@@ -306,8 +223,8 @@ SCORE = ScoreStage()
 
 def score_shards(shards_dir: str, *, detector: str, out_dir: str, score: ScoreConfig = ScoreConfig(),
                  knn_k: int = 10, with_embedding: bool = False, batch_size: int = 256, workers: int = 2,
-                 device: str = "cpu", shards: list[str] | None = None, progress: bool = True, encoder: str | None = None,
-                 reuse_detector: bool = False) -> ScoreStageResult:
+                 device: str = "cpu", shards: list[str] | None = None, progress: bool = True,
+                 encoder: str | None = None, reuse_detector: bool = False) -> ScoreStageResult:
     """Score every sample of a shards folder (or the named `shards` of it) into OUT/<shard>.parquet: the score
     stage's steps in this process, every pending shard in one job (one DataLoader, batches across shards).
 
@@ -327,24 +244,3 @@ def score_shards(shards_dir: str, *, detector: str, out_dir: str, score: ScoreCo
         if not reuse_detector:
             forget_detector(run.detector, encoder_spec=encoder)
 
-
-def _score_parts(parts: list[_ShardRows], run: ScoreWriter, *, batch_size: int, workers: int,
-                 progress: bool) -> Counter:
-    """Decode in workers, score batch by batch, write each shard as soon as its last sample is back."""
-    counts: Counter = Counter()
-    for part in [p for p in parts if p.missing == 0]:  # nothing readable inside: only read_error rows
-        counts += run.write_shard(part)
-    loader = make_loader([p.source for p in parts], views=(run.ckpt.config.view, run.scorer.encoder.view),
-                         batch_size=batch_size, workers=workers, pin_memory=run.scorer.device.type == "cuda")
-    total = len(loader.dataset)
-    bar = Progress(total, desc="scoring", quiet=not (progress and total))
-    done = len(parts) - sum(1 for p in parts if p.missing)
-    if total:
-        for batch in loader:
-            for part in _route(batch, parts, run):
-                counts += run.write_shard(part)
-                part.rows = []  # free the finished shard's results
-                done += 1
-            bar.update(len(batch["key"]), f"shards {done}/{len(parts)}")
-    bar.close(f"shards {done}/{len(parts)}")
-    return counts

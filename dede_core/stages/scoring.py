@@ -29,7 +29,8 @@ from schemas.manifest import Manifest, ShardEntry, differences
 from schemas.tables import CALIBRATION, STATUS_SKIPPED, scores_schema, with_metadata
 
 if TYPE_CHECKING:
-    from dede_core.stages.score import ScoreRun, _ShardRows
+    from dede_core.stages.score import ScoreRun
+    from dede_core.stages.score_batches import ShardRows
 
 
 IGNORED_ON_RERUN = ("dede_version",)  # recorded, but a new release may finish an old run's shards
@@ -132,7 +133,7 @@ class ScoreWriter:
                 "density_score": density if isinstance(density, list) else density.tolist(),
                 "embedding": list(out.embedding.numpy())}
 
-    def write_shard(self, part: _ShardRows) -> Counter:
+    def write_shard(self, part: ShardRows) -> Counter:
         """OUT/<stem>.parquet (temp + rename), then the _done marker last; returns the status counts."""
         columns = {name: [row.get(name) for row in part.rows] for name in self.schema.names
                    if name not in self.constant}

@@ -1,0 +1,124 @@
+"""One score job's shards: indexed, decoded in batches that span them, each batch scored and its rows routed
+back to their shard by position; a shard is written (dede_core.stages.scoring.ScoreWriter) as soon as its last
+row is back, so a killed job loses at most the shards still open."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from typing import Any
+
+from dede_core.io import source_index, storage
+from dede_core.io.loader import make_loader
+from dede_core.io.progress import Progress
+from dede_core.io.sources import TarShardSource
+from dede_core.stages import folder
+from dede_core.stages.scoring import ScoreWriter
+from schemas.manifest import ShardEntry, read_manifest
+from schemas.tables import STATUS_OK, STATUS_READ_ERROR
+
+log = logging.getLogger("dede")
+
+
+class ShardRows:
+    """One pending shard: its reader and its result columns, filled by position as batches come back."""
+
+    def __init__(self, entry: ShardEntry, source: TarShardSource, refs: dict[str, str]) -> None:
+        self.entry, self.source, self.keys = entry, source, source.keys()
+        self.sources = [_reference(source.meta(i), refs.get(key)) for i, key in enumerate(self.keys)]
+        self.stem = os.path.splitext(entry.name)[0]
+        # Members the reader could not make a sample of come last, as read_error rows: nothing disappears.
+        n = len(self.keys) + len(source.skipped)
+        self.rows: list[dict[str, Any] | None] = [None] * n
+        for j, (key, reason) in enumerate(source.skipped):
+            self.rows[len(self.keys) + j] = {"key": key, "label": None, "width": None, "height": None,
+                                             "status": STATUS_READ_ERROR, "error": reason}
+        self.missing = len(self.keys)
+        self.started: float | None = None
+
+
+def _reference(meta: dict[str, Any], indexed: str | None) -> str | None:
+    """A sample's source reference: its .json's `source` (written by `dede shard`), else the shards folder's
+    source index, else the image folder path an older .json holds."""
+    found = meta.get("source") or indexed or meta.get("path")
+    return found if isinstance(found, str) else None
+
+
+def source_refs(shards_dir: str) -> dict[str, str]:
+    """key -> source reference from the shards folder's source index ({} when it has none)."""
+    index = source_index.read(shards_dir, read_manifest(shards_dir).source_index) or {}
+    return {key: entry.item for key, entry in index.items() if entry.item is not None}
+
+
+def _open_part(shards_dir: str, entry: ShardEntry, scratch: str | None, refs: dict[str, str]) -> ShardRows:
+    """Index one shard; ValueError/OSError when it is missing, cut short or not a tar (the shard fails).
+    A shard at a URL is downloaded into `scratch` first: the reader needs random access."""
+    path = storage.join(shards_dir, entry.name)
+    size = storage.getsize(path)
+    if size != entry.bytes:
+        raise ValueError(f"{path} is {size} bytes but the manifest says {entry.bytes}: it changed or was cut "
+                         f"short since sharding; reshard or restore it")
+    return ShardRows(entry, TarShardSource([storage.local_copy(path, scratch or "")]), refs)
+
+
+def _route(batch: dict[str, Any], parts: list[ShardRows], run: ScoreWriter) -> list[ShardRows]:
+    """Score a batch, put each row into its shard; returns the shards this batch completed."""
+    ok = [i for i, status in enumerate(batch["status"]) if status == STATUS_OK]
+    image, victim = batch["views"]
+    results = run.score(image[ok], [batch["key"][i] for i in ok], victim=victim[ok]) if ok else {}
+    scored = {i: {name: values[j] for name, values in results.items()} for j, i in enumerate(ok)}
+    completed = []
+    now = time.perf_counter()
+    for i, (p, position) in enumerate(zip(batch["part"], batch["position"])):
+        part = parts[p]
+        part.started = part.started or now
+        row = {name: batch[name][i] for name in ("label", "width", "height", "status", "error")}
+        row["key"] = part.keys[position]  # known from the shard's index even when the sample cannot be read
+        row["source"] = part.sources[position]
+        if i in scored:
+            row |= scored[i]
+        part.rows[position] = row
+        part.missing -= 1
+        if part.missing == 0:
+            completed.append(part)
+    return completed
+
+
+def open_parts(shards_dir: str, markers: folder.Markers, todo: list[ShardEntry],
+                scratch: str | None = None) -> tuple[list[ShardRows], dict[str, str]]:
+    """Index the pending shards; a broken one is recorded in _failed/ and left out, the others go on."""
+    parts, failed = [], {}
+    refs = source_refs(shards_dir) if todo else {}
+    for entry in todo:
+        try:
+            parts.append(_open_part(shards_dir, entry, scratch, refs))
+        except (OSError, ValueError) as exc:
+            failed[entry.name] = f"{type(exc).__name__}: {exc}"
+            log.warning(f"shard {entry.name} cannot be read and is not scored: {failed[entry.name]}")
+            markers.mark_failed(entry.name, failed[entry.name])
+    return parts, failed
+
+
+
+def score_parts(parts: list[ShardRows], run: ScoreWriter, *, batch_size: int, workers: int,
+                 progress: bool) -> Counter:
+    """Decode in workers, score batch by batch, write each shard as soon as its last sample is back."""
+    counts: Counter = Counter()
+    for part in [p for p in parts if p.missing == 0]:  # nothing readable inside: only read_error rows
+        counts += run.write_shard(part)
+    loader = make_loader([p.source for p in parts], views=(run.ckpt.config.view, run.scorer.encoder.view),
+                         batch_size=batch_size, workers=workers, pin_memory=run.scorer.device.type == "cuda")
+    total = len(loader.dataset)
+    bar = Progress(total, desc="scoring", quiet=not (progress and total))
+    done = len(parts) - sum(1 for p in parts if p.missing)
+    if total:
+        for batch in loader:
+            for part in _route(batch, parts, run):
+                counts += run.write_shard(part)
+                part.rows = []  # free the finished shard's results
+                done += 1
+            bar.update(len(batch["key"]), f"shards {done}/{len(parts)}")
+    bar.close(f"shards {done}/{len(parts)}")
+    return counts
