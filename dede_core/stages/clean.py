@@ -404,13 +404,18 @@ def start_clean(plan: CleanPlan) -> CleanPlan:
         return plan
     order = [e.name for e in plan.manifest.shards]
     upto = order[:max(order.index(name) for name in plan.pending) + 1]  # later shards hold no earlier keys
-    keys = {name: sample_keys(plan.shards_dir, name) for name in upto}
+    entries = {e.name: e for e in plan.manifest.shards}
+    keys = {name: sample_keys(plan.shards_dir, entries[name]) for name in upto}
     return dataclasses.replace(plan, earlier=earlier_keys(plan, keys))
 
 
-def sample_keys(shards_dir: str, name: str) -> list[str]:
-    """The sample keys of one shard, in order (the duplicate-key check across shards needs them)."""
-    path = storage.join(shards_dir, name)
+def sample_keys(shards_dir: str, entry: ShardEntry) -> list[str]:
+    """The sample keys of one shard, in order (the duplicate-key check across shards needs them): from its
+    recorded spans when it has them, else from its tar."""
+    recorded = read_spans(shards_dir, entry)
+    if recorded is not None:
+        return list(recorded.keys)
+    path = storage.join(shards_dir, entry.name)
     scratch = storage.scratch(shards_dir)
     try:
         return [s.key for s in index_tar(storage.local_copy(path, scratch.name if scratch else "")).samples]
