@@ -16,7 +16,8 @@ from PIL import Image
 
 from dede_core import KeptFiles, Verdicts, filter_hf_dataset, webdataset_filter
 from dede_core.sql import connect, run_query
-from dede_core.stages.clean import clean, index_tar
+from dede_core.io.tarspans import index_tar
+from dede_core.stages.clean import clean
 from dede_core.stages.score import score_shards
 from dede_core.stages.select import Rule
 from dede_core.stages.shard import update_shards

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import tarfile
-from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterable
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Iterable, Iterator
 
 from dede_core.io import storage
+from dede_core.io.sources import clean_key, group_members  # the scorer's key rule, so keys match the scores
+from schemas.manifest import ShardEntry, read_spans
 
 CHUNK = 8 << 20  # bytes read (and hashed) at a time
 
@@ -113,3 +115,55 @@ def copy_runs(src: str, size: int, runs: list[tuple[int, int]], dst: BinaryIO) -
     dst.write(trailer)
     out_hash.update(trailer)
     return CopyResult(source_sha256=src_hash.hexdigest(), bytes=written + len(trailer), sha256=out_hash.hexdigest())
+
+
+@dataclass(frozen=True)
+class TarSample:
+    key: str
+    spans: list[tuple[int, int]]  # [start, end) of each member: its header blocks and its padded data
+
+
+@dataclass
+class TarIndex:
+    samples: list[TarSample] = field(default_factory=list)
+    others: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) of members that are no sample
+    gaps: list[tuple[int, int]] = field(default_factory=list)  # archive-level blocks (pax global headers): kept
+
+
+def _member_end(m: tarfile.TarInfo) -> int:
+    has_data = m.isreg() or m.type not in tarfile.SUPPORTED_TYPES  # the same test tarfile uses to skip data
+    return m.offset_data + (-(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE if has_data else 0)
+
+
+def index_tar(path: str) -> TarIndex:
+    """Samples of a WebDataset tar as byte spans, grouped as the scorer's source groups them."""
+    index = TarIndex()
+
+    def tracked(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+        """Every member, noting the archive-level blocks between them (pax global headers) as gaps."""
+        prev_end = 0
+        for m in tar:
+            if m.offset > prev_end:
+                index.gaps.append((prev_end, m.offset))
+            prev_end = _member_end(m)
+            yield m
+
+    def skip(m: tarfile.TarInfo, why: str) -> None:
+        index.others.append((clean_key(m.name), f"not a sample: member {m.name!r} {why}"))
+
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for key, group in group_members(tracked(tar), skip):
+                index.samples.append(TarSample(clean_key(key), [(m.offset, _member_end(m)) for m in group.values()]))
+    except (tarfile.TarError, EOFError) as e:
+        raise ValueError(f"{path} is not a readable uncompressed tar shard: {e}") from None
+    return index
+
+
+def recorded_index(shards_dir: str, entry: ShardEntry) -> TarIndex | None:
+    """The shard's samples from the spans the shard stage recorded (no tar parsing); None without them."""
+    spans = read_spans(shards_dir, entry)
+    if spans is None:
+        return None
+    offsets = spans.offsets
+    return TarIndex(samples=[TarSample(key, [(offsets[i], offsets[i + 1])]) for i, key in enumerate(spans.keys)])

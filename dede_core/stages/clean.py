@@ -4,92 +4,38 @@ Kept members are copied as raw tar blocks (header and data), never decoded, so a
 the source's. Each shard is one job of the stage (dede_core.stages.protocol: CLEAN): temporary name, rename, then
 OUT/_done/<stem>.rejected.parquet and the marker OUT/_done/<stem>.json last. The plan fixes which keys each shard
 must drop as duplicates of an earlier shard's, so jobs run in any order or at once. Rerunning the same command
-resumes; OUT/clean_config.json makes a rerun with another rule or other scores refuse. The folder ends with rejected.parquet, summary.json and manifest.json (written last,
-in the shards folder format, so the cleaned corpus can be scored again).
+resumes; OUT/clean_config.json makes a rerun with another rule or other scores refuse. The folder ends with
+rejected.parquet, summary.json and manifest.json (written last, in the shards folder format, so the cleaned corpus
+can be scored again).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import os
-import tarfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from collections.abc import Mapping
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dede_core.io import storage
-from dede_core.io.tarspans import copy_runs, merge_runs
-from dede_core.io.source_index import CHANGED, REMOVED
+from dede_core.io.tarspans import index_tar, recorded_index
 from dede_core.stages.select import DEFAULT_RULE, Counts, Rule, Selection, select
-from dede_core.io.sources import clean_key, group_members  # the scorer's key rule, so keys match the scores
 from dede_core.stages import folder
+from dede_core.stages.clean_shard import (ShardJob, clean_shard, finished_marker, rejected_table,
+                                          write_parquet)
 from dede_core.stages.protocol import Placement, run_in_order
 from schemas import names
-from schemas.manifest import Manifest, ShardEntry, differences, read_manifest, read_spans, write_manifest
+from schemas.manifest import Manifest, ShardEntry, differences, read_manifest, write_manifest
 from schemas.tables import REJECTED, conform, with_metadata
 
 FORMAT = "dede-clean/1"
-RETIRED_REASONS = (REMOVED, CHANGED)  # samples the source no longer holds: dropped, never a duplicate
-
-
-@dataclass(frozen=True)
-class TarSample:
-    key: str
-    spans: list[tuple[int, int]]  # [start, end) of each member: its header blocks and its padded data
-
-
-@dataclass
-class TarIndex:
-    samples: list[TarSample] = field(default_factory=list)
-    others: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) of members that are no sample
-    gaps: list[tuple[int, int]] = field(default_factory=list)  # archive-level blocks (pax global headers): kept
-
-
-def _member_end(m: tarfile.TarInfo) -> int:
-    has_data = m.isreg() or m.type not in tarfile.SUPPORTED_TYPES  # the same test tarfile uses to skip data
-    return m.offset_data + (-(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE if has_data else 0)
-
-
-def index_tar(path: str) -> TarIndex:
-    """Samples of a WebDataset tar as byte spans, grouped as the scorer's source groups them."""
-    index = TarIndex()
-
-    def tracked(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
-        """Every member, noting the archive-level blocks between them (pax global headers) as gaps."""
-        prev_end = 0
-        for m in tar:
-            if m.offset > prev_end:
-                index.gaps.append((prev_end, m.offset))
-            prev_end = _member_end(m)
-            yield m
-
-    def skip(m: tarfile.TarInfo, why: str) -> None:
-        index.others.append((clean_key(m.name), f"not a sample: member {m.name!r} {why}"))
-
-    try:
-        with tarfile.open(path, mode="r:") as tar:
-            for key, group in group_members(tracked(tar), skip):
-                index.samples.append(TarSample(clean_key(key), [(m.offset, _member_end(m)) for m in group.values()]))
-    except (tarfile.TarError, EOFError) as e:
-        raise ValueError(f"{path} is not a readable uncompressed tar shard: {e}") from None
-    return index
-
-
-def recorded_index(shards_dir: str, entry: ShardEntry) -> TarIndex | None:
-    """The shard's samples from the spans the shard stage recorded (no tar parsing); None without them."""
-    spans = read_spans(shards_dir, entry)
-    if spans is None:
-        return None
-    offsets = spans.offsets
-    return TarIndex(samples=[TarSample(key, [(offsets[i], offsets[i + 1])]) for i, key in enumerate(spans.keys)])
 
 
 @dataclass(frozen=True)
@@ -196,135 +142,6 @@ def _check_coverage(manifest: Manifest, sel: Selection, shards_dir: str, scores_
                          f"{scores_dir}/<stem>.parquet for each{why}; finish scoring (rerun `dede score`) first")
 
 
-def _write_parquet(table: pa.Table, path: str) -> None:
-    with storage.AtomicFile(path) as f:
-        pq.write_table(table, f)
-
-
-def _rejected_table(rows: list[tuple[str, str, str | None, float | None, str]]) -> pa.Table:
-    columns = list(zip(*rows)) if rows else [[] for _ in REJECTED]
-    return pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(columns, REJECTED)], schema=REJECTED)
-
-
-def _scored_keys(scores_dir: str, name: str) -> dict[str, str | None]:
-    """key -> source reference of every row of a shard's scores file (None where the file has no source)."""
-    path = storage.join(scores_dir, folder.stem(name) + ".parquet")
-    with storage.open_read(path) as f:
-        file = pq.ParquetFile(f)
-        table = file.read(columns=[c for c in ("key", "shard", "source") if c in file.schema_arrow.names])
-    others = set(table.column("shard").to_pylist()) - {name}
-    if others:
-        raise ValueError(f"{path} holds rows of shard(s) {sorted(others)[:3]}, not only {name}; rescore")
-    keys = table.column("key").to_pylist()
-    sources = table.column("source").to_pylist() if "source" in table.column_names else [None] * len(keys)
-    return dict(zip(keys, sources))
-
-
-@dataclass(frozen=True)
-class ShardJob:
-    """Everything one shard's cleaning needs: small and picklable, so it can go to another process."""
-
-    entry: ShardEntry
-    shards_dir: str
-    scores_dir: str
-    out_dir: str
-    dropped: dict[str, tuple[float | None, str]]  # key -> (score, reason) of this shard's dropped samples
-    keep_unscored: bool
-    unscored: int  # unscored rows of this shard in the scores table
-    identity_sha: str  # the marker's claim that it belongs to this clean run
-    copy: bool = True  # False: verdicts only, no OUT/<name> (dede clean --no-copy)
-    seen: dict[str, str] = field(default_factory=dict)  # its keys an earlier shard holds -> that shard
-
-
-def _clean_shard(job: ShardJob, src: str, scratch: str | None, *, scored: dict[str, str | None],
-                 seen: dict[str, str]) -> dict[str, Any]:
-    """Write OUT/<name> holding the kept samples; return the marker (counts, bytes, sha256, rejected rows).
-    src is a local copy of the shard; the new shard is written in scratch when OUT is a URL, else in OUT."""
-    entry, out_dir, unscored = job.entry, job.out_dir, job.unscored
-    name = entry.name
-    index = recorded_index(job.shards_dir, entry) or index_tar(src)
-    kept, rows = [], []
-    for s in index.samples:
-        source = scored.get(s.key)
-        if job.dropped.get(s.key, (None, ""))[1] in RETIRED_REASONS:  # an old version: never in `seen`
-            rows.append((s.key, name, source, *job.dropped[s.key]))
-            continue
-        if s.key in seen:
-            rows.append((s.key, name, source, None, f"duplicate key (first seen in {seen[s.key]})"))
-            continue
-        seen[s.key] = name
-        if s.key in job.dropped:
-            rows.append((s.key, name, source, *job.dropped[s.key]))
-        elif s.key in scored or job.keep_unscored:
-            kept.append(s)
-            unscored += s.key not in scored
-        else:
-            rows.append((s.key, name, None, None, "not scored"))
-            unscored += 1
-    rows += [(key, name, None, None, reason) for key, reason in index.others]
-    stray = set(scored) - {s.key for s in index.samples}
-    if stray:
-        raise ValueError(f"the scores of {name} hold {len(stray)} key(s) that {src} does not (e.g. "
-                         f"{sorted(stray)[:3]}): the scores belong to another corpus; rescore these shards")
-
-    counts = Counts(total=len(kept) + len(rows), kept=len(kept), dropped=len(rows), unscored=unscored)
-    marker = {"shard": name, "bytes": 0, "sha256": None, "samples": len(kept), "counts": counts.to_dict(),
-              "first_key": kept[0].key if kept else "", "last_key": kept[-1].key if kept else ""}
-    if job.copy:
-        marker["bytes"], marker["sha256"] = _write_kept(job, src, scratch, index, kept)
-    _write_parquet(_rejected_table(rows), folder.Markers(out_dir).path(name, ".rejected.parquet"))
-    return marker
-
-
-def _write_kept(job: ShardJob, src: str, scratch: str | None, index: TarIndex, kept: list[TarSample]
-                ) -> tuple[int, str]:
-    """OUT/<name>: the kept samples' tar members copied byte for byte; returns (bytes, sha256) of it."""
-    entry, out_dir, name = job.entry, job.out_dir, job.entry.name
-    runs = merge_runs(index.gaps + [span for s in kept for span in s.spans])
-    with storage.AtomicFile(storage.join(out_dir, name), scratch=scratch) as f:
-        copied = copy_runs(src, entry.bytes, runs, f)
-        src_sha, size, sha = copied.source_sha256, copied.bytes, copied.sha256
-        if src_sha != entry.sha256:
-            raise ValueError(f"{src} does not match the sha256 in its manifest; the shard changed: reshard")
-    return size, sha
-
-
-def clean_shard(job: ShardJob) -> dict[str, Any]:
-    """Clean one shard of a plan: OUT/<name>, then _done/<stem>.rejected.parquet, then the marker
-    _done/<stem>.json last; returns the marker. The keys an earlier shard (manifest order) already holds
-    (job.seen) are dropped as duplicates, so shards can be cleaned in any order, or at once."""
-    entry, out_dir = job.entry, job.out_dir
-    src = storage.join(job.shards_dir, entry.name)
-    if not storage.isfile(src) or storage.getsize(src) != entry.bytes:
-        raise ValueError(f"{src} is missing or not the {entry.bytes} bytes its manifest says; reshard")
-    if not storage.is_url(out_dir):
-        for stale in glob.glob(os.path.join(glob.escape(out_dir), f".{glob.escape(entry.name)}.*.tmp")):
-            os.unlink(stale)  # left by a killed run
-    scratch = storage.scratch(job.shards_dir) or storage.scratch(out_dir)
-    try:
-        where = scratch.name if scratch else None
-        marker = _clean_shard(job, storage.local_copy(src, where or ""), where if storage.is_url(out_dir) else None,
-                              scored=_scored_keys(job.scores_dir, entry.name), seen=dict(job.seen))
-    finally:
-        if scratch:
-            scratch.cleanup()
-    marker["identity"] = job.identity_sha
-    folder.Markers(out_dir).mark_done(entry.name, marker)
-    return marker
-
-
-def _marker(out_dir: str, name: str, identity_sha: str, copy: bool) -> dict[str, Any] | None:
-    """The marker of a finished shard of this run, or None when the shard must be (re)written."""
-    marker = folder.Markers(out_dir).done(name)
-    if marker is None:
-        return None
-    out = storage.join(out_dir, name)
-    part = folder.Markers(out_dir).path(name, ".rejected.parquet")
-    ok = (marker.get("identity") == identity_sha and storage.isfile(part)
-          and (not copy or (storage.isfile(out) and storage.getsize(out) == marker.get("bytes"))))
-    return marker if ok else None
-
-
 @dataclass(frozen=True)
 class CleanPlan:
     """A clean run fixed before any shard is written: the selection, the claimed OUT, what is left to do."""
@@ -381,7 +198,7 @@ def plan_clean(shards_dir: str | os.PathLike, scores_dir: str | os.PathLike, out
     config = {"identity": identity, "paths": {"shards_dir": shards_dir, "scores_dir": scores_dir}}
     _claim(out_dir, identity, config["paths"], [[e.name, e.sha256] for e in manifest.shards])
     shard_ids = _shard_ids(identity, manifest, scores_dir)
-    markers = {e.name: _marker(out_dir, e.name, shard_ids[e.name], copy) for e in manifest.shards}
+    markers = {e.name: finished_marker(out_dir, e.name, shard_ids[e.name], copy) for e in manifest.shards}
     return CleanPlan(shards_dir=shards_dir, scores_dir=scores_dir, out_dir=out_dir, selection=sel,
                      manifest=manifest, config=config, shard_ids=shard_ids, markers=markers, copy=copy)
 
@@ -403,18 +220,17 @@ def start_clean(plan: CleanPlan) -> CleanPlan:
     if not plan.pending:
         return plan
     order = [e.name for e in plan.manifest.shards]
-    upto = order[:max(order.index(name) for name in plan.pending) + 1]  # later shards hold no earlier keys
-    entries = {e.name: e for e in plan.manifest.shards}
-    keys = {name: sample_keys(plan.shards_dir, entries[name]) for name in upto}
+    upto = plan.manifest.shards[:max(order.index(name) for name in plan.pending) + 1]  # later: no earlier keys
+    keys = {e.name: sample_keys(plan.shards_dir, e) for e in upto}
     return dataclasses.replace(plan, earlier=earlier_keys(plan, keys))
 
 
 def sample_keys(shards_dir: str, entry: ShardEntry) -> list[str]:
-    """The sample keys of one shard, in order (the duplicate-key check across shards needs them): from its
-    recorded spans when it has them, else from its tar."""
-    recorded = read_spans(shards_dir, entry)
+    """The sample keys of one shard, in order (the duplicate-key check across shards needs them): from the
+    spans the shard stage recorded, else by reading the tar (downloaded first when SHARDS is a URL)."""
+    recorded = recorded_index(shards_dir, entry)
     if recorded is not None:
-        return list(recorded.keys)
+        return [s.key for s in recorded.samples]
     path = storage.join(shards_dir, entry.name)
     scratch = storage.scratch(shards_dir)
     try:
@@ -463,8 +279,8 @@ def _finish(out_dir: str, sel: Selection, manifest: Manifest, markers: list[dict
             parts.append(conform(pq.read_table(f), REJECTED))  # a part written before `source` existed
     meta = with_metadata(REJECTED, "rejected", json.dumps(config, sort_keys=True)).metadata
     meta.update({b"dede.rule": sel.rule.label.encode(), b"dede.threshold": json.dumps(sel.threshold).encode()})
-    rejected = pa.concat_tables(parts).cast(REJECTED) if parts else _rejected_table([])
-    _write_parquet(rejected.replace_schema_metadata(meta), storage.join(out_dir, names.REJECTED))
+    rejected = pa.concat_tables(parts).cast(REJECTED) if parts else rejected_table([])
+    write_parquet(rejected.replace_schema_metadata(meta), storage.join(out_dir, names.REJECTED))
     by_shard = {m["shard"]: m["counts"] for m in markers}
     total = sum((Counts(**c) for c in by_shard.values()), Counts())
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import dataclasses
-import hashlib
-import json
 import os
 import re
 from collections import Counter
@@ -19,129 +17,17 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
-import webdataset as wds
 
 from dede_core.io import source_index, storage
 from dede_core.io.parquet import ParquetFiles, ParquetRows, find_parquet
 from dede_core.io.progress import Progress
 from dede_core.io.sources import TAR_IMAGE_EXTENSIONS, Sample, Source, TarShardSource, open_source
-from dede_core.io.tarspans import SpanRecorder
-from schemas.manifest import (Manifest, ShardEntry, ShardSpans, differences, manifest_path, read_manifest, spans_path,
-                              write_manifest, write_spans)
+from dede_core.io.tarwriter import sniff_extension, write_all  # noqa: F401 (sniff_extension: the shard stage's rule)
+from schemas.manifest import (Manifest, ShardEntry, differences, manifest_path, read_manifest, spans_path,
+                              write_manifest)
 
 log = logging.getLogger("dede")
 AnySource = Source | ParquetRows | ParquetFiles  # what _open gives
-
-# Magic numbers of the formats dede decodes -> the extension a shard stores them under.
-MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
-         (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"), (b"BM", "bmp"))
-UNKNOWN_EXTENSION = "bin"  # bytes of no known format: kept as they are, so the score stage reports them
-# A fixed member mtime makes the same input give byte-identical shards (and the same sha256) on every run.
-MEMBER_MTIME = 0
-
-
-def sniff_extension(data: bytes) -> str | None:
-    """The image format's usual extension from the leading bytes, or None when unknown."""
-    head = bytes(data[:16])
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    return next((ext for magic, ext in MAGIC if head.startswith(magic)), None)
-
-
-def _extension(sample: Sample) -> str:
-    """The real format first: a .png file holding a JPEG is stored as .jpg; then the original name's."""
-    sniffed = sniff_extension(sample.data)
-    if sniffed:
-        return sniffed
-    original = os.path.splitext(str(sample.meta.get("path", "")))[1].lstrip(".").lower()
-    return original if original.isalnum() else UNKNOWN_EXTENSION
-
-
-def _record(sample: Sample, classes: list[str] | None) -> dict[str, Any]:
-    """Sample -> the dict webdataset's TarWriter writes: __key__, image bytes, .cls, .json."""
-    record: dict[str, Any] = {"__key__": sample.key, _extension(sample): sample.data}
-    meta = dict(sample.meta)
-    if sample.label is not None:
-        record["cls"] = str(sample.label).encode()
-        if classes and 0 <= sample.label < len(classes):
-            meta.setdefault("class", classes[sample.label])
-    if meta:
-        record["json"] = json.dumps(meta, sort_keys=True).encode()
-    return record
-
-
-class _HashingFile:
-    """Write-only file wrapper that hashes and counts what passes through (tar 'w|' only calls write)."""
-
-    def __init__(self, handle) -> None:
-        self.handle, self.sha256, self.bytes = handle, hashlib.sha256(), 0
-
-    def write(self, data: bytes) -> int:
-        self.sha256.update(data)
-        self.bytes += len(data)
-        return self.handle.write(data)
-
-
-class _ShardFile:
-    """One shard being written: a temporary file that becomes OUT/<index>.tar on finish().
-
-    The temporary file sits in tmp_dir: OUT itself when local (the rename stays on one file system), a local
-    scratch folder when OUT is a URL (the finished file is then uploaded in one piece)."""
-
-    def __init__(self, out_dir: str, index: int, tmp_dir: str) -> None:
-        self.name, self.out_dir = f"{index:06d}.tar", out_dir
-        self.path = storage.join(out_dir, self.name)
-        self.out = storage.AtomicFile(self.path, scratch=tmp_dir)
-        self.file = _HashingFile(self.out.file)
-        self.writer = wds.TarWriter(self.file, encoder=False, mtime=MEMBER_MTIME)
-        self.keys: list[str] = []
-        self.spans = SpanRecorder()
-
-    def add(self, sample: Sample, classes: list[str] | None) -> str:
-        """Append one sample; returns the extension its image went under."""
-        record = _record(sample, classes)
-        self.spans.before(self.writer)
-        self.writer.write(record)
-        self.keys.append(sample.key)
-        return next(k for k in record if k not in ("__key__", "cls", "json"))
-
-    def finish(self) -> ShardEntry:
-        offsets = self.spans.end(self.writer)
-        self.writer.close()
-        self.out.commit()
-        entry = ShardEntry(name=self.name, samples=len(self.keys), bytes=self.file.bytes,
-                           sha256=self.file.sha256.hexdigest(), first_key=self.keys[0], last_key=self.keys[-1])
-        write_spans(self.out_dir, ShardSpans(entry.name, entry.bytes, entry.sha256, self.keys, offsets))
-        return entry
-
-    def abort(self) -> None:
-        self.out.abort()
-
-
-def _write_all(samples: Iterator[Sample], out_dir: str, per_shard: int, classes: list[str] | None,
-               progress: Progress, unread: Counter, tmp_dir: str, first: int = 0) -> list[ShardEntry]:
-    """Stream samples into shards of per_shard numbered from `first`; counts in `unread` the extensions dede's
-    tar reader skips."""
-    entries: list[ShardEntry] = []
-    current: _ShardFile | None = None
-    try:
-        for sample in samples:
-            current = current or _ShardFile(out_dir, first + len(entries), tmp_dir)
-            ext = current.add(sample, classes)
-            if ext not in TAR_IMAGE_EXTENSIONS:
-                unread[ext] += 1
-            progress.update(1, f"shard {first + len(entries)}")
-            if len(current.keys) == per_shard:
-                entries.append(current.finish())
-                current = None
-        if current is not None:
-            entries.append(current.finish())
-    except BaseException:
-        if current is not None:
-            current.abort()
-        raise
-    return entries
-
 
 def _check_unique(source: AnySource) -> None:
     """Refuse duplicate keys: every later stage selects samples by key, so a duplicate is ambiguous."""
@@ -272,70 +158,96 @@ def _pending(source: AnySource, todo: dict[int, tuple[str, int | None, int | Non
         yield sample
 
 
+def _wanted(src: str, out_dir: str, samples_per_shard: int, columns: dict[str, str | None],
+            follow_external_links: bool) -> dict[str, Any]:
+    """The settings a shards folder is made with (recorded in its manifest; a rerun with others is refused)."""
+    if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be a positive int (e.g. 10000), got {samples_per_shard!r}")
+    if not storage.is_url(src) and not storage.is_url(out_dir) and os.path.realpath(src) == os.path.realpath(out_dir):
+        raise ValueError(f"--out {out_dir} is the source folder itself; shard into a new folder")
+    options = columns if _is_parquet(src) else {k: v for k, v in columns.items() if v is not None}
+    if follow_external_links:
+        options["follow_external_links"] = True
+    return {"source": _source_id(src), "samples_per_shard": samples_per_shard, "options": options}
+
+
+def _previous_index(out_dir: str, done: Manifest | None) -> dict[str, source_index.Entry]:
+    """key -> where each sample of the existing shards came from (empty for a new folder)."""
+    if done is None:
+        return {}
+    old = source_index.read(out_dir, done.source_index)
+    if old is None:
+        log.info(f"{out_dir}: no source index (made by an older dede, or lost): hashing the shards and the "
+                 f"source to find what changed")
+        old = source_index.from_shards(out_dir, [e.name for e in done.shards],
+                                       {(r["shard"], r["key"]) for r in done.retired})
+    return old
+
+
+def _write_new(out_dir: str, pending: Iterator[Sample], per_shard: int, classes: list[str] | None, bar: Progress,
+               first: int) -> tuple[list[ShardEntry], Counter]:
+    """The new and changed samples as shards numbered from `first`; -> (their entries, unread extensions)."""
+    unread: Counter = Counter()
+    scratch = storage.scratch(out_dir)
+    try:
+        entries = write_all(pending, out_dir, per_shard, classes, bar, unread, scratch.name if scratch else out_dir,
+                             first=first)
+    finally:
+        if scratch:
+            scratch.cleanup()
+    bar.close(f"{len(entries)} new shards")
+    return entries, unread
+
+
+def _warn(out_dir: str, skipped: list, unread: Counter) -> None:
+    if skipped:
+        log.warning(f"{len(skipped)} source entries were not sharded (see skipped in {manifest_path(out_dir)}), "
+                    f"e.g. {skipped[0]}")
+    if unread:
+        log.warning(f"{sum(unread.values())} samples are stored as {', '.join(sorted(unread))}, which the tar "
+                    f"reader does not take as images ({'/'.join(TAR_IMAGE_EXTENSIONS)}): they will score as "
+                    f"read_error")
+
+
 def update_shards(src: str, out_dir: str, *, samples_per_shard: int = 10_000, image_column: str | None = None,
                   key_column: str | None = None, label_column: str | None = None, follow_external_links: bool = False,
                   progress: bool = True) -> ShardUpdate:
     """Write SRC (image folder, WebDataset shards, or Parquet of image bytes: a file, a folder or a glob of files)
-    as OUT/NNNNNN.tar shards
-    plus OUT/manifest.json, or bring an existing OUT up to date with SRC: new and changed samples go into new
-    shards after the existing ones (which stay byte-identical), removed and changed ones are listed in the
-    manifest's `retired`. A rerun over an unchanged SRC reads no image and writes nothing."""
-    if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be a positive int (e.g. 10000), got {samples_per_shard!r}")
+    as OUT/NNNNNN.tar shards plus OUT/manifest.json, or bring an existing OUT up to date with SRC: new and changed
+    samples go into new shards after the existing ones (which stay byte-identical), removed and changed ones are
+    listed in the manifest's `retired`. A rerun over an unchanged SRC reads no image and writes nothing."""
     src, out_dir = os.fspath(src), os.fspath(out_dir)
-    if not storage.is_url(src) and not storage.is_url(out_dir) and os.path.realpath(src) == os.path.realpath(out_dir):
-        raise ValueError(f"--out {out_dir} is the source folder itself; shard into a new folder")
-    options = {"image_column": image_column, "key_column": key_column, "label_column": label_column}
-    options = options if _is_parquet(src) else {k: v for k, v in options.items() if v is not None}
-    if follow_external_links:
-        options["follow_external_links"] = True
-    wanted = {"source": _source_id(src), "samples_per_shard": samples_per_shard, "options": options}
+    columns = {"image_column": image_column, "key_column": key_column, "label_column": label_column}
+    wanted = _wanted(src, out_dir, samples_per_shard, columns, follow_external_links)
+    options = wanted["options"]
     storage.makedirs(out_dir)
     done = _reusable(out_dir, wanted)
     source = _open(src, options)
     _check_unique(source)
     if len(source) == 0:
         raise ValueError(f"no samples in {src} (skipped: {source.skipped[:3]})")
-    retired = list(done.retired) if done else []
-    if done is None:
-        old: dict[str, source_index.Entry] = {}
-    else:
-        old = source_index.read(out_dir, done.source_index)
-        if old is None:
-            log.info(f"{out_dir}: no source index (made by an older dede, or lost): hashing the shards and the source "
-                f"to find what changed")
-            old = source_index.from_shards(out_dir, [e.name for e in done.shards],
-                                           {(r["shard"], r["key"]) for r in retired})
+    old, retired = _previous_index(out_dir, done), list(done.retired) if done else []
     classes = _merged_classes(done.classes if done else None, source.classes)
     kept = list(done.shards) if done else []
     changes, index = source_index.Changes(), {}
     todo = _classify(source, old, changes, index)
-    if isinstance(source, (ParquetRows, ParquetFiles)) and done is not None and todo:
-        empty, keys = {k for k, _ in done.skipped}, source.keys()
-        if all(keys[i] in empty for i in todo):
-            todo = {}  # only its empty rows are left and the file is unchanged (its other rows are): not read
+    parquet = isinstance(source, (ParquetRows, ParquetFiles))
+    empty = {k for k, _ in done.skipped} if parquet and done is not None else set()
+    if empty and todo and all(source.keys()[i] in empty for i in todo):
+        todo = {}  # only its empty rows are left and the file is unchanged (its other rows are): not read
     bar = Progress(len(todo), desc="sharding", quiet=not (progress and todo))
-    samples = _pending(source, todo, old, classes, changes, index, len(kept), samples_per_shard, bar)
-    unread: Counter = Counter()
-    scratch = storage.scratch(out_dir)
-    try:
-        entries = _write_all(samples, out_dir, samples_per_shard, classes, bar, unread,
-                             scratch.name if scratch else out_dir, first=len(kept))
-    finally:
-        if scratch:
-            scratch.cleanup()
+    pending = _pending(source, todo, old, classes, changes, index, len(kept), samples_per_shard, bar)
+    entries, unread = _write_new(out_dir, pending, samples_per_shard, classes, bar, len(kept))
     changes.new_shards = [e.name for e in entries]
-    bar.close(f"{len(entries)} new shards")
     changes.removed = [key for key in old if key not in index]
     retired += [{"key": k, "shard": old[k].shard, "reason": source_index.REMOVED} for k in changes.removed]
     retired += [{"key": k, "shard": old[k].shard, "reason": source_index.CHANGED} for k in changes.changed]
-    skipped = list(source.skipped)
-    if isinstance(source, (ParquetRows, ParquetFiles)) and not todo and done is not None:
-        skipped = list(done.skipped)  # the file was not read again: its empty rows are as before
+    # An unread Parquet file's empty rows are as before.
+    skipped = list(done.skipped) if parquet and not todo and done is not None else list(source.skipped)
     if done is not None and not (changes.added or changes.changed or changes.removed) and (
             done.source_index and index == old and skipped == done.skipped):
-        log.info(f"{out_dir} already sharded: {done.samples} samples in {len(done.shards)} shards; source unchanged "
-            f"({changes.unchanged} samples); nothing to do")
+        log.info(f"{out_dir} already sharded: {done.samples} samples in {len(done.shards)} shards; source "
+                 f"unchanged ({changes.unchanged} samples); nothing to do")
         _remove_stale(out_dir, done.shards, done.source_index["file"])
         return ShardUpdate(done, changes)
     if not kept and not entries:
@@ -347,19 +259,13 @@ def update_shards(src: str, out_dir: str, *, samples_per_shard: int = 10_000, im
     shards = kept + entries
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     manifest = Manifest(source=wanted["source"], samples_per_shard=samples_per_shard, created=now, shards=shards,
-                        samples=sum(e.samples for e in shards), classes=classes, skipped=skipped,
-                        options=options, retired=retired, source_index=ref,
-                        changes=changes.summary() | {"at": now})
+                        samples=sum(e.samples for e in shards), classes=classes, skipped=skipped, options=options,
+                        retired=retired, source_index=ref, changes=changes.summary() | {"at": now})
     write_manifest(out_dir, manifest)
     _remove_stale(out_dir, shards, ref["file"])
     if done is not None:
         log.info(f"{out_dir} updated from {src}: {changes.text()}")
-    if skipped:
-        log.warning(f"{len(skipped)} source entries were not sharded (see skipped in "
-            f"{manifest_path(out_dir)}), e.g. {skipped[0]}")
-    if unread:
-        log.warning(f"{sum(unread.values())} samples are stored as {', '.join(sorted(unread))}, which the tar "
-            f"reader does not take as images ({'/'.join(TAR_IMAGE_EXTENSIONS)}): they will score as read_error")
+    _warn(out_dir, skipped, unread)
     return ShardUpdate(manifest, changes)
 
 

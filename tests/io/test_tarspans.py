@@ -18,7 +18,8 @@ from PIL import Image
 
 from dede_core.io import tarspans
 from dede_core.io.tarspans import copy_runs, end_of_archive, merge_runs
-from dede_core.stages.clean import clean, index_tar, recorded_index
+from dede_core.io.tarspans import index_tar, recorded_index
+from dede_core.stages.clean import clean
 from dede_core.stages.select import Rule
 from dede_core.stages.shard import write_shards
 from schemas.manifest import read_manifest, read_spans, spans_path
@@ -140,10 +141,12 @@ def write_scores(shards, scores, drop_every: int) -> None:
 def test_clean_writes_the_same_bytes_with_and_without_recorded_spans(shards, tmp_path, monkeypatch):
     """The recorded spans (no tar parsing) and parsing the tar give byte-identical cleaned folders."""
     import dede_core.stages.clean as clean_stage
+    import dede_core.stages.clean_shard as clean_shard
 
     write_scores(shards, tmp_path / "scores", drop_every=3)
     with monkeypatch.context() as m:  # the recorded spans are used: the tar is not parsed
-        m.setattr(clean_stage, "index_tar", lambda path: pytest.fail(f"{path} was parsed"))
+        for module in (clean_stage, clean_shard):
+            m.setattr(module, "index_tar", lambda path: pytest.fail(f"{path} was parsed"))
         clean(str(shards), str(tmp_path / "scores"), str(tmp_path / "fast"), Rule.threshold(500), progress=False)
     parsed = tmp_path / "parsed"
     shutil.copytree(shards, parsed, ignore=shutil.ignore_patterns("*.spans.json"))

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from dede_core.stages.clean import clean, index_tar
+from dede_core.io.tarspans import index_tar
+from dede_core.stages.clean import clean
 from dede_core.stages.select import Rule
 from schemas.manifest import read_manifest
 from test_select import png, row, write_scores, write_shards

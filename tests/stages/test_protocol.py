@@ -7,10 +7,11 @@ import hashlib
 
 import pytest
 
-from dede_core.stages.clean import CLEAN, CleanRun, CleanSettings, clean
+from dede_core.stages.clean import CLEAN, CleanRun, CleanSettings, clean, index_tar, recorded_index, sample_keys
 from dede_core.stages.score import SCORE, ScoreRun, ScoreSettings, score_shards
 from dede_core.stages.select import Rule
 from dede_core.stages.shard import write_shards
+from schemas.manifest import read_manifest
 from test_clean import T, corpus
 
 SCORING = dict(knn_k=3, batch_size=8, workers=0)
@@ -78,3 +79,11 @@ def test_a_score_job_that_raised_fails_its_shards_only(tmp_path, six_shards, tin
     assert result.failed == {"000000.tar": "RuntimeError: boom", "000001.tar": "RuntimeError: boom"}
     assert sorted(result.scored) == [f"{i:06d}.tar" for i in range(2, 6)]
     assert [job.names for job in SCORE.plan(run).jobs()] == [broken.names]
+
+
+def test_the_plan_lists_keys_from_the_recorded_spans(six_shards):
+    """The duplicate-key check reads no tar when the shard stage recorded its spans, and gets the same keys."""
+    for entry in read_manifest(six_shards).shards:
+        assert recorded_index(six_shards, entry) is not None
+        parsed = [s.key for s in index_tar(f"{six_shards}/{entry.name}").samples]
+        assert sample_keys(six_shards, entry) == parsed and len(parsed) == 8
