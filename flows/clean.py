@@ -8,6 +8,7 @@ or on Dask workers (flows/runners.py), then the final files. Any engine writes t
 from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from dede_core.io import storage
@@ -47,9 +48,26 @@ def clean_flow(shards: str, scores: str, out: str, settings: CleanSettings = Cle
                "how": sel.how, "written": result.written, "skipped": result.skipped,
                "rejected": result.rejected_path, "summary": result.summary_path, "workers": done.workers,
                "report": None}
+    _flagged_artifact(sel)
     if report:
         path = report_path or storage.join(storage.absolute(out), "report.html")
         summary["report"] = path
         if result.written or not storage.isfile(path):
             report_task(scores, shards, path, settings, thumbnails)
+        create_link_artifact(key="dede-clean-report", link=path if storage.is_url(path) else f"file://{path}",
+                             link_text="report.html", description="histogram, counts and thumbnails of the selection")
     return summary
+
+
+FLAGGED_ROWS = 20
+
+
+def _flagged_artifact(selection) -> None:
+    """The most-flagged dropped samples as a table on the run's page (key, shard, source, score, reason)."""
+    dropped = selection.dropped
+    rows = [row for row in dropped.to_pylist() if row.get("score") is not None]
+    rows = sorted(rows, key=lambda r: -r["score"])[:FLAGGED_ROWS]
+    columns = [c for c in ("key", "shard", "source", "score", "reason") if c in dropped.column_names]
+    create_table_artifact(key="dede-clean-flagged", table=[{c: row.get(c) for c in columns} for row in rows],
+                          description=f"the {len(rows)} highest-scored of {dropped.num_rows} dropped samples "
+                                      f"({selection.rule.label})")

@@ -17,7 +17,7 @@ import contextlib
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Callable
 
 from prefect import Task
 from prefect.futures import wait
@@ -190,13 +190,19 @@ class ShardRunner:
     def __exit__(self, *exc: Any) -> None:
         self._stack.__exit__(*exc)
 
-    def run(self, calls: list[tuple[Task, dict[str, Any]]]) -> list[Any]:
-        """Submit every call, wait for all; each entry is the task's return value or the exception it raised."""
+    def run(self, calls: list[tuple[Task, dict[str, Any]]],
+            on_done: Callable[[int], None] | None = None) -> list[Any]:
+        """Submit every call, wait for all; each entry is the task's return value or the exception it raised.
+        on_done(n) is called each time another call finishes (n finished so far), in this process."""
         import dask
+        from prefect.futures import as_completed
 
         annotate = dask.annotate(resources={GPU: 1}) if self.gpu and self.runner.kind == DASK \
             else contextlib.nullcontext()
         with annotate:
             futures = [self._task_runner.submit(task, parameters) for task, parameters in calls]
+        for done, _ in enumerate(as_completed(futures), start=1):
+            if on_done is not None:
+                on_done(done)
         wait(futures)
         return [future.result(raise_on_failure=False) for future in futures]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NONE
 
 from dede_core.stages.protocol import Placement, Stage
@@ -56,11 +57,15 @@ def run_stage(stage: Stage, config: Any, engine: Engine, *, gpu: bool = False) -
     results: list[Any] = []
     if jobs:
         where = engine.parse()
+        # The run's page in the Prefect UI shows how many of this stage's jobs are done, updated as each finishes.
+        progress = create_progress_artifact(progress=0.0, key=f"dede-{stage.name}-progress",
+                                            description=f"dede {stage.name}: {len(jobs)} jobs (shards or shard groups)")
         with ShardRunner(where, max_parallel=engine.max_parallel, gpu=gpu) as pool:
             placement = Placement(pinned_gpu=gpu and where.kind != LOCAL, decode_limit=pool.decode_limit)
             run = job_task.with_options(name=f"{stage.name}-job")
             results = pool.run([(run.with_options(task_run_name=f"{stage.name}-{stage.job_name(job)}"),
-                                 {"stage": stage, "job": stage.place(job, placement)}) for job in jobs])
+                                 {"stage": stage, "job": stage.place(job, placement)}) for job in jobs],
+                               on_done=lambda n: update_progress_artifact(progress, 100.0 * n / len(jobs)))
     markers, errors, workers = {}, {}, {}
     for job, result in zip(jobs, results):
         name = stage.job_name(job)

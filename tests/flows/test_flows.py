@@ -111,6 +111,22 @@ def test_run_manifest_and_artifact(sanitized):
     assert artifact is not None and "| 48 | 3 | 48 |" in artifact.data and "CANNOT FIND BACKDOORS" in artifact.data
 
 
+def test_stages_publish_progress_the_flagged_samples_and_the_report(sanitized):
+    """Where users look: the Prefect run pages show each stage's jobs done, the most-flagged samples and a link
+    to report.html."""
+    from prefect.artifacts import Artifact
+
+    run = sanitized[0]
+    for stage in ("score", "clean"):  # the first run scored and cleaned every shard
+        progress = Artifact.get(f"dede-{stage}-progress")
+        assert progress is not None and float(progress.data) == 100.0
+    flagged = json.loads(Artifact.get("dede-clean-flagged").data)
+    dropped = pq.read_table(run / "clean" / "rejected.parquet").to_pylist()
+    top = sorted((r for r in dropped if r["score"] is not None), key=lambda r: -r["score"])[:len(flagged)]
+    assert flagged and [r["key"] for r in flagged] == [r["key"] for r in top]
+    assert f"file://{run / 'report.html'}" in Artifact.get("dede-clean-report").data
+
+
 def test_second_run_does_no_work_and_changes_nothing(sanitized):
     run, first, second, before = sanitized
     assert tree(run) == before  # same bytes and mtimes: nothing was scored, cleaned or rewritten
