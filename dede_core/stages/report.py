@@ -198,17 +198,11 @@ def _table(header: list[str], rows: list[list[object]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def write_report(scores_dir: str | os.PathLike, shards_dir: str | os.PathLike, out_html: str | os.PathLike, *,
-                 selection: Selection, n_thumbs: int = 24) -> str:
-    """Write the HTML report of `selection` over SCORES and SHARDS, with n_thumbs thumbnails (half the most
-    flagged, half just below the threshold) linked to their full-size images in `<report>_images/`; returns its
-    path."""
-    if isinstance(n_thumbs, bool) or not isinstance(n_thumbs, int) or n_thumbs < 0:
-        raise ValueError(f"n_thumbs must be a non-negative int, got {n_thumbs!r}")
-    scores_dir, shards_dir, out_html = (os.fspath(p) for p in (scores_dir, shards_dir, out_html))
-    rule, threshold = selection.rule, selection.threshold
-    column = rule.column or "score"
-    scored, hit = scored_sql(rule), hit_sql(rule, threshold)
+def _query(scores_dir: str, shards_dir: str, selection: Selection, column: str, n_thumbs: int) -> tuple:
+    """(the corpus' scored values, the calibration values or None, the most-flagged rows, the rows just below
+    the threshold, the dropped-per-label table) for the report."""
+    rule = selection.rule
+    scored, hit = scored_sql(rule), hit_sql(rule, selection.threshold)
     value_sql = f"SELECT {column} FROM {{view}} WHERE {column} IS NOT NULL AND isfinite({column})"
     conn = connect(scores_dir)
     try:
@@ -223,6 +217,20 @@ def write_report(scores_dir: str | os.PathLike, shards_dir: str | os.PathLike, o
         by_label = _by_label(conn, selection, shards_dir)
     finally:
         conn.close()
+    return values, calibration, flagged, below, by_label
+
+
+def write_report(scores_dir: str | os.PathLike, shards_dir: str | os.PathLike, out_html: str | os.PathLike, *,
+                 selection: Selection, n_thumbs: int = 24) -> str:
+    """Write the HTML report of `selection` over SCORES and SHARDS, with n_thumbs thumbnails (half the most
+    flagged, half just below the threshold) linked to their full-size images in `<report>_images/`; returns its
+    path."""
+    if isinstance(n_thumbs, bool) or not isinstance(n_thumbs, int) or n_thumbs < 0:
+        raise ValueError(f"n_thumbs must be a non-negative int, got {n_thumbs!r}")
+    scores_dir, shards_dir, out_html = (os.fspath(p) for p in (scores_dir, shards_dir, out_html))
+    rule, threshold = selection.rule, selection.threshold
+    column = rule.column or "score"
+    values, calibration, flagged, below, by_label = _query(scores_dir, shards_dir, selection, column, n_thumbs)
     wanted: dict[str, set[str]] = {}
     for key, shard, _ in flagged + below:
         wanted.setdefault(shard, set()).add(key)
