@@ -176,6 +176,14 @@ def write_json(dest: str | os.PathLike, data: Any) -> None:
     write_bytes(dest, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
+def write_parquet(dest: str | os.PathLike, table: Any) -> None:
+    """A pyarrow Table as Parquet at `dest`, whole or not at all."""
+    import pyarrow.parquet as pq
+
+    with AtomicFile(dest) as f:
+        pq.write_table(table, f)
+
+
 def create_once(dest: str, data: Any) -> bool:
     """Write JSON `data` at `dest` only if nothing is there; True when this call created it. Locally a hard link
     makes it first-writer-wins among parallel workers; at a URL (no exclusive create) the last put wins, so

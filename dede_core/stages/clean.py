@@ -28,8 +28,7 @@ from dede_core.io import storage
 from dede_core.io.tarspans import index_tar, recorded_index
 from dede_core.stages.select import DEFAULT_RULE, Counts, Rule, Selection, select
 from dede_core.stages import folder
-from dede_core.stages.clean_shard import (ShardJob, clean_shard, finished_marker, rejected_table,
-                                          write_parquet)
+from dede_core.stages.clean_shard import ShardJob, clean_shard, finished_marker, rejected_table
 from dede_core.stages.protocol import Placement, run_in_order
 from schemas import names
 from schemas.manifest import Manifest, ShardEntry, differences, read_manifest, write_manifest
@@ -280,7 +279,7 @@ def _finish(out_dir: str, sel: Selection, manifest: Manifest, markers: list[dict
     meta = with_metadata(REJECTED, "rejected", json.dumps(config, sort_keys=True)).metadata
     meta.update({b"dede.rule": sel.rule.label.encode(), b"dede.threshold": json.dumps(sel.threshold).encode()})
     rejected = pa.concat_tables(parts).cast(REJECTED) if parts else rejected_table([])
-    write_parquet(rejected.replace_schema_metadata(meta), storage.join(out_dir, names.REJECTED))
+    storage.write_parquet(storage.join(out_dir, names.REJECTED), rejected.replace_schema_metadata(meta))
     by_shard = {m["shard"]: m["counts"] for m in markers}
     total = sum((Counts(**c) for c in by_shard.values()), Counts())
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")

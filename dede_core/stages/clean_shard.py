@@ -23,12 +23,6 @@ from schemas.tables import REJECTED
 RETIRED_REASONS = (REMOVED, CHANGED)  # samples the source no longer holds: dropped, never a duplicate
 
 
-def write_parquet(table: pa.Table, path: str) -> None:
-    """A Parquet file at `path`, whole or not at all."""
-    with storage.AtomicFile(path) as f:
-        pq.write_table(table, f)
-
-
 def rejected_table(rows: list[tuple[str, str, str | None, float | None, str]]) -> pa.Table:
     """(key, shard, source, score, reason) rows as the REJECTED table."""
     columns = list(zip(*rows)) if rows else [[] for _ in REJECTED]
@@ -101,7 +95,7 @@ def _clean_shard(job: ShardJob, src: str, scratch: str | None, *, scored: dict[s
               "first_key": kept[0].key if kept else "", "last_key": kept[-1].key if kept else ""}
     if job.copy:
         marker["bytes"], marker["sha256"] = _write_kept(job, src, scratch, index, kept)
-    write_parquet(rejected_table(rows), folder.Markers(out_dir).path(name, ".rejected.parquet"))
+    storage.write_parquet(folder.Markers(out_dir).path(name, ".rejected.parquet"), rejected_table(rows))
     return marker
 
 

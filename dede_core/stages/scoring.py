@@ -93,11 +93,6 @@ def open_writer(run: ScoreRun, manifest: Manifest) -> ScoreWriter:
     return ScoreWriter(run.out, scorer, ckpt, config, markers)
 
 
-def _write_parquet(table: pa.Table, path: str) -> None:
-    with storage.AtomicFile(path) as f:
-        pq.write_table(table, f)
-
-
 class ScoreWriter:
     """One job's fixed context: where to write, the scorer, the bank, the schema with its metadata."""
 
@@ -139,8 +134,8 @@ class ScoreWriter:
                    if name not in self.constant}
         columns |= {"shard": [part.entry.name] * len(part.rows), "position": list(range(len(part.rows)))}
         columns |= {name: [value] * len(part.rows) for name, value in self.constant.items()}
-        _write_parquet(pa.Table.from_pydict(columns, schema=self.schema),
-                       storage.join(self.out_dir, f"{part.stem}.parquet"))
+        storage.write_parquet(storage.join(self.out_dir, f"{part.stem}.parquet"),
+                              pa.Table.from_pydict(columns, schema=self.schema))
         counts = Counter(columns["status"])
         elapsed = 0.0 if part.started is None else time.perf_counter() - part.started
         self.markers.mark_done(part.entry.name, {"shard": part.entry.name, "rows": len(part.rows), "counts": counts,
@@ -164,7 +159,7 @@ class ScoreWriter:
         columns |= {"key": [k for k, _ in skipped], "error": [r for _, r in skipped], "shard": [""] * n,
                     "position": list(range(n)), "status": [STATUS_SKIPPED] * n}
         columns |= {name: [value] * n for name, value in self.constant.items()}
-        _write_parquet(pa.Table.from_pydict(columns, schema=self.schema), path)
+        storage.write_parquet(path, pa.Table.from_pydict(columns, schema=self.schema))
 
     def write_calibration(self, batch_size: int) -> None:
         """OUT/calibration.parquet: the checkpoint's held-out images, scored exactly like the corpus."""
@@ -176,6 +171,6 @@ class ScoreWriter:
             for name in columns:  # knn and density are None when the detector carries no k-NN bank
                 columns[name] += keys[start:stop] if name == "key" else scored[name]
         table = pa.Table.from_pydict(columns, schema=self.calibration_schema)
-        _write_parquet(table, storage.join(self.out_dir, names.CALIBRATION))
+        storage.write_parquet(storage.join(self.out_dir, names.CALIBRATION), table)
 
 
