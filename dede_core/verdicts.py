@@ -204,7 +204,7 @@ def write_keys(table: pa.Table, out: str | None = None) -> str:
     if out is not None and not out.lower().endswith((".txt", ".parquet")):
         raise ValueError(f"--out {out}: give a file name ending in .txt or .parquet")
     if out is not None and out.lower().endswith(".parquet"):
-        storage.write_bytes(out, _parquet_bytes(table))
+        storage.write_parquet(out, table)
         return out
     keys, sources = table.column("key").to_pylist(), table.column("source").to_pylist()
     text = "".join(f"{k}\t{'' if s is None else s}\n" for k, s in zip(keys, sources))
@@ -214,7 +214,3 @@ def write_keys(table: pa.Table, out: str | None = None) -> str:
     return out
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()

@@ -139,12 +139,16 @@ class AtomicFile:
         fd, self.tmp = tempfile.mkstemp(prefix=f".{basename(self.dest)}.", suffix=".tmp", dir=folder)
         self.file: BinaryIO = os.fdopen(fd, "wb")
 
+    def seal(self) -> None:
+        """Flush, fsync and close the temporary, readable by others: ready to become `dest`."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.chmod(self.tmp, 0o644)  # mkstemp makes 0600; stage outputs are shared data
+
     def commit(self) -> None:
         try:
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.file.close()
-            os.chmod(self.tmp, 0o644)  # mkstemp makes 0600; stage outputs are shared data
+            self.seal()
             publish(self.tmp, self.dest)
         except BaseException:
             self.abort()
@@ -173,7 +177,11 @@ def write_bytes(dest: str | os.PathLike, data: bytes) -> None:
 
 def write_json(dest: str | os.PathLike, data: Any) -> None:
     """Indented, key-sorted JSON at `dest`, whole or not at all."""
-    write_bytes(dest, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    write_bytes(dest, _json_bytes(data))
+
+
+def _json_bytes(data: Any) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
 def write_parquet(dest: str | os.PathLike, table: Any) -> None:
@@ -195,10 +203,8 @@ def create_once(dest: str, data: Any) -> bool:
         return True
     holder = AtomicFile(f"{dest}.claim")  # a temporary beside dest: the link stays on one file system
     try:
-        holder.file.write((json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-        holder.file.flush()
-        os.fsync(holder.file.fileno())
-        os.chmod(holder.tmp, 0o644)
+        holder.file.write(_json_bytes(data))
+        holder.seal()
         os.link(holder.tmp, dest)
         return True
     except FileExistsError:
