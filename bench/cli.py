@@ -13,7 +13,7 @@ import importlib.util
 import tempfile
 from typing import Callable, Sequence
 
-from flows.cli.options import check_local_out, default_workers, device
+from flows.cli.options import WORKERS_HELP, check_local_out, device
 from flows.cli.startup import run_flow
 
 Handler = Callable[[argparse.Namespace], int]
@@ -90,8 +90,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="how long the in-memory limit runs, before and again after the end-to-end run (default 10)")
     g.add_argument("--batch-size", type=int, default=256, help="decoded images per batch (default 256)")
     g.add_argument("--chunk", type=int, default=64, help="rows per forward pass (default 64)")
-    g.add_argument("--workers", type=int, default=default_workers(),
-                   help="decoding processes of the stage")
+    g.add_argument("--workers", type=int, default=None, help=f"the score stage's {WORKERS_HELP}")
     g.add_argument("--no-bf16", action="store_true", help="on the CPU, skip the opt-in bf16 rows")
     g.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda[:N]")
     g.add_argument("--work", default=None, help="scratch folder parent (default: the system temp folder)")
@@ -108,7 +107,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    help="detector training epochs (default: until the held-out embedding reliance stops improving)")
     p.add_argument("--max-epochs", type=int, default=25,
                    help="cap on the detector's epochs when --epochs is not given (default 25: the demo's time budget)")
-    p.add_argument("--workers", type=int, default=1, help="decoding processes (default 1)")
+    p.add_argument("--workers", type=int, default=None, help=WORKERS_HELP)
 
 
 def cmd_data(args: argparse.Namespace) -> int:

@@ -37,7 +37,7 @@ def _victim_metrics(weights: Path, recipe: VictimRecipe) -> dict:
 
 
 def run_demo(out: str = "runs/demo", cache: str = "cache", *, corpus_size: int = 5000, poison_rate: float = 0.02,
-             epochs: int | None = None, max_epochs: int = 25, workers: int = 1) -> dict:
+             epochs: int | None = None, max_epochs: int = 25, workers: int | None = None) -> dict:
     """Build (or reuse) the victim and the poisoned corpus, sanitize it, and print what came out."""
     started = time.perf_counter()
     out_dir = Path(out)

@@ -28,6 +28,7 @@ import torch
 
 from bench import throughput as bt
 from bench import throughput_report
+from dede_core.io.loader import decode_workers
 
 SETTINGS = {  # name -> the full run's setting; a GPU decodes on the CPU cores it has, one per worker
     "32px": bt.ThroughputConfig(image_size=32, patch_size=4, encoder="cifar-resnet18?width=64", images=10_000,
@@ -78,7 +79,7 @@ def run(device: str, out: str, *, small: bool, tests: list[str] | None, work: st
     checked = gpu_tests(tests, 240) if tests is not None else None
     if checked:
         log(f"gpu tests: {checked['summary']}")
-    workers = max(1, min(8, (os.cpu_count() or 2) - 2))
+    workers = decode_workers(device)
     settings: dict[str, Any] = {}
     for label, setting in SETTINGS.items():
         setting = replace(tiny(setting) if small else setting, device=device, workers=workers)

@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -36,7 +36,7 @@ from bench import throughput_report
 from bench.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist, write_image_folder
 from bench.throughput_report import machine
 from dede_core.detector.encoders import cifar_resnet18, load_encoder, parse_spec
-from dede_core.io.loader import make_loader
+from dede_core.io.loader import decode_workers, make_loader
 from dede_core.detector.model import DeDe
 from dede_core.detector.scorer import ScoreConfig, Scorer
 from dede_core.stages.select import Rule
@@ -60,7 +60,7 @@ class ThroughputConfig:
     limit_seconds: float = 10.0  # the in-memory limit runs this long before and again after the end-to-end run
     limit_images: int = 1024  # pre-decoded images held in memory for the limit
     batch_size: int = 256  # decoded images per batch, for the stage and the naive loop
-    workers: int = 1  # decoding processes of the stage
+    workers: int | None = None  # decoding processes of the stage (None: dede_core.io.loader.decode_workers)
     chunk: int = 64  # ScoreConfig.chunk: rows per forward pass
     samples_per_shard: int = 1000
     knn_bank: int = 5000  # k-NN bank rows in the checkpoint (TrainConfig's default)
@@ -291,6 +291,8 @@ def _ratios(results: dict[str, Any], device: str) -> dict[str, dict[str, Any]]:
 def run_bench(bench: ThroughputConfig, work: str, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every measurement of one setting; work is a scratch folder (corpora, checkpoint, outputs)."""
     os.makedirs(work, exist_ok=True)
+    if bench.workers is None:  # the stage's default, resolved here so that the report names the count
+        bench = replace(bench, workers=decode_workers(bench.device))
     started, small_n = time.perf_counter(), bench.images // 10
     images, labels = _corpus_images(bench.images, bench.image_size)
     shards = write_corpus(work, "corpus", images, labels, bench.samples_per_shard)
@@ -338,9 +340,10 @@ def setting_name(bench: ThroughputConfig) -> str:
 
 def command_line(bench: ThroughputConfig) -> str:
     """The `dede bench throughput` command that measures this setting."""
+    workers = "" if bench.workers is None else f" --workers {bench.workers}"
     return (f"dede bench throughput --preset {bench.preset} --image-size {bench.image_size} --patch-size "
             f"{bench.patch_size} --encoder '{bench.encoder}' --images {bench.images} --limit-seconds "
-            f"{bench.limit_seconds:g} --batch-size {bench.batch_size} --chunk {bench.chunk} --workers {bench.workers} "
+            f"{bench.limit_seconds:g} --batch-size {bench.batch_size} --chunk {bench.chunk}{workers} "
             f"--device {bench.device}{'' if bench.cpu_bf16 else ' --no-bf16'}")
 
 

@@ -25,7 +25,8 @@ class TrainSettings:
 
 
 @task(name="train-detector", cache_policy=NONE)
-def train_task(data: str, encoder_spec: str, out: str, settings: TrainSettings, device: str, workers: int) -> str:
+def train_task(data: str, encoder_spec: str, out: str, settings: TrainSettings, device: str,
+               workers: int | None) -> str:
     source = open_source(data)
     train = settings.train
     keys = source.keys()[: train.max_images] if train.max_images else source.keys()
@@ -38,6 +39,6 @@ def train_task(data: str, encoder_spec: str, out: str, settings: TrainSettings, 
 
 @flow(name="dede-train")
 def train_flow(data: str, encoder: str, out: str, settings: TrainSettings = TrainSettings(), device: str = "cpu",
-               workers: int = 0) -> str:
+               workers: int | None = None) -> str:
     """Train (or resume) a detector into OUT/detector.pt and return its path."""
     return train_task(data, encoder, str(Path(out)), settings, device, workers)

@@ -24,6 +24,7 @@ from dede_core.detector.config import DetectorConfig
 from dede_core.detector.encoders import FrozenEncoder
 from dede_core.detector.health import describe_health, health_check, held_out_error
 from dede_core.detector.model import DeDe
+from dede_core.io.loader import decode_workers
 from dede_core.io.progress import Progress, format_seconds
 from dede_core.detector.scorer import autocast_for
 from dede_core.io.sources import Source
@@ -199,7 +200,7 @@ def _measure(model: DeDe, calibration: dict, histories: dict[str, list], device:
 
 def train_detector(*, source: Source, data_id: str, encoder: FrozenEncoder, config: DetectorConfig,
                    train: TrainConfig, out_dir: str | Path, device: str | torch.device = "cpu",
-                   workers: int = 0) -> Path:
+                   workers: int | None = None) -> Path:
     """Train (or resume training) a detector; writes OUT/detector.pt after every epoch and returns its path.
 
     data_id names the training data (e.g. its path and sample count); a rerun into the same folder resumes
@@ -207,6 +208,7 @@ def train_detector(*, source: Source, data_id: str, encoder: FrozenEncoder, conf
     After every epoch the held-out auxiliary images give the reconstruction error at the scoring visibility and
     the embedding reliance (dede_core.detector.health); with `train.epochs` None the reliance decides when to stop
     and the best epoch's weights are kept. The finished checkpoint carries the detector's health check.
+    `workers`: decoding processes (None: the cores the model leaves, dede_core.io.loader.decode_workers).
     """
     out_dir, device = Path(out_dir), torch.device(device)
     ckpt_path = out_dir / CHECKPOINT
@@ -215,6 +217,7 @@ def train_detector(*, source: Source, data_id: str, encoder: FrozenEncoder, conf
     if finished:
         return ckpt_path
     encoder = encoder.to(device)
+    workers = decode_workers(device) if workers is None else workers
     aux = aux_data(source, data_id, encoder, config, train.max_images, train.embed_chunk, out_dir, device, workers)
     if aux.failed:
         log.warning(f"{len(aux.failed)} auxiliary samples could not be decoded and are left out, "

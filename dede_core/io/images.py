@@ -147,14 +147,16 @@ def _to_tensor(arr: np.ndarray) -> torch.Tensor:
     return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
 
 
-def decode_views(data: bytes, views: tuple[View, ...], *, max_pixels: int = 64_000_000) -> list[torch.Tensor]:
-    """Encoded image bytes -> one uint8 tensor (channels, size, size) per view, decoded once;
-    ImageDecodeError on any bad input. The victim encoder and the detector each get their own view."""
+def decode_sample(data: bytes, views: tuple[View, ...], *, max_pixels: int = 64_000_000
+                  ) -> tuple[list[torch.Tensor], tuple[int, int]]:
+    """Encoded image bytes -> (one uint8 tensor (channels, size, size) per view, the (width, height) stored in the
+    header), from one parse and one decode; ImageDecodeError on any bad input."""
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels <= 0:
         raise ValueError(f"max_pixels must be a positive int, got {max_pixels!r}")
     if not views:
-        raise ValueError("decode_views needs at least one view")
+        raise ValueError("decode_sample needs at least one view")
     with _open(data) as src:
+        stored = src.size  # before EXIF orientation, as image_size reports it
         try:
             arrays = _decode_opened(src, tuple(views), max_pixels)
         except ImageDecodeError:
@@ -165,7 +167,13 @@ def decode_views(data: bytes, views: tuple[View, ...], *, max_pixels: int = 64_0
             msg = str(e) or type(e).__name__
             kind = "truncated image" if "truncated" in msg else "corrupt image data"
             raise ImageDecodeError(f"{kind}: {msg}") from None
-    return [_to_tensor(arr) for arr in arrays]
+    return [_to_tensor(arr) for arr in arrays], stored
+
+
+def decode_views(data: bytes, views: tuple[View, ...], *, max_pixels: int = 64_000_000) -> list[torch.Tensor]:
+    """Encoded image bytes -> one uint8 tensor (channels, size, size) per view, decoded once;
+    ImageDecodeError on any bad input. The victim encoder and the detector each get their own view."""
+    return decode_sample(data, views, max_pixels=max_pixels)[0]
 
 
 def decode_image(

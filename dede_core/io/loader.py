@@ -7,6 +7,7 @@ stage writes it as a row (styles 8), training leaves it out and lists it.
 from __future__ import annotations
 
 import bisect
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dede_core.io.images import ImageDecodeError, View, decode_views, image_size
+from dede_core.io.images import ImageDecodeError, View, decode_sample
 from dede_core.io.sources import Source
 from schemas.tables import STATUS_DECODE_ERROR, STATUS_OK, STATUS_READ_ERROR
 
@@ -48,8 +49,7 @@ class DecodedSamples(Dataset):
             return item | {"status": STATUS_READ_ERROR, "error": f"{type(exc).__name__}: {exc}", "ok": False}
         item |= {"key": sample.key, "label": sample.label}
         try:
-            item[TENSORS] = list(decode_views(sample.data, self.views))
-            item["width"], item["height"] = image_size(sample.data)
+            item[TENSORS], (item["width"], item["height"]) = decode_sample(sample.data, self.views)
         except ImageDecodeError as exc:
             return item | {"status": STATUS_DECODE_ERROR, "error": str(exc), "ok": False}
         return item
@@ -62,6 +62,32 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     batch["index"] = torch.tensor(batch["index"], dtype=torch.long)
     batch["ok"] = torch.tensor(batch["ok"], dtype=torch.bool)
     return batch
+
+
+MAX_DECODE_WORKERS = 8
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's or a pinned worker's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def decode_workers(device: str | torch.device, *, cores: int | None = None, threads: int | None = None) -> int:
+    """How many decoding processes to start beside the model: the cores the model leaves free.
+
+    On CUDA the model leaves every core but this process's own, at most MAX_DECODE_WORKERS. On the CPU the model
+    runs on torch's threads (`threads`, default torch.get_num_threads(), all the cores unless told otherwise), so
+    only the cores beyond them: none by default, and the samples are decoded in this process between batches.
+    A decoding process beside a thread pool that already holds every core takes its time from the model's
+    threads, which then wait on each other at every parallel region (docs/results/throughput.md, issue #15)."""
+    cores = usable_cores() if cores is None else cores
+    if torch.device(device).type == "cuda":
+        return max(0, min(MAX_DECODE_WORKERS, cores - 1))
+    threads = torch.get_num_threads() if threads is None else threads
+    return max(0, min(MAX_DECODE_WORKERS, cores - threads))
 
 
 def make_loader(sources: Source | Sequence[Source], *, views: tuple[View, ...], batch_size: int, workers: int,

@@ -21,6 +21,7 @@ from dede_core.io import storage
 from dede_core.detector.cache import forget_detector
 from dede_core.detector.health import describe_health
 from dede_core.detector.scorer import ScoreConfig
+from dede_core.io.loader import decode_workers
 from dede_core.stages import folder
 from dede_core.stages.protocol import Placement, run_in_order
 from dede_core.stages.score_batches import open_parts, score_parts
@@ -54,7 +55,7 @@ class ScoreSettings:
     knn_k: int = 10  # neighbours of the k-NN score
     with_embedding: bool = False  # keep each sample's victim embedding in its row
     batch_size: int = 256  # images per forward pass
-    workers: int = 0  # decoding processes per job
+    workers: int | None = None  # decoding processes per job; None: the cores the model leaves (loader.decode_workers)
     device: str = "cpu"  # cpu, cuda or cuda:N
     encoder: str | None = None  # the victim's spec, when the detector's own must not be trusted to run code
     group_size: int | None = 1  # shards per job; None: every pending shard in one job
@@ -159,7 +160,8 @@ def score_job(job: ScoreJob) -> dict[str, Any]:
     try:
         parts, failed = open_parts(run.shards, writer.markers, [e for e in entries if e.name not in skipped],
                                     scratch.name if scratch else None)
-        counts = score_parts(parts, writer, batch_size=run.settings.batch_size, workers=run.settings.workers,
+        workers = decode_workers(run.settings.device) if run.settings.workers is None else run.settings.workers
+        counts = score_parts(parts, writer, batch_size=run.settings.batch_size, workers=workers,
                               progress=run.progress)
     finally:
         if scratch:
@@ -206,7 +208,9 @@ class ScoreStage:
         """On a worker pinned to one GPU that GPU is cuda (cuda:0); decoders are capped by the worker's CPUs."""
         s = job.run.settings
         device = "cuda" if where.pinned_gpu and s.device.startswith("cuda") else s.device
-        workers = s.workers if where.decode_limit is None else min(s.workers, where.decode_limit)
+        workers = s.workers
+        if where.decode_limit is not None:
+            workers = min(decode_workers(device) if workers is None else workers, where.decode_limit)
         settings = dataclasses.replace(s, device=device, workers=workers)
         return dataclasses.replace(job, run=dataclasses.replace(job.run, settings=settings))
 
@@ -222,7 +226,7 @@ SCORE = ScoreStage()
 
 
 def score_shards(shards_dir: str, *, detector: str, out_dir: str, score: ScoreConfig = ScoreConfig(),
-                 knn_k: int = 10, with_embedding: bool = False, batch_size: int = 256, workers: int = 2,
+                 knn_k: int = 10, with_embedding: bool = False, batch_size: int = 256, workers: int | None = None,
                  device: str = "cpu", shards: list[str] | None = None, progress: bool = True,
                  encoder: str | None = None, reuse_detector: bool = False) -> ScoreStageResult:
     """Score every sample of a shards folder (or the named `shards` of it) into OUT/<shard>.parquet: the score

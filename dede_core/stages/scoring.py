@@ -64,12 +64,14 @@ def claim_run(out_dir: str, config: dict[str, Any], markers: folder.Markers, ent
     folder.claim(out_dir, names.SCORE_RUN, config, check=check)
 
 
-def check_args(knn_k: int, batch_size: int, workers: int, device: str, ckpt: Checkpoint) -> None:
+def check_args(knn_k: int, batch_size: int, workers: int | None, device: str, ckpt: Checkpoint) -> None:
     try:
         torch.device(device)
     except RuntimeError:
         raise ValueError(f"device must be cpu, cuda or cuda:N (resolve 'auto' first), got {device!r}") from None
-    for name, value, low in (("knn_k", knn_k, 1), ("batch_size", batch_size, 1), ("workers", workers, 0)):
+    checked = (("knn_k", knn_k, 1), ("batch_size", batch_size, 1)) + ((("workers", workers, 0),) if workers is not None
+                                                                    else ())
+    for name, value, low in checked:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     bank = 0 if ckpt.knn_bank is None else ckpt.knn_bank.shape[0]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 
 RUNNER_HELP = ("where the shard tasks run: local (threads in this process; default), dask (a Dask cluster "
                "started here: one process per GPU, pinned to it, or --dask-workers CPU processes), or "
@@ -23,9 +22,8 @@ def device(name: str) -> str:
     return name
 
 
-def default_workers() -> int:
-    """Decoding processes: the cores left after one for the model, at most 4."""
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+WORKERS_HELP = ("decoding processes (default: the cores the model leaves: on the CPU those beyond torch's threads, "
+                "none by default, so samples decode in this process between batches; on CUDA all but one, at most 8)")
 
 
 def add_detector_options(p: argparse.ArgumentParser) -> None:
@@ -169,7 +167,7 @@ def add_score_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--with-embedding", action="store_true", help="also store each sample's embedding")
     p.add_argument("--batch-size", type=int, default=256, help="decoded images per batch (default 256)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
-    p.add_argument("--workers", type=int, default=default_workers(), help="decoding processes")
+    p.add_argument("--workers", type=int, default=None, help=WORKERS_HELP)
 
 
 def add_runner_options(p: argparse.ArgumentParser) -> None:

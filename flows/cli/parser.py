@@ -7,7 +7,7 @@ import argparse
 from flows.cli import commands
 from flows.cli.options import (add_detector_options, add_epoch_options, add_follow_links_option, add_output_options,
                                add_parquet_options, add_rule_options, add_runner_options, add_score_options,
-                               default_workers)
+                               WORKERS_HELP)
 
 CLEAN_HELP = """\
 Write the cleaned corpus: every shard of SHARDS again, minus the samples the rule drops. Kept samples are
@@ -117,7 +117,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-images", type=int, default=None, help="use only the first N samples")
     add_detector_options(p)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
-    p.add_argument("--workers", type=int, default=default_workers(), help="decoding processes")
+    p.add_argument("--workers", type=int, default=None, help=WORKERS_HELP)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.set_defaults(func=commands.cmd_train)
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from dede_core.io.images import ImageDecodeError, decode_image, image_size
+from dede_core.io.images import ImageDecodeError, View, decode_image, decode_sample, decode_views, image_size
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -195,3 +195,18 @@ def test_mutated_png_never_crashes(edits, length):
         if pos < len(data):
             data[pos] = value
     _check_never_crashes(bytes(data))
+
+
+def test_decode_sample_gives_the_views_and_the_stored_size_from_one_decode():
+    # An EXIF-rotated JPEG: the views are turned upright, the size is the one stored in the header.
+    img = Image.fromarray(rgb_pixels(16, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
+    data = encode(img, "JPEG", exif=exif.tobytes(), quality=95)
+    views = (View(8, 1), View(12, 3, "pad"))
+    tensors, stored = decode_sample(data, views)
+    assert stored == image_size(data) == (40, 16)
+    assert all(torch.equal(a, b) for a, b in zip(tensors, decode_views(data, views)))
+    assert [tuple(t.shape) for t in tensors] == [(1, 8, 8), (3, 12, 12)]
+    with pytest.raises(ImageDecodeError):
+        decode_sample(data[:40], views)
