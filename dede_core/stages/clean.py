@@ -25,13 +25,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dede_core.io import storage
-from dede_core.io.tarspans import index_tar, recorded_index
+from dede_core.io.tarspans import index_tar
 from dede_core.stages.select import DEFAULT_RULE, Counts, Rule, Selection, select
 from dede_core.stages import folder
 from dede_core.stages.clean_shard import ShardJob, clean_shard, finished_marker, rejected_table
 from dede_core.stages.protocol import Placement, run_in_order
 from schemas import names
-from schemas.manifest import Manifest, ShardEntry, differences, read_manifest, write_manifest
+from schemas.manifest import Manifest, ShardEntry, differences, read_manifest, read_spans, write_manifest
 from schemas.tables import REJECTED, conform, with_metadata
 
 FORMAT = "dede-clean/1"
@@ -227,9 +227,9 @@ def start_clean(plan: CleanPlan) -> CleanPlan:
 def sample_keys(shards_dir: str, entry: ShardEntry) -> list[str]:
     """The sample keys of one shard, in order (the duplicate-key check across shards needs them): from the
     spans the shard stage recorded, else by reading the tar (downloaded first when SHARDS is a URL)."""
-    recorded = recorded_index(shards_dir, entry)
+    recorded = read_spans(shards_dir, entry)
     if recorded is not None:
-        return [s.key for s in recorded.samples]
+        return recorded.keys
     path = storage.join(shards_dir, entry.name)
     scratch = storage.scratch(shards_dir)
     try:

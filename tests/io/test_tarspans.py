@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tarfile
@@ -101,6 +102,36 @@ def test_a_url_source_is_copied_through_the_buffer(shards, tmp_path):
     runs = [(0, 1024), (2048, 3072)]
     out, result = _copy("memory://spans/shard.tar", runs, tmp_path, "out.tar", len(data))
     assert out == expected(data, runs) and result.source_sha256 == entry.sha256
+
+
+class _ShortReads(io.RawIOBase):
+    """A stream that hands out at most 333 bytes a read, as network streams may."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), 333, len(self.data) - self.pos)
+        buffer[:n] = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+
+def test_short_reads_and_many_chunks_in_flight_copy_the_same_bytes(shards, tmp_path, monkeypatch):
+    # Each chunk's buffer is read into again only after both hashes are done with it: with 1000-byte chunks
+    # filled 333 bytes at a time, every buffer is reused many times over while the hashes run behind.
+    monkeypatch.setattr(tarspans, "CHUNK", 1000)
+    entry = read_manifest(shards).shards[1]
+    data = (shards / entry.name).read_bytes()
+    monkeypatch.setattr(tarspans.storage, "open_read", lambda url: _ShortReads(data))
+    samples = recorded_index(str(shards), entry).samples
+    runs = merge_runs([span for i, s in enumerate(samples) if i % 2 for span in s.spans])
+    out, result = _copy("memory://short/shard.tar", runs, tmp_path, "out.tar", len(data))
+    assert out == expected(data, runs)
+    assert result.source_sha256 == entry.sha256 and result.sha256 == hashlib.sha256(out).hexdigest()
 
 
 def test_everything_dropped_is_an_empty_archive(shards, tmp_path):

@@ -7,7 +7,8 @@ import hashlib
 
 import pytest
 
-from dede_core.stages.clean import CLEAN, CleanRun, CleanSettings, clean, index_tar, recorded_index, sample_keys
+from dede_core.stages.clean import CLEAN, CleanRun, CleanSettings, clean, index_tar, sample_keys
+from dede_core.io.tarspans import recorded_index
 from dede_core.stages.score import SCORE, ScoreRun, ScoreSettings, score_shards
 from dede_core.stages.select import Rule
 from dede_core.stages.shard import write_shards
