@@ -180,18 +180,19 @@ def child() -> None:
             result = score_shards(progress=False, **args)
             elapsed, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
             # ru_maxrss is in KiB on Linux; RUSAGE_CHILDREN is the largest DataLoader worker (joined by now).
-            reports.append({"images": result.samples, "ok": result.ok, "seconds": elapsed,
+            reports.append({"images": result.samples, "ok": result.ok, "seconds": elapsed, "workers": args["workers"],
                             "images_per_s": result.samples / elapsed, "cpu_seconds": cpu,
                             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                             "worker_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024})
     print(json.dumps(reports))
 
 
-def stage_step(shards: str, detector: str, out: str, bench: ThroughputConfig, *, cpu_bf16: bool) -> dict[str, Any]:
-    """(b) one score_shards call of the measuring process."""
+def stage_step(shards: str, detector: str, out: str, bench: ThroughputConfig, *, cpu_bf16: bool,
+               workers: int | None = None) -> dict[str, Any]:
+    """(b) one score_shards call of the measuring process (with bench.workers decoding processes unless told)."""
     return {"kind": "stage", "shards_dir": shards, "detector": detector, "out_dir": out,
             "score": {"chunk": bench.chunk, "cpu_bf16": cpu_bf16}, "batch_size": bench.batch_size,
-            "workers": bench.workers, "device": bench.device}
+            "workers": bench.workers if workers is None else workers, "device": bench.device}
 
 
 def measure_in_child(bench: ThroughputConfig, steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -312,6 +313,11 @@ def run_bench(bench: ThroughputConfig, work: str, *, log: Callable[[str], None] 
     if bf16:
         steps += [stage_step(shards, detector, os.path.join(work, "scores-bf16"), bench, cpu_bf16=True),
                   limit | {"cpu_bf16": True}]
+    # The decoding process count the stage did not choose, end to end beside it: the sizing rule's evidence.
+    other = 1 if bench.workers == 0 else 0
+    others = [("end_to_end_other_workers", False)] + ([("end_to_end_bf16_other_workers", True)] if bf16 else [])
+    steps += [stage_step(shards, detector, os.path.join(work, f"scores-{name}"), bench, cpu_bf16=on, workers=other)
+              for name, on in others]
     measured = measure_in_child(bench, steps)
     before, small_run, large_run, after, results["naive"] = measured[:5]
     done, seconds = before["images"] + after["images"], before["seconds"] + after["seconds"]
@@ -322,8 +328,12 @@ def run_bench(bench: ThroughputConfig, work: str, *, log: Callable[[str], None] 
     log(f"end to end (score_shards): {large_run['images_per_s']:.1f} img/s; peak RSS "
         f"{small_run['peak_rss_mib']:.0f} MiB after {small_n} images, {large_run['peak_rss_mib']:.0f} after {bench.images}")
     log(f"naive reference-style loop: {results['naive']['images_per_s']:.1f} img/s")
+    for (name, _), report in zip(others, measured[len(measured) - len(others):]):
+        results[name] = report
+        log(f"end to end with {other} decoding process(es){', bf16' if 'bf16' in name else ''}: "
+            f"{report['images_per_s']:.1f} img/s")
     if bf16:
-        results["end_to_end_bf16"], results["limit_bf16"] = measured[5:]
+        results["end_to_end_bf16"], results["limit_bf16"] = measured[5:7]
         log(f"opt-in bf16 on the CPU: limit {results['limit_bf16']['images_per_s']:.1f} img/s, end to end "
             f"{results['end_to_end_bf16']['images_per_s']:.1f} img/s")
     results["clean"] = measure_clean(shards, os.path.join(work, "scores"), work, bench)

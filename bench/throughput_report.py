@@ -62,6 +62,11 @@ def _throughput_section(name: str, report: dict[str, Any]) -> list[str]:
                 _row("(b) end to end, opt-in bf16 autocast", rate("end_to_end_bf16"),
                      f"as (b); end to end / bf16 limit {r['end_to_end_bf16']['images_per_s'] / r['limit_bf16']['images_per_s']:.3f}")]
                if "limit_bf16" in r else []),
+             *[_row(f"(b) end to end{label}, {r[part]['workers']} decoding process(es) instead of {cfg['workers']}",
+                    rate(part), f"as (b){label}, with the other decoding process count; / its limit "
+                    f"{r[part]['images_per_s'] / r[limit]['images_per_s']:.3f}")
+               for part, label, limit in (("end_to_end_other_workers", "", "limit"),
+                                          ("end_to_end_bf16_other_workers", ", bf16", "limit_bf16")) if part in r],
              _row("decoding alone (tar read + PIL decode)", rate("decode"),
                   f"DataLoader, decoding workers {cfg['workers']}, no model"),
              _row("(d) clean", f"{r['clean']['clean_mb_per_s']:,.1f} MB/s",
@@ -82,9 +87,6 @@ def _throughput_section(name: str, report: dict[str, Any]) -> list[str]:
              f"| clean / copy | {q['clean_vs_copy']['ratio']:.3f}{verdict('clean_vs_copy')} |",
              f"| peak RSS, 10x corpus / 1x corpus | {q['peak_rss_large_vs_small']['ratio']:.3f} |", ""]
     return lines
-
-
-NOTES = "## Notes"  # throughput.md from this heading on is written by hand and kept when the tables are redone
 
 
 NOTES = "## Notes"  # throughput.md from this heading on is written by hand and kept when the tables are redone

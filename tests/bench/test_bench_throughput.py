@@ -24,6 +24,11 @@ def check_report(report: dict, device: str) -> None:
         assert results[part][rate] > 0, (part, rate)
     if device == "cpu":  # the opt-in bf16 rows
         assert results["limit_bf16"]["images_per_s"] > 0 and results["end_to_end_bf16"]["images_per_s"] > 0
+    # End to end again with the decoding process count the stage did not choose (the sizing rule's evidence).
+    other = 1 if report["config"]["workers"] == 0 else 0
+    for part in ("end_to_end_other_workers",) + (("end_to_end_bf16_other_workers",) if device == "cpu" else ()):
+        assert results[part]["images_per_s"] > 0 and results[part]["workers"] == other, part
+    assert results["end_to_end"]["workers"] == report["config"]["workers"]
     assert results["end_to_end"]["images"] == results["naive"]["images"] == 40
     assert results["memory"]["small"]["images"] == 4
     assert results["end_to_end"]["peak_rss_mib"] > 0 and results["memory"]["small"]["peak_rss_mib"] > 0
@@ -49,7 +54,8 @@ def test_cli_writes_the_report_and_keeps_notes(tmp_path, capsys):
     md = (out / "throughput.md").read_text()
     assert "## cpu-32px-cifar-resnet18-cpu" in md and "old tables" not in md
     assert md.rstrip().endswith("## Notes\n\nwritten by hand")
-    for row in ("(a) limit", "(b) end to end", "opt-in bf16", "(c) naive", "(d) clean", "peak RSS", "end to end / limit"):
+    for row in ("(a) limit", "(b) end to end", "opt-in bf16", "(c) naive", "(d) clean", "peak RSS", "end to end / limit",
+                "0 decoding process(es) instead of 1"):
         assert row in md
     assert list(tmp_path.glob("dede-throughput-*")) == []  # the scratch folder is gone
 
