@@ -22,8 +22,8 @@ def device(name: str) -> str:
     return name
 
 
-WORKERS_HELP = ("decoding processes (default: the cores the model leaves: on the CPU those beyond torch's threads, "
-                "none by default, so samples decode in this process between batches; on CUDA all but one, at most 8)")
+WORKERS_HELP = ("decoding processes (default: the cores the model leaves: on the CPU those beyond torch's threads "
+                "and at least one on 2+ cores; on CUDA all cores but one; at most 8)")
 
 
 def add_detector_options(p: argparse.ArgumentParser) -> None:
