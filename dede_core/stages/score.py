@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,7 @@ from dede_core.detector.scorer import ScoreConfig
 from dede_core.io.loader import decode_workers
 from dede_core.stages import folder
 from dede_core.stages.protocol import Placement, run_in_order
-from dede_core.stages.score_batches import open_parts, score_parts
+from dede_core.stages.score_batches import JobProgress, open_parts, score_parts, windows
 from dede_core.stages.scoring import open_writer
 from schemas.manifest import ShardEntry, read_manifest
 from schemas import names
@@ -156,23 +157,29 @@ def score_job(job: ScoreJob) -> dict[str, Any]:
     entries = _select(manifest.shards, job.names)
     writer = open_writer(run, manifest)
     skipped = [e.name for e in entries if _is_done(run.out, writer.markers, e)]  # done since the plan
-    scratch = storage.scratch(run.shards)  # downloaded shards, when SHARDS is a URL
-    try:
-        parts, failed = open_parts(run.shards, writer.markers, [e for e in entries if e.name not in skipped],
-                                    scratch.name if scratch else None)
-        workers = decode_workers(run.settings.device) if run.settings.workers is None else run.settings.workers
-        counts = score_parts(parts, writer, batch_size=run.settings.batch_size, workers=workers,
-                              progress=run.progress)
-    finally:
-        if scratch:
-            scratch.cleanup()
+    todo = [e for e in entries if e.name not in skipped]
+    workers = decode_workers(run.settings.device) if run.settings.workers is None else run.settings.workers
+    progress = JobProgress(todo, quiet=not run.progress)
+    scored, failed, counts = [], {}, Counter()
+    for window in windows(todo):
+        scratch = storage.scratch(run.shards)  # the window's shards downloaded, when SHARDS is a URL
+        try:
+            parts, broken = open_parts(run.shards, writer.markers, window, scratch.name if scratch else None)
+            counts += score_parts(parts, writer, batch_size=run.settings.batch_size, workers=workers,
+                                  progress=progress)
+        finally:
+            if scratch:
+                scratch.cleanup()
+        scored += [p.entry.name for p in parts]
+        failed |= broken
+    progress.close()
     elapsed = time.perf_counter() - started
     rows = sum(counts.values())
-    result = ScoreStageResult(scored=[p.entry.name for p in parts], skipped=skipped, failed=failed, samples=rows,
+    result = ScoreStageResult(scored=scored, skipped=skipped, failed=failed, samples=rows,
                               ok=counts[STATUS_OK], decode_errors=counts[STATUS_DECODE_ERROR],
                               read_errors=counts[STATUS_READ_ERROR], elapsed_s=elapsed,
                               images_per_s=rows / elapsed if elapsed > 0 else 0.0)
-    log.info(f"scored {rows} samples in {len(parts)} shards ({result.images_per_s:.1f} img/s); {len(skipped)} "
+    log.info(f"scored {rows} samples in {len(scored)} shards ({result.images_per_s:.1f} img/s); {len(skipped)} "
              f"already done; {len(failed)} unreadable{' (see _failed/)' if failed else ''} -> {run.out}")
     return dataclasses.asdict(result)
 

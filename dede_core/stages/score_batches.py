@@ -1,6 +1,10 @@
 """One score job's shards: indexed, decoded in batches that span them, each batch scored and its rows routed
 back to their shard by position; a shard is written (dede_core.stages.scoring.ScoreWriter) as soon as its last
-row is back, so a killed job loses at most the shards still open."""
+row is back, so a killed job loses at most the shards still open.
+
+A job takes its shards a window of about WINDOW samples at a time (windows): only the window's shards are
+indexed (and, from a URL, downloaded) at once, so a job's memory does not grow with its corpus. Scores do not
+depend on where a window ends: every forward pass is padded to the same chunk."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 from dede_core.io import source_index, storage
@@ -20,6 +25,36 @@ from schemas.manifest import ShardEntry, read_manifest
 from schemas.tables import STATUS_OK, STATUS_READ_ERROR
 
 log = logging.getLogger("dede")
+WINDOW = 20_000  # samples of a job indexed and decoded at a time
+
+
+def windows(entries: list[ShardEntry], size: int | None = None) -> Iterator[list[ShardEntry]]:
+    """The entries in order, in runs of about `size` (default WINDOW) samples by their manifest counts; a shard is
+    never split."""
+    size = WINDOW if size is None else size
+    run, samples = [], 0
+    for entry in entries:
+        run.append(entry)
+        samples += entry.samples
+        if samples >= size:
+            yield run
+            run, samples = [], 0
+    if run:
+        yield run
+
+
+class JobProgress:
+    """One job's progress line over its windows: samples scored, shards written."""
+
+    def __init__(self, entries: list[ShardEntry], *, quiet: bool) -> None:
+        self.shards, self.done = len(entries), 0
+        self.bar = Progress(sum(e.samples for e in entries), desc="scoring", quiet=quiet or not entries)
+
+    def samples(self, n: int) -> None:
+        self.bar.update(n, f"shards {self.done}/{self.shards}")
+
+    def close(self) -> None:
+        self.bar.close(f"shards {self.done}/{self.shards}")
 
 
 class ShardRows:
@@ -103,22 +138,19 @@ def open_parts(shards_dir: str, markers: folder.Markers, todo: list[ShardEntry],
 
 
 def score_parts(parts: list[ShardRows], run: ScoreWriter, *, batch_size: int, workers: int,
-                 progress: bool) -> Counter:
+                 progress: JobProgress) -> Counter:
     """Decode in workers, score batch by batch, write each shard as soon as its last sample is back."""
     counts: Counter = Counter()
     for part in [p for p in parts if p.missing == 0]:  # nothing readable inside: only read_error rows
         counts += run.write_shard(part)
+        progress.done += 1
     loader = make_loader([p.source for p in parts], views=(run.ckpt.config.view, run.scorer.encoder.view),
                          batch_size=batch_size, workers=workers, pin_memory=run.scorer.device.type == "cuda")
-    total = len(loader.dataset)
-    bar = Progress(total, desc="scoring", quiet=not (progress and total))
-    done = len(parts) - sum(1 for p in parts if p.missing)
-    if total:
+    if len(loader.dataset):
         for batch in loader:
             for part in _route(batch, parts, run):
                 counts += run.write_shard(part)
                 part.rows = []  # free the finished shard's results
-                done += 1
-            bar.update(len(batch["key"]), f"shards {done}/{len(parts)}")
-    bar.close(f"shards {done}/{len(parts)}")
+                progress.done += 1
+            progress.samples(len(batch["key"]))
     return counts

@@ -8,12 +8,15 @@ from dede_core.detector.checkpoint import load_detector
 from dede_core.detector.config import cpu
 from dede_core.io.images import decode_image
 from dede_core.detector.knn import knn_distance
+from dede_core.stages import score as score_mod, score_batches
 from dede_core.stages.score import score_shards
 from dede_core.detector.scorer import ScoreConfig, Scorer
 from dede_core.stages.shard import write_shards
 from dede_core.io.sources import open_source
 from dede_core.detector.train import TrainConfig, train_detector
 from schemas.tables import scores_schema
+
+from conftest import on_dede_log
 
 TINY = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
 CONFIG = ScoreConfig(draws=2, visible=4, chunk=8)  # visible patches and 2 draws: masks depend on the key
@@ -90,6 +93,26 @@ def test_batches_across_shards_and_workers_give_the_same_scores(tmp_path, scored
     wide = table(tmp_path)
     assert wide.select(table(out).column_names).equals(table(out))
     assert {len(e) for e in wide.column("embedding").to_pylist()} == {encoder.dim}
+
+
+def test_windows_of_shards_give_the_same_scores_and_bound_what_is_indexed(tmp_path, scored, shards, detector,
+                                                                          monkeypatch):
+    """A job takes its shards a window at a time: only the window's shards are indexed at once, and the scores are
+    those of one window over the whole job."""
+    out, _ = scored
+    opened = []
+    real_open = score_batches.open_parts
+    monkeypatch.setattr(score_batches, "WINDOW", 25)  # the 20-sample shards go in windows of two, then one
+    monkeypatch.setattr(score_mod, "open_parts", lambda d, m, todo, s=None: opened.append(
+        [e.name for e in todo]) or real_open(d, m, todo, s))
+    lines = []
+    with on_dede_log(lines.append):
+        result = score_shards(shards, detector=detector, out_dir=str(tmp_path), score=CONFIG, knn_k=3, batch_size=7,
+                              workers=0, progress=True)
+    assert opened == [["000000.tar", "000001.tar"], ["000002.tar"]]
+    assert result.scored == ["000000.tar", "000001.tar", "000002.tar"] and result.samples == 48
+    assert table(tmp_path).equals(table(out))
+    assert any("scoring 48/48 img" in line and "shards 3/3" in line for line in lines), lines
 
 
 def test_rerun_does_no_work_and_a_lost_shard_is_rescored_identically(tmp_path, scored, shards, detector):
