@@ -11,13 +11,17 @@ median counted:
   sha256      one sha256 pass over every shard (clean makes two: the source against its manifest, the output)
   clean       dede_core.stages.clean.clean dropping the top `drop` by score, using the recorded spans
   parsed      the same clean on a copy of the shards folder without spans files (the tar parsed as before)
-and the fixed costs: clean of one 1-sample shard (per run), and of `tiny_shards` 1-sample shards (per shard).
+and the fixed costs: clean of one 1-sample shard (per run), and of `tiny_shards` 1-sample shards (per shard),
+and where one clean's time goes: the same clean under cProfile, the cumulative seconds of its parts (the profiler
+slows the Python-level parts more than the C-level copy, hashes and fsyncs).
 """
 
 from __future__ import annotations
 
+import cProfile
 import hashlib
 import io
+import pstats
 import os
 import shutil
 import statistics
@@ -140,6 +144,25 @@ def _clean(shards: str, scores: str, out: str, drop: float) -> float:
     return time.perf_counter() - start
 
 
+# Where clean's time goes: (label, module path suffix, function name) of the parts, timed cumulatively.
+PARTS = (("copy the kept runs, hash source and output (copy_runs)", "io/tarspans.py", "copy_runs"),
+         ("fsync (shards, rejected rows, markers, final files)", "~", "<built-in method posix.fsync>"),
+         ("select the samples to drop (DuckDB)", "stages/select.py", "select"),
+         ("the shard's samples from its spans file", "io/tarspans.py", "recorded_index"),
+         ("each shard's scored keys (its scores file)", "stages/clean_shard.py", "_scored_keys"),
+         ("the rejected rows' Parquet files", "io/storage.py", "write_parquet"),
+         ("clean in all (profiled)", "bench/clean_speed.py", "_clean"))
+
+
+def where_time_goes(shards: str, scores: str, out: str, drop: float) -> dict[str, float]:
+    """One clean under cProfile: label -> cumulative seconds of each of PARTS."""
+    profile = cProfile.Profile()
+    profile.runcall(_clean, shards, scores, out, drop)
+    stats = pstats.Stats(profile).stats  # (file, line, function) -> (calls, primitive, own s, cumulative s, callers)
+    return {label: sum(v[3] for (file, _, function), v in stats.items() if file.endswith(suffix) and function == name)
+            for label, suffix, name in PARTS}
+
+
 def measure(cfg: CleanSpeedConfig, work: str, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every measurement of one setting, in work (a scratch folder, emptied of its outputs as it goes)."""
     started = time.perf_counter()
@@ -165,10 +188,13 @@ def measure(cfg: CleanSpeedConfig, work: str, log: Callable[[str], None] = print
             shutil.rmtree(out, ignore_errors=True)  # one output at a time on disk
         log(f"round {i + 1}: " + ", ".join(f"{k} {total / 1e6 / v[-1]:,.0f} MB/s" for k, v in times.items()))
     fixed = _fixed_costs(cfg, work, pool)
+    os.sync()
+    parts = where_time_goes(shards, scores, os.path.join(work, "profiled"), cfg.drop)
+    shutil.rmtree(os.path.join(work, "profiled"), ignore_errors=True)
     median = {name: statistics.median(v) for name, v in times.items()}
     rates = {f"{name}_mb_per_s": total / 1e6 / seconds for name, seconds in median.items()}
     return {"kind": "clean-scale", "config": asdict(cfg), "bytes": total, "samples": samples, "shards": len(tars),
-            "seconds": times, "median_seconds": median, **rates, **fixed,
+            "seconds": times, "median_seconds": median, **rates, **fixed, "parts_s": parts,
             "round_ratios": {"clean_vs_copy": [c / p for c, p in zip(times["copy"], times["clean"])],
                              "clean_vs_copy_fsync": [c / p for c, p in zip(times["copy_fsync"], times["clean"])]},
             "ratios": {"clean_vs_copy": rates["clean_mb_per_s"] / rates["copy_mb_per_s"],

@@ -156,7 +156,10 @@ def _clean_scale_section(name: str, report: dict[str, Any]) -> list[str]:
         "", "| ratio | value |", "| --- | --- |",
         f"| clean / plain copy | {q['clean_vs_copy']:.3f}{target}; round by round {rounds('clean_vs_copy')} |",
         f"| clean / copy + fsync | {q['clean_vs_copy_fsync']:.3f}; round by round {rounds('clean_vs_copy_fsync')} |",
-        f"| clean with spans / clean parsing the tars | {q['clean_vs_clean_parsed']:.2f}x |", ""]
+        f"| clean with spans / clean parsing the tars | {q['clean_vs_clean_parsed']:.2f}x |", "",
+        *(["| where one clean's time goes (under cProfile) | seconds |", "| --- | --- |",
+           *[f"| {label} | {seconds:.2f} |" for label, seconds in report["parts_s"].items()], ""]
+          if "parts_s" in report else [])]
 
 
 def cpu_fit(sizes: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -215,5 +218,21 @@ def _gpu_check_section(name: str, report: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _decode_speed_section(name: str, report: dict[str, Any]) -> list[str]:
+    cfg = report["config"]
+    lines = _header(name, report, f"One sample decoded to the detector's and the victim's views (grayscale and RGB "
+                    f"at the view side) by dede's decoder (PIL; JPEG through draft()) and by torchvision.io "
+                    f"(decode_image, then antialiased resize and centre crop per view), one torch thread, "
+                    f"{cfg['samples']} images x {cfg['reps']}, median of {cfg['rounds']} rounds; the bare decodes "
+                    f"(no views) for reference. `python -m bench.decode_speed` (bench/decode_speed.py).")
+    lines += ["| case | bytes | dede (PIL) | torchvision.io | torchvision / dede | bare decode: PIL, torchvision |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for case, r in report["cases"].items():
+        lines.append(f"| {case} | {r['bytes']:,.0f} | {r['dede_ms']:.3f} ms | {r['torchvision_ms']:.3f} ms | "
+                     f"{r['torchvision_ms'] / r['dede_ms']:.2f} | {r['pil_bare_ms']:.3f}, "
+                     f"{r['torchvision_bare_ms']:.3f} ms |")
+    return lines + [""]
+
+
 RENDERERS = {"throughput": _throughput_section, "clean-scale": _clean_scale_section,
-             "size-scale": _size_scale_section, "gpu-check": _gpu_check_section}
+             "size-scale": _size_scale_section, "gpu-check": _gpu_check_section, "decode-speed": _decode_speed_section}

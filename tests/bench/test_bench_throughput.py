@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from bench import clean_speed, gpu_check, size_scale
+from bench import clean_speed, decode_speed, gpu_check, size_scale, throughput_report
 from bench import throughput as bt
 from flows.cli import main
 
@@ -107,8 +107,11 @@ def test_clean_speed_measures_clean_against_a_copy(tmp_path):
         assert report[f"{part}_mb_per_s"] > 0
     assert all(seconds > 0 for seconds in report["tiny_clean_seconds"].values())
     assert report["ratios"]["clean_vs_copy"] > 0
+    parts = report["parts_s"]  # where one clean's time goes: every part found in the profile, none above the whole
+    whole = parts.pop("clean in all (profiled)")
+    assert len(parts) == len(clean_speed.PARTS) - 1 and all(0 < seconds <= whole for seconds in parts.values())
     md = (out / "throughput.md").read_text()
-    assert "## clean-0.002gb-224px" in md and "| clean / plain copy |" in md
+    assert "## clean-0.002gb-224px" in md and "| clean / plain copy |" in md and "where one clean's time goes" in md
     assert list(tmp_path.glob("dede-clean-speed-*")) == []
 
 
@@ -126,3 +129,17 @@ def test_size_scale_scores_each_size_in_its_own_process(tmp_path):
     assert "## size-scale-20-40" in (out / "throughput.md").read_text()
     with pytest.raises(ValueError, match="at least 2 shards"):
         size_scale.SizeScaleConfig(sizes=(10, 100), samples_per_shard=10)
+
+
+def test_decode_speed_compares_both_decoders_on_every_case(tmp_path):
+    report = decode_speed.measure(decode_speed.DecodeSpeedConfig(samples=2, reps=1, rounds=1), log=lambda line: None)
+    assert len(report["cases"]) == len(decode_speed.CASES)
+    for row in report["cases"].values():
+        assert all(row[name] > 0 for name in ("bytes", "dede_ms", "torchvision_ms", "pil_bare_ms", "torchvision_bare_ms"))
+    views = (decode_speed.View(32, 1), decode_speed.View(32, 3))  # both paths give the views' shapes
+    data = decode_speed._images("JPEG", 64, 1)[0]
+    assert [tuple(t.shape) for t in decode_speed._torchvision_views(data, views)] == [(1, 32, 32), (3, 32, 32)]
+    report |= {"machine": {"cpu": "x", "cores": 2, "memory_gib": 1, "torch": "t", "load_average": [0]},
+               "command": "python -m bench.decode_speed"}
+    md, _ = throughput_report.write_report("decode-speed", report, str(tmp_path))
+    assert "| JPEG 1024px -> 96px |" in open(md).read()
