@@ -81,10 +81,11 @@ def decode_workers(device: str | torch.device, *, cores: int | None = None, thre
 
     On CUDA the model leaves every core but this process's own. On the CPU it runs on torch's threads (`threads`,
     default torch.get_num_threads(): all the cores unless told otherwise), so the cores beyond them, and at least
-    one process when there are two cores or more: the model's serial stretches (Python between operators, the
-    single-threaded ones) leave gaps that a decoding process fills, where decoding in this process would add its
-    time to the model's. Measured on 2 cores with 2 torch threads (docs/results/throughput.md, issue #15): one
-    process against none, end to end, 32 px fp32 132.0 against 124.3 img/s, bf16 257.5 against 227.8."""
+    one process when there are two cores or more, to overlap decoding with the model's serial stretches (Python
+    between operators, single-threaded operators) rather than add its time to the model's. On 2 cores with 2 torch
+    threads, one process and none measured within each other's run-to-run spread (docs/results/throughput.md,
+    issue #15): decoding is 2-7% of the model's time there, and the count matters where it is larger.
+    """
     cores = usable_cores() if cores is None else cores
     if torch.device(device).type == "cuda":
         return max(0, min(MAX_DECODE_WORKERS, cores - 1))
