@@ -78,8 +78,9 @@ def file_stat(path: str) -> tuple[int | None, int | None]:
     return info.get("size"), ns
 
 
-def read(out_dir: str, ref: dict[str, Any] | None) -> dict[str, Entry] | None:
-    """The index a manifest names (key -> Entry); None when it has none or the file is missing or altered."""
+def read_table(out_dir: str, ref: dict[str, Any] | None, columns: list[str] | None = None) -> pa.Table | None:
+    """The index a manifest names as an Arrow table (those columns); None when it has none or the file is
+    missing or altered."""
     if not ref:
         return None
     path = storage.join(out_dir, ref["file"])
@@ -89,7 +90,14 @@ def read(out_dir: str, ref: dict[str, Any] | None) -> dict[str, Entry] | None:
         data = f.read()
     if sha256(data) != ref.get("sha256"):
         return None
-    table = pq.read_table(pa.BufferReader(data))
+    return pq.read_table(pa.BufferReader(data), columns=columns)
+
+
+def read(out_dir: str, ref: dict[str, Any] | None) -> dict[str, Entry] | None:
+    """The index a manifest names (key -> Entry); None when it has none or the file is missing or altered."""
+    table = read_table(out_dir, ref)
+    if table is None:
+        return None
     cols = [table.column(n).to_pylist() for n in SCHEMA.names]
     return {k: Entry(i, s, z, m, h) for k, i, s, z, m, h in zip(*cols)}
 

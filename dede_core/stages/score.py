@@ -25,7 +25,7 @@ from dede_core.detector.scorer import ScoreConfig
 from dede_core.io.loader import decode_workers
 from dede_core.stages import folder
 from dede_core.stages.protocol import Placement, run_in_order
-from dede_core.stages.score_batches import JobProgress, open_parts, score_parts, windows
+from dede_core.stages.score_batches import JobProgress, SourceRefs, open_parts, score_parts, windows
 from dede_core.stages.scoring import open_writer
 from schemas.manifest import ShardEntry, read_manifest
 from schemas import names
@@ -160,11 +160,11 @@ def score_job(job: ScoreJob) -> dict[str, Any]:
     todo = [e for e in entries if e.name not in skipped]
     workers = decode_workers(run.settings.device) if run.settings.workers is None else run.settings.workers
     progress = JobProgress(todo, quiet=not run.progress)
-    scored, failed, counts = [], {}, Counter()
+    scored, failed, counts, refs = [], {}, Counter(), SourceRefs(run.shards)
     for window in windows(todo):
         scratch = storage.scratch(run.shards)  # the window's shards downloaded, when SHARDS is a URL
         try:
-            parts, broken = open_parts(run.shards, writer.markers, window, scratch.name if scratch else None)
+            parts, broken = open_parts(run.shards, writer.markers, window, scratch.name if scratch else None, refs)
             counts += score_parts(parts, writer, batch_size=run.settings.batch_size, workers=workers,
                                   progress=progress)
         finally:

@@ -15,6 +15,9 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from dede_core.io import source_index, storage
 from dede_core.io.loader import make_loader
 from dede_core.io.progress import Progress
@@ -60,9 +63,11 @@ class JobProgress:
 class ShardRows:
     """One pending shard: its reader and its result columns, filled by position as batches come back."""
 
-    def __init__(self, entry: ShardEntry, source: TarShardSource, refs: dict[str, str]) -> None:
+    def __init__(self, entry: ShardEntry, source: TarShardSource, refs: SourceRefs) -> None:
         self.entry, self.source, self.keys = entry, source, source.keys()
-        self.sources = [_reference(source.meta(i), refs.get(key)) for i, key in enumerate(self.keys)]
+        metas = [source.meta(i) for i in range(len(self.keys))]
+        indexed = refs.lookup([key for key, meta in zip(self.keys, metas) if not meta.get("source")])
+        self.sources = [_reference(meta, indexed.get(key)) for key, meta in zip(self.keys, metas)]
         self.stem = os.path.splitext(entry.name)[0]
         # Members the reader could not make a sample of come last, as read_error rows: nothing disappears.
         n = len(self.keys) + len(source.skipped)
@@ -81,13 +86,28 @@ def _reference(meta: dict[str, Any], indexed: str | None) -> str | None:
     return found if isinstance(found, str) else None
 
 
-def source_refs(shards_dir: str) -> dict[str, str]:
-    """key -> source reference from the shards folder's source index ({} when it has none)."""
-    index = source_index.read(shards_dir, read_manifest(shards_dir).source_index) or {}
-    return {key: entry.item for key, entry in index.items() if entry.item is not None}
+class SourceRefs:
+    """key -> source reference from a shards folder's source index, for the samples whose .json names none
+    (shards written before `dede shard` recorded it there). Read on first need, once, and kept as two Arrow
+    columns: compact at any corpus size, where a dict of every key would grow with the corpus."""
+
+    def __init__(self, shards_dir: str) -> None:
+        self.shards_dir, self.table, self.loaded = shards_dir, None, False
+
+    def lookup(self, keys: list[str]) -> dict[str, str]:
+        if not keys:
+            return {}
+        if not self.loaded:
+            ref = read_manifest(self.shards_dir).source_index
+            self.table, self.loaded = source_index.read_table(self.shards_dir, ref, ["key", "item"]), True
+        if self.table is None:
+            return {}
+        found = self.table.filter(pc.and_(pc.is_in(self.table["key"], value_set=pa.array(keys, pa.string())),
+                                          pc.is_valid(self.table["item"])))
+        return dict(zip(found["key"].to_pylist(), found["item"].to_pylist()))
 
 
-def _open_part(shards_dir: str, entry: ShardEntry, scratch: str | None, refs: dict[str, str]) -> ShardRows:
+def _open_part(shards_dir: str, entry: ShardEntry, scratch: str | None, refs: SourceRefs) -> ShardRows:
     """Index one shard; ValueError/OSError when it is missing, cut short or not a tar (the shard fails).
     A shard at a URL is downloaded into `scratch` first: the reader needs random access."""
     path = storage.join(shards_dir, entry.name)
@@ -121,11 +141,11 @@ def _route(batch: dict[str, Any], parts: list[ShardRows], run: ScoreWriter) -> l
     return completed
 
 
-def open_parts(shards_dir: str, markers: folder.Markers, todo: list[ShardEntry],
-                scratch: str | None = None) -> tuple[list[ShardRows], dict[str, str]]:
+def open_parts(shards_dir: str, markers: folder.Markers, todo: list[ShardEntry], scratch: str | None = None,
+               refs: SourceRefs | None = None) -> tuple[list[ShardRows], dict[str, str]]:
     """Index the pending shards; a broken one is recorded in _failed/ and left out, the others go on."""
     parts, failed = [], {}
-    refs = source_refs(shards_dir) if todo else {}
+    refs = SourceRefs(shards_dir) if refs is None else refs
     for entry in todo:
         try:
             parts.append(_open_part(shards_dir, entry, scratch, refs))

@@ -12,7 +12,7 @@ from dede_core.stages import score as score_mod, score_batches
 from dede_core.stages.score import score_shards
 from dede_core.detector.scorer import ScoreConfig, Scorer
 from dede_core.stages.shard import write_shards
-from dede_core.io.sources import open_source
+from dede_core.io.sources import TarShardSource, open_source
 from dede_core.detector.train import TrainConfig, train_detector
 from schemas.tables import scores_schema
 
@@ -103,8 +103,8 @@ def test_windows_of_shards_give_the_same_scores_and_bound_what_is_indexed(tmp_pa
     opened = []
     real_open = score_batches.open_parts
     monkeypatch.setattr(score_batches, "WINDOW", 25)  # the 20-sample shards go in windows of two, then one
-    monkeypatch.setattr(score_mod, "open_parts", lambda d, m, todo, s=None: opened.append(
-        [e.name for e in todo]) or real_open(d, m, todo, s))
+    monkeypatch.setattr(score_mod, "open_parts", lambda d, m, todo, *rest: opened.append(
+        [e.name for e in todo]) or real_open(d, m, todo, *rest))
     lines = []
     with on_dede_log(lines.append):
         result = score_shards(shards, detector=detector, out_dir=str(tmp_path), score=CONFIG, knn_k=3, batch_size=7,
@@ -176,3 +176,14 @@ def test_subsets_for_parallel_workers(tmp_path, shards, detector, scored):
     assert table(out, "000002").equals(table(scored[0], "000002"))
     with pytest.raises(ValueError, match="not in the manifest"):
         score_shards(shards, detector=detector, out_dir=str(out), score=CONFIG, knn_k=3, shards=["000009.tar"])
+
+
+def test_source_refs_read_the_index_once_and_only_when_asked(shards):
+    """The source index answers for samples whose .json names no source (older shards): read on first need, kept as
+    Arrow columns, looked up by key."""
+    refs = score_batches.SourceRefs(shards)
+    assert refs.lookup([]) == {} and not refs.loaded  # shards that name their sources never read it
+    source = TarShardSource([f"{shards}/000000.tar"])
+    keys = source.keys()[:3]
+    assert refs.lookup(keys + ["no-such-key"]) == {k: source.meta(i)["source"] for i, k in enumerate(keys)}
+    assert refs.loaded and refs.table.num_rows == 48 and refs.table.column_names == ["key", "item"]
