@@ -91,7 +91,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--batch-size", type=int, default=256, help="decoded images per batch (default 256)")
     g.add_argument("--chunk", type=int, default=64, help="rows per forward pass (default 64)")
     g.add_argument("--workers", type=int, default=None, help=f"the score stage's {WORKERS_HELP}")
-    g.add_argument("--no-bf16", action="store_true", help="on the CPU, skip the opt-in bf16 rows")
+    g.add_argument("--one-precision", action="store_true",
+                   help="skip the rows in the device's second precision (bf16 on the CPU, fp32 on CUDA)")
     g.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda[:N]")
     g.add_argument("--work", default=None, help="scratch folder parent (default: the system temp folder)")
 
@@ -169,7 +170,7 @@ def _bench_throughput(args: argparse.Namespace) -> int:
                                 patch_size=args.patch_size or (4 if args.image_size <= 64 else 16),
                                 encoder=args.encoder, images=args.images, limit_seconds=args.limit_seconds,
                                 batch_size=args.batch_size, workers=args.workers, chunk=args.chunk,
-                                cpu_bf16=not args.no_bf16, device=device(args.device))
+                                second_precision=not args.one_precision, device=device(args.device))
     with tempfile.TemporaryDirectory(prefix="dede-throughput-", dir=args.work) as work:
         report = bt.run_bench(bench, work)
     report["command"] = bt.command_line(bench)

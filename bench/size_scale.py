@@ -87,7 +87,7 @@ def measure(cfg: SizeScaleConfig, work: str, log: Callable[[str], None] = print)
         write_image_folder(images[:n], labels[:n], folder, class_names=FASHION_MNIST_CLASSES, prefix="fm")
         write_shards(folder, shards, samples_per_shard=cfg.samples_per_shard, progress=False)
         scores = os.path.join(work, f"scores-{n}")
-        step = bt.stage_step(shards, detector, scores, replace(bench, images=n), cpu_bf16=False)
+        step = bt.stage_step(shards, detector, scores, replace(bench, images=n))
         run = bt.measure_in_child(replace(bench, images=n), [step])[0]
         run["steady_images_per_s"] = _steady(scores)
         run["cpu_ms_per_image"] = run["cpu_seconds"] / run["images"] * 1e3

@@ -65,7 +65,7 @@ class ThroughputConfig:
     samples_per_shard: int = 1000
     knn_bank: int = 5000  # k-NN bank rows in the checkpoint (TrainConfig's default)
     copies: int = 3  # clean and copy each run this often; the median counts
-    cpu_bf16: bool = True  # on the CPU, also measure the opt-in bf16 autocast (ScoreConfig.cpu_bf16): limit, end to end
+    second_precision: bool = True  # also the limit and end to end in the device's other precision (SECOND)
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -118,12 +118,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_limit(detector: str, images: torch.Tensor, bench: ThroughputConfig, *, cpu_bf16: bool = False
-                  ) -> dict[str, float]:
+def second_precision(device: str) -> tuple[str, dict[str, bool]]:
+    """The precision a device scores in when asked, beside its default, and the ScoreConfig options that ask:
+    bf16 autocast on the CPU (opt-in, `dede score --bf16`), fp32 on CUDA (opt-out of bf16, `dede score --fp32`)."""
+    return ("fp32", {"cuda_fp32": True}) if torch.device(device).type == "cuda" else ("bf16", {"cpu_bf16": True})
+
+
+def measure_limit(detector: str, images: torch.Tensor, bench: ThroughputConfig, *,
+                  options: dict[str, bool] | None = None) -> dict[str, float]:
     """(a) Scorer.score, one batch_size slice at a time, on pre-decoded uint8 images already in memory, cycling
-    over them for limit_seconds."""
+    over them for limit_seconds; `options`: ScoreConfig precision options (second_precision)."""
     model, encoder, ckpt = load_detector(detector)
-    config = ScoreConfig(chunk=bench.chunk, cpu_bf16=cpu_bf16)
+    config = ScoreConfig(chunk=bench.chunk, **(options or {}))
     scorer = Scorer(detector=model, encoder=encoder, config=config, device=bench.device, references=ckpt.knn_bank)
     keys = [f"k{i}" for i in range(len(images))]
     scorer.score(images[:bench.chunk], keys[:bench.chunk])  # warm-up: allocator, kernels, lazy inits
@@ -170,7 +176,7 @@ def child() -> None:
     for step in job["steps"]:
         if step["kind"] == "limit":
             images = torch.load(step["images"], weights_only=True)
-            reports.append(measure_limit(step["detector"], images, bench, cpu_bf16=step["cpu_bf16"]))
+            reports.append(measure_limit(step["detector"], images, bench, options=step["options"]))
         elif step["kind"] == "naive":
             reports.append(measure_naive(step["png_root"], step["detector"], bench))
         else:
@@ -187,11 +193,12 @@ def child() -> None:
     print(json.dumps(reports))
 
 
-def stage_step(shards: str, detector: str, out: str, bench: ThroughputConfig, *, cpu_bf16: bool,
+def stage_step(shards: str, detector: str, out: str, bench: ThroughputConfig, *, options: dict[str, bool] | None = None,
                workers: int | None = None) -> dict[str, Any]:
-    """(b) one score_shards call of the measuring process (with bench.workers decoding processes unless told)."""
+    """(b) one score_shards call of the measuring process (with bench.workers decoding processes unless told;
+    `options`: ScoreConfig precision options)."""
     return {"kind": "stage", "shards_dir": shards, "detector": detector, "out_dir": out,
-            "score": {"chunk": bench.chunk, "cpu_bf16": cpu_bf16}, "batch_size": bench.batch_size,
+            "score": {"chunk": bench.chunk, **(options or {})}, "batch_size": bench.batch_size,
             "workers": bench.workers if workers is None else workers, "device": bench.device}
 
 
@@ -304,19 +311,20 @@ def run_bench(bench: ThroughputConfig, work: str, *, log: Callable[[str], None] 
     torch.save(torch.from_numpy(images[:bench.limit_images])[:, None].expand(-1, 3, -1, -1).contiguous(), pre_decoded)
     results: dict[str, Any] = {"decode": measure_decode(shards, bench)}
     log(f"decode only ({bench.workers} workers): {results['decode']['images_per_s']:.1f} img/s")
-    bf16 = bench.cpu_bf16 and torch.device(bench.device).type == "cpu"
-    limit = {"kind": "limit", "detector": detector, "images": pre_decoded, "cpu_bf16": False}
+    second, options = second_precision(bench.device)
+    limit = {"kind": "limit", "detector": detector, "images": pre_decoded, "options": {}}
     # The limit brackets the stage (a drift in load shows); the 1/10 corpus runs first for the peak RSS.
-    steps = [limit, stage_step(small, detector, os.path.join(work, "scores-small"), bench, cpu_bf16=False),
-             stage_step(shards, detector, os.path.join(work, "scores"), bench, cpu_bf16=False), limit,
+    steps = [limit, stage_step(small, detector, os.path.join(work, "scores-small"), bench),
+             stage_step(shards, detector, os.path.join(work, "scores"), bench), limit,
              {"kind": "naive", "png_root": os.path.join(work, "corpus-png"), "detector": detector}]
-    if bf16:
-        steps += [stage_step(shards, detector, os.path.join(work, "scores-bf16"), bench, cpu_bf16=True),
-                  limit | {"cpu_bf16": True}]
+    if bench.second_precision:
+        steps += [stage_step(shards, detector, os.path.join(work, f"scores-{second}"), bench, options=options),
+                  limit | {"options": options}]
     # The decoding process count the stage did not choose, end to end beside it: the sizing rule's evidence.
     other = 1 if bench.workers == 0 else 0
-    others = [("end_to_end_other_workers", False)] + ([("end_to_end_bf16_other_workers", True)] if bf16 else [])
-    steps += [stage_step(shards, detector, os.path.join(work, f"scores-{name}"), bench, cpu_bf16=on, workers=other)
+    others = [("end_to_end_other_workers", {})] + (
+        [(f"end_to_end_{second}_other_workers", options)] if bench.second_precision else [])
+    steps += [stage_step(shards, detector, os.path.join(work, f"scores-{name}"), bench, options=on, workers=other)
               for name, on in others]
     measured = measure_in_child(bench, steps)
     before, small_run, large_run, after, results["naive"] = measured[:5]
@@ -330,12 +338,12 @@ def run_bench(bench: ThroughputConfig, work: str, *, log: Callable[[str], None] 
     log(f"naive reference-style loop: {results['naive']['images_per_s']:.1f} img/s")
     for (name, _), report in zip(others, measured[len(measured) - len(others):]):
         results[name] = report
-        log(f"end to end with {other} decoding process(es){', bf16' if 'bf16' in name else ''}: "
+        log(f"end to end with {other} decoding process(es){f', {second}' if second in name else ''}: "
             f"{report['images_per_s']:.1f} img/s")
-    if bf16:
-        results["end_to_end_bf16"], results["limit_bf16"] = measured[5:7]
-        log(f"opt-in bf16 on the CPU: limit {results['limit_bf16']['images_per_s']:.1f} img/s, end to end "
-            f"{results['end_to_end_bf16']['images_per_s']:.1f} img/s")
+    if bench.second_precision:
+        results[f"end_to_end_{second}"], results[f"limit_{second}"] = measured[5:7]
+        log(f"{second}: limit {results[f'limit_{second}']['images_per_s']:.1f} img/s, end to end "
+            f"{results[f'end_to_end_{second}']['images_per_s']:.1f} img/s")
     results["clean"] = measure_clean(shards, os.path.join(work, "scores"), work, bench)
     log(f"clean {results['clean']['clean_mb_per_s']:.1f} MB/s, copy {results['clean']['copy_mb_per_s']:.1f} MB/s")
     return {"config": asdict(bench), "machine": machine(), "results": results,
@@ -354,7 +362,7 @@ def command_line(bench: ThroughputConfig) -> str:
     return (f"dede bench throughput --preset {bench.preset} --image-size {bench.image_size} --patch-size "
             f"{bench.patch_size} --encoder '{bench.encoder}' --images {bench.images} --limit-seconds "
             f"{bench.limit_seconds:g} --batch-size {bench.batch_size} --chunk {bench.chunk}{workers} "
-            f"--device {bench.device}{'' if bench.cpu_bf16 else ' --no-bf16'}")
+            f"--device {bench.device}{'' if bench.second_precision else ' --one-precision'}")
 
 
 def write_report(report: dict[str, Any], out_dir: str) -> tuple[str, str]:

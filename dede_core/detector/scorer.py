@@ -33,6 +33,8 @@ class ScoreConfig:
     # bf16 autocast on the CPU as well (CUDA always uses it). Opt-in: other (close) scores than fp32, still bitwise
     # the same whatever the batch; faster only on CPUs with bf16 units (AMX, AVX512-BF16), see throughput.md.
     cpu_bf16: bool = False
+    # fp32 on CUDA instead of its bf16 autocast. Opt-out: slower, scores closer to (not equal to) the CPU's.
+    cuda_fp32: bool = False
     # Reference embeddings (spread over the detector's k-NN bank) whose embedding-only reconstructions normalise
     # the score: score = own error / the `reference_quantile` quantile of the errors under the references, on the
     # same hidden pixels. A raw error is dominated by how hard an image is to draw; the ratio asks whether the
@@ -55,10 +57,12 @@ class ScoreConfig:
             raise ValueError(f"reference_quantile must be in [0, 1], got {self.reference_quantile}")
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields; cpu_bf16 only when on, so a folder's identity names the option only where it is used."""
+        """The fields; cpu_bf16 and cuda_fp32 only when on, so a folder's identity names an option only where it is
+        used (and folders scored before an option existed keep their identity)."""
         fields = dataclasses.asdict(self)
-        if not self.cpu_bf16:
-            del fields["cpu_bf16"]
+        for option in ("cpu_bf16", "cuda_fp32"):
+            if not fields[option]:
+                del fields[option]
         return fields
 
 
@@ -69,9 +73,11 @@ class ScoreOutput:
     embedding: Tensor  # (N, D) float32: the victim's raw embedding
 
 
-def autocast_for(device: torch.device, *, cpu_bf16: bool = False) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; on the CPU only when asked (it changes results, and is slower without bf16 units)."""
-    if device.type == "cuda" or (cpu_bf16 and device.type == "cpu"):
+def autocast_for(device: torch.device, *, cpu_bf16: bool = False, cuda_fp32: bool = False
+                 ) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA unless fp32 is asked for; on the CPU only when asked (it changes results, and is slower
+    without bf16 units)."""
+    if (device.type == "cuda" and not cuda_fp32) or (cpu_bf16 and device.type == "cpu"):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -112,6 +118,9 @@ class Scorer:
             preds = self._reconstruct(spread_rows(references.float(), config.references))
             self.reference_errors = ReferenceErrors(preds)
 
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return autocast_for(self.device, cpu_bf16=self.config.cpu_bf16, cuda_fp32=self.config.cuda_fp32)
+
     @torch.no_grad()
     def _reconstruct(self, embeddings: Tensor) -> Tensor:
         """Embedding-only reconstructions (R, L, p*p*C) of R embeddings, in fixed chunks."""
@@ -123,7 +132,7 @@ class Scorer:
             padded[:len(part)] = part
             blank = torch.zeros((rows, cfg.in_chans, cfg.img_size, cfg.img_size), device=self.device)
             noise = torch.zeros(rows, cfg.num_patches, device=self.device)
-            with autocast_for(self.device, cpu_bf16=self.config.cpu_bf16):
+            with self._autocast():
                 latent, _, ids_restore = self.detector.forward_encoder(blank, padded.to(self.device), noise, 0)
                 preds.append(self.detector.forward_decoder(latent, ids_restore).float()[:len(part)])
         return torch.cat(preds)
@@ -139,7 +148,7 @@ class Scorer:
         padded = torch.zeros((self.config.chunk, *victim.shape[1:]), dtype=torch.uint8)
         padded[:len(victim)] = victim
         x01 = padded.to(self.device, non_blocking=True).float().div_(255)
-        with autocast_for(self.device, cpu_bf16=self.config.cpu_bf16):
+        with self._autocast():
             return self.encoder(x01).float()[:len(victim)].cpu()
 
     @torch.no_grad()
@@ -193,7 +202,7 @@ class Scorer:
         for draw in range(draws):
             noise = torch.zeros(rows, length)
             noise[:n] = mask_noise(keys, length, seed=self.config.seed, draw=draw)
-            with autocast_for(self.device, cpu_bf16=self.config.cpu_bf16):
+            with self._autocast():
                 latent, mask, ids_restore = self.detector.forward_encoder(
                     x, emb, noise.to(self.device), self.visible)
                 pred = self.detector.forward_decoder(latent, ids_restore)

@@ -154,7 +154,7 @@ def score_config(args: argparse.Namespace):
     from dede_core.detector.scorer import ScoreConfig
 
     return ScoreConfig(seed=args.seed, draws=args.draws, visible=args.visible, chunk=args.chunk,
-                       cpu_bf16=getattr(args, "bf16", False))
+                       cpu_bf16=getattr(args, "bf16", False), cuda_fp32=getattr(args, "fp32", False))
 
 
 def add_score_options(p: argparse.ArgumentParser) -> None:

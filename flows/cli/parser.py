@@ -135,8 +135,10 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder", default=None, help="victim encoder spec (default: the detector's); needed for a "
                    "callable: encoder, whose code dede never runs on a checkpoint's word")
     add_score_options(p)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast on the CPU too (CUDA always uses it): about "
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on the CPU too (CUDA uses it unless --fp32): about "
                    "1.6x faster on CPUs with AMX, scores close to but not equal to fp32 (docs/results/throughput.md)")
+    p.add_argument("--fp32", action="store_true", help="on CUDA, fp32 instead of bf16 autocast: slower, scores closer "
+                   "to the CPU's (a scores folder still holds one device type)")
     add_runner_options(p)
     p.set_defaults(func=commands.cmd_score)
 

@@ -22,11 +22,11 @@ def check_report(report: dict, device: str) -> None:
     results = report["results"]
     for part, rate in RATES:
         assert results[part][rate] > 0, (part, rate)
-    if device == "cpu":  # the opt-in bf16 rows
-        assert results["limit_bf16"]["images_per_s"] > 0 and results["end_to_end_bf16"]["images_per_s"] > 0
+    second = "bf16" if device == "cpu" else "fp32"  # the device's second precision: opt-in bf16, opt-out fp32
+    assert results[f"limit_{second}"]["images_per_s"] > 0 and results[f"end_to_end_{second}"]["images_per_s"] > 0
     # End to end again with the decoding process count the stage did not choose (the sizing rule's evidence).
     other = 1 if report["config"]["workers"] == 0 else 0
-    for part in ("end_to_end_other_workers",) + (("end_to_end_bf16_other_workers",) if device == "cpu" else ()):
+    for part in ("end_to_end_other_workers", f"end_to_end_{second}_other_workers"):
         assert results[part]["images_per_s"] > 0 and results[part]["workers"] == other, part
     assert results["end_to_end"]["workers"] == report["config"]["workers"]
     assert results["end_to_end"]["images"] == results["naive"]["images"] == 40
@@ -89,11 +89,13 @@ def test_gpu_check_runs_every_step_on_the_cpu(tmp_path):
     expected = "1 passed" if torch.cuda.is_available() else "1 skipped"
     assert check["tests"]["returncode"] == 0 and expected in check["tests"]["summary"]
     assert sorted(check["settings"]) == ["cpu-224px-cifar-resnet18-cpu", "cpu-32px-cifar-resnet18-cpu"]
-    for name, row in check["settings"].items():
-        assert row["vs_naive"] > 0 and row["vs_limit"] > 0 and row["end_to_end_images_per_s"] > 0
+    for name, rows in check["settings"].items():
+        row = rows["default"]  # the tiny settings measure one precision
+        assert list(rows) == ["default"] and row["vs_naive"] > 0 and row["vs_limit"] > 0
+        assert row["end_to_end_images_per_s"] > 0
         assert settings[name]["config"]["images"] == 40 and settings[name]["results"]["end_to_end"]["images"] == 40
     md = (out / "throughput.md").read_text()
-    assert "## gpu-check-cpu-tiny" in md and "Tiny machinery check" in md and "| cpu-224px-cifar-resnet18-cpu |" in md
+    assert "## gpu-check-cpu-tiny" in md and "Tiny machinery check" in md and "| cpu-224px-cifar-resnet18-cpu | default |" in md
     assert list(tmp_path.glob("dede-gpu-check-*")) == []
 
 

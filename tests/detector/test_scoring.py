@@ -1,3 +1,6 @@
+import contextlib
+import copy
+
 import pytest
 import torch
 
@@ -5,7 +8,7 @@ from conftest import smooth_images
 from dede_core.detector.config import cpu
 from dede_core.detector.masking import mask_noise, sample_seed
 from dede_core.detector.model import DeDe
-from dede_core.detector.scorer import ScoreConfig, Scorer
+from dede_core.detector.scorer import ScoreConfig, Scorer, autocast_for
 
 
 def refs(encoder):
@@ -112,3 +115,23 @@ def test_cpu_bf16_is_opt_in_and_close(detector, encoder, batch):
     # The normalised score of an untrained detector varies little between images, so bf16 rounding weighs more.
     assert torch.corrcoef(torch.stack([bf16.score, fp32.score]))[0, 1] > 0.95
     assert "cpu_bf16" not in ScoreConfig().to_dict() and ScoreConfig(cpu_bf16=True).to_dict()["cpu_bf16"] is True
+
+
+def test_cuda_fp32_opts_out_of_bf16_and_names_itself_only_when_on():
+    assert autocast_for(torch.device("cuda"), cuda_fp32=True).__class__ is contextlib.nullcontext
+    assert autocast_for(torch.device("cpu"), cuda_fp32=True).__class__ is contextlib.nullcontext
+    assert isinstance(autocast_for(torch.device("cpu"), cpu_bf16=True), torch.autocast)
+    assert "cuda_fp32" not in ScoreConfig().to_dict() and ScoreConfig(cuda_fp32=True).to_dict()["cuda_fp32"] is True
+
+
+@pytest.mark.gpu
+def test_cuda_fp32_is_close_to_the_cpu(detector, encoder, batch):
+    images, keys = batch
+    def run(config, device):  # copies: a Scorer moves its modules to its device
+        return Scorer(references=refs(encoder), detector=copy.deepcopy(detector), encoder=copy.deepcopy(encoder),
+                      config=config, device=device).score(images, keys)
+
+    cpu, fp32 = run(ScoreConfig(chunk=16), "cpu"), run(ScoreConfig(chunk=16, cuda_fp32=True), "cuda")
+    bf16 = run(ScoreConfig(chunk=16), "cuda")
+    assert (fp32.error - cpu.error).abs().max() <= (bf16.error - cpu.error).abs().max()
+    assert torch.allclose(fp32.error, cpu.error, rtol=1e-3)
