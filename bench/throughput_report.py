@@ -183,7 +183,8 @@ def cpu_fit(sizes: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 def _size_scale_section(name: str, report: dict[str, Any]) -> list[str]:
     cfg, q = report["config"], report["ratios"]
-    flat = lambda ratio, limit: "flat" if ratio <= limit else "not flat"  # noqa: E731
+    flat = lambda ratio, limit: ("flat" if 0 < ratio <= limit else "not flat" if ratio > 0  # noqa: E731
+                                 else "no fit: a size cost less than the fixed start, a disturbed run")
     lines = _header(name, report, f"The score stage at corpus sizes 10x apart, each scored in a fresh process: "
                     f"{report['corpus']}; victim `{cfg['encoder']}` (seeded random weights), cpu preset, batch "
                     f"{cfg['batch_size']}, chunk {cfg['chunk']}, {cfg['workers']} decoding worker(s), "
