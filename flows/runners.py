@@ -23,6 +23,8 @@ from prefect import Task
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from dede_core.io.loader import usable_cores
+
 LOCAL, DASK = "local", "dask"
 GPU = "GPU"  # the Dask worker resource one GPU task holds
 
@@ -179,7 +181,7 @@ class ShardRunner:
             if self.gpu and not gpus:
                 raise ValueError("a CUDA device was asked for but no GPU is visible here; use --device cpu")
             visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-            plan = plan_cluster(gpus=gpus, cpus=os.cpu_count() or 1, workers=self.runner.workers,
+            plan = plan_cluster(gpus=gpus, cpus=usable_cores(), workers=self.runner.workers,
                                 visible=visible or None)
             cluster = self._stack.enter_context(start_cluster(plan))
             address, self.decode_limit = cluster.scheduler_address, plan.decode_workers
