@@ -83,7 +83,10 @@ def test_ctrl_c_then_rerun_resumes(tmp_path, image_folder, encoder_spec):
     cmd = [sys.executable, "-m", "flows.cli", "train", str(image_folder), "--encoder", encoder_spec,
            "--out", str(out), "--epochs", "400", "--batch-size", "16", "--workers", "0", "--threads", "1"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    # SIGINT back to its default in the child, as under a terminal: a test run started in the background passes
+    # SIGINT ignored on to its children, and an ignored SIGINT cannot interrupt the run under test.
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ckpt = out / "detector.pt"
     deadline = time.time() + 120
     while not ckpt.exists() and time.time() < deadline:
