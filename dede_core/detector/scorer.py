@@ -223,8 +223,9 @@ class ReferenceErrors:
     sum over hidden patches l of |ref_l - t_l|^2 = sum_l h_l |ref_l|^2 + sum_l h_l |t_l|^2 - 2 sum_l h_l ref_l . t_l:
     the last term is one batched matrix product over the patches, where a loop over the references passes over a
     (rows, patches, pixels) difference once per reference: at 224 px with 64 references, 91 ms against 1.8 s for a
-    chunk of 64 rows on 2 cores. In float64, so that the expansion's cancellation stays below float32's rounding:
-    it matches the loop within 2e-7 relative (bench note in docs/results/throughput.md)."""
+    chunk of 64 rows on 2 cores (timed ad hoc on random tensors of those shapes). In float64, so that the
+    expansion's cancellation stays below float32's rounding: it matches the loop within 2e-7 relative (issue #15
+    notes in docs/results/throughput.md)."""
 
     def __init__(self, preds: Tensor) -> None:  # (R, L, P) reconstructions from the reference embeddings
         self.count = len(preds)
