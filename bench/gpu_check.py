@@ -28,7 +28,6 @@ import torch
 
 from bench import throughput as bt
 from bench import throughput_report
-from dede_core.io.loader import decode_workers
 
 SETTINGS = {  # name -> the full run's setting; a GPU decodes on the CPU cores it has, one per worker
     "32px": bt.ThroughputConfig(image_size=32, patch_size=4, encoder="cifar-resnet18?width=64", images=10_000,
@@ -82,10 +81,9 @@ def run(device: str, out: str, *, small: bool, tests: list[str] | None, work: st
     checked = gpu_tests(tests, 240) if tests is not None else None
     if checked:
         log(f"gpu tests: {checked['summary']}")
-    workers = decode_workers(device)
     settings: dict[str, Any] = {}
     for label, setting in SETTINGS.items():
-        setting = replace(tiny(setting) if small else setting, device=device, workers=workers)
+        setting = replace(tiny(setting) if small else setting, device=device)  # run_bench sizes the decoders
         with tempfile.TemporaryDirectory(prefix="dede-gpu-check-", dir=work) as scratch:
             report = bt.run_bench(setting, scratch, log=log)
         report["command"] = bt.command_line(setting)
