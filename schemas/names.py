@@ -4,7 +4,8 @@ RUN (dede sanitize)          shards/ detector/ scores/ clean/ report.html report
 shards/ (dede shard)         NNNNNN.tar, NNNNNN.spans.json, source-NNNNNN.parquet, manifest.json (written last:
                              the folder is done)
 detector/ (dede train)       detector.pt (every epoch), aux_cache.pt
-scores/ (dede score)         run.json (claims the folder), NNNNNN.parquet, calibration.parquet, skipped.parquet,
+scores/ (dede score)         run.json (claims the folder), NNNNNN.parquet, embeddings/NNNNNN.parquet,
+                             calibration.parquet, skipped.parquet,
                              _done/NNNNNN.json (written last per shard), _failed/NNNNNN.json
 clean/ (dede clean)          clean_config.json (claims the folder), NNNNNN.tar, _done/NNNNNN.rejected.parquet,
                              _done/NNNNNN.json (written last per shard), manifest.json, rejected.parquet,
@@ -32,6 +33,7 @@ DONE_DIR, FAILED_DIR = "_done", "_failed"
 SCORE_RUN = "run.json"  # the detector and settings every score of the folder was made with
 CALIBRATION = "calibration.parquet"  # the detector's held-out images, scored like the corpus
 SKIPPED = "skipped.parquet"  # the shards manifest's skipped entries as rows, so the scores account for all
+EMBEDDINGS_DIR = "embeddings"  # embeddings/NNNNNN.parquet: each sample's victim embedding and thumbnail
 
 # Clean folder.
 CLEAN_CONFIG = "clean_config.json"  # the selection every cleaned shard of the folder was made with

@@ -38,6 +38,19 @@ SCORES = pa.schema([
 
 EMBEDDING_FIELD = pa.field("embedding", pa.list_(pa.float32()))  # optional column: the victim's raw embedding
 
+THUMB_SIDE = 16  # the embeddings table's thumbnails are THUMB_SIDE x THUMB_SIDE grey
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    """SCORES/embeddings/<stem>.parquet: the victim's embedding of every sample, for the corpus-level stages."""
+    return pa.schema([
+        pa.field("key", pa.string(), nullable=False),  # as in the scores table
+        pa.field("position", pa.int32(), nullable=False),  # index of the sample inside its shard
+        pa.field("embedding", pa.list_(pa.float16(), dim)),  # the victim's raw embedding (null when not scored)
+        # 16 x 16 grey thumbnail of the detector's view, row-major: tells near-duplicates apart (null when not scored)
+        pa.field("thumb", pa.list_(pa.uint8(), THUMB_SIDE * THUMB_SIDE)),
+    ])
+
 CALIBRATION = pa.schema([
     pa.field("key", pa.string(), nullable=False),  # held-out auxiliary sample (never trained on)
     pa.field("score", pa.float64(), nullable=False),

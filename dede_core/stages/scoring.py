@@ -24,6 +24,7 @@ from dede_core.detector.knn import density_score, knn_distance
 from dede_core.detector.scorer import ScoreConfig, Scorer, for_checkpoint
 from dede_core.io import storage
 from dede_core.stages import folder
+from dede_core.stages.embeddings import thumbnails, write_embeddings
 from schemas import names
 from schemas.manifest import Manifest, ShardEntry, differences
 from schemas.tables import CALIBRATION, STATUS_SKIPPED, scores_schema, with_metadata
@@ -120,7 +121,7 @@ class ScoreWriter:
 
     def score(self, images: torch.Tensor, keys: list[str], *, victim: torch.Tensor | None = None,
               embedding: torch.Tensor | None = None) -> dict[str, list]:
-        """-> {score, recon_error, knn_score, density_score, embedding}, one list entry per key."""
+        """-> {score, recon_error, knn_score, density_score, embedding, thumb}, one list entry per key."""
         out = self.scorer.score(images, keys, victim=victim, embedding=embedding)
         knn = knn_distance(out.embedding, self.bank, self.knn_k, chunk=self.scorer.config.chunk)
         none = [None] * len(keys)
@@ -128,10 +129,14 @@ class ScoreWriter:
         return {"score": out.score.tolist(), "recon_error": out.error.tolist(),
                 "knn_score": none if knn is None else knn.tolist(),
                 "density_score": density if isinstance(density, list) else density.tolist(),
-                "embedding": list(out.embedding.numpy())}
+                "embedding": list(out.embedding.numpy()), "thumb": list(thumbnails(images))}
 
     def write_shard(self, part: ShardRows) -> Counter:
-        """OUT/<stem>.parquet (temp + rename), then the _done marker last; returns the status counts."""
+        """OUT/embeddings/<stem>.parquet, OUT/<stem>.parquet (temp + rename), then the _done marker last; returns
+        the status counts."""
+        write_embeddings(self.out_dir, part.stem, [row["key"] for row in part.rows],
+                         [row.get("embedding") for row in part.rows], [row.get("thumb") for row in part.rows],
+                         self.scorer.encoder.dim)
         columns = {name: [row.get(name) for row in part.rows] for name in self.schema.names
                    if name not in self.constant}
         columns |= {"shard": [part.entry.name] * len(part.rows), "position": list(range(len(part.rows)))}

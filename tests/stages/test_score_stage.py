@@ -1,5 +1,7 @@
 import shutil
 
+import numpy as np
+
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -14,7 +16,8 @@ from dede_core.detector.scorer import ScoreConfig, Scorer
 from dede_core.stages.shard import write_shards
 from dede_core.io.sources import TarShardSource, open_source
 from dede_core.detector.train import TrainConfig, train_detector
-from schemas.tables import scores_schema
+from dede_core.stages.embeddings import read_embeddings, thumbnails
+from schemas.tables import embeddings_schema, scores_schema
 
 from conftest import on_dede_log
 
@@ -84,6 +87,36 @@ def test_end_to_end_matches_the_scorer(scored, detector, image_folder):
     assert rows[0]["encoder_id"] == f"{ckpt.encoder_spec}#{ckpt.encoder_fingerprint[:16]}"
     calibration = pq.read_table(out / "calibration.parquet")
     assert calibration.column("key").to_pylist() == ckpt.calibration_keys and calibration.num_rows == 6
+
+
+def test_every_shard_keeps_its_embeddings_and_thumbnails(scored, detector, image_folder):
+    out, _ = scored
+    model, encoder, ckpt = load_detector(detector)
+    source = open_source(str(image_folder))
+    images = torch.stack([decode_image(source[i].data, size=32, channels=3) for i in range(len(source))])
+    keys, vectors, thumbs = [], [], []
+    for stem in ("000000", "000001", "000002"):
+        t = pq.read_table(out / "embeddings" / f"{stem}.parquet")
+        assert t.schema.equals(embeddings_schema(encoder.dim))
+        assert t.column("key").to_pylist() == table(out, stem).column("key").to_pylist()
+        part_keys, part_vectors, part_thumbs = read_embeddings(str(out / "embeddings" / f"{stem}.parquet"))
+        keys += part_keys.column("key").to_pylist()
+        vectors.append(part_vectors)
+        thumbs.append(part_thumbs)
+    direct = Scorer(detector=model, encoder=encoder, config=CONFIG, references=ckpt.knn_bank).score(
+        images, source.keys())
+    assert keys == source.keys()
+    assert torch.allclose(torch.from_numpy(np.concatenate(vectors)), direct.embedding.half().float())
+    assert np.array_equal(np.concatenate(thumbs), thumbnails(images)) and np.concatenate(thumbs).shape == (48, 256)
+
+
+def test_thumbnails_tell_copies_from_other_pictures():
+    picture = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
+    copy = torch.nn.functional.interpolate(picture.float(), size=32, mode="area")
+    copy = torch.nn.functional.interpolate(copy, size=64, mode="nearest").round().to(torch.uint8)  # resized
+    other = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
+    a, b, c = (thumbnails(x)[0].astype(float) for x in (picture, copy, other))
+    assert np.corrcoef(a, b)[0, 1] > 0.95 > np.corrcoef(a, c)[0, 1]
 
 
 def test_batches_across_shards_and_workers_give_the_same_scores(tmp_path, scored, shards, detector, encoder):
