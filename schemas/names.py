@@ -35,6 +35,9 @@ CALIBRATION = "calibration.parquet"  # the detector's held-out images, scored li
 SKIPPED = "skipped.parquet"  # the shards manifest's skipped entries as rows, so the scores account for all
 EMBEDDINGS_DIR = "embeddings"  # embeddings/NNNNNN.parquet: each sample's victim embedding and thumbnail
 
+# Neighbours folder (the corpus-level stage after score).
+NEIGHBOURS_DIR = "neighbours"
+
 # Clean folder.
 CLEAN_CONFIG = "clean_config.json"  # the selection every cleaned shard of the folder was made with
 REJECTED = "rejected.parquet"

@@ -1,9 +1,11 @@
-"""Which samples to drop: one rule, evaluated as one DuckDB query over the scores folder.
+"""Which samples to drop: one rule (dede_core.stages.rules), evaluated as one DuckDB query over the scores folder.
 
-The default rule needs no labels: the threshold is the (1 - F) quantile of the scores of held-out auxiliary
-images the detector never trained on, so about a fraction F of clean images land above it, whatever the
-(unknown) poison rate. A sample that could not be scored is dropped with its status and error, unless asked
-to keep it. The rule only judges scored samples; keep_unscored decides the rest.
+The default rule needs no labels: every signal becomes a p-value under a null fitted to the corpus' bulk, the
+p-values combine into one per sample, and Benjamini-Hochberg at --fdr 0.05 flags what to drop
+(dede_core.signals.verdict), so about 5% of what is dropped is clean whatever the poison rate, and a clean
+corpus loses almost nothing. --fpr F instead drops above the (1 - F) quantile of held-out auxiliary scores.
+A sample that could not be scored is dropped with its status and error, unless asked to keep it. The rule only
+judges scored samples; keep_unscored decides the rest.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import posixpath
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,97 +27,11 @@ from dede_core.detector.health import describe_health, health_passed
 from dede_core.sql import connect, has_view
 from schemas.sql import literal
 from schemas.tables import REJECTED, STATUS_OK, STATUS_SKIPPED
-from schemas.names import SCORE_RUN
-
-
-KINDS = ("fpr", "quantile", "threshold", "where")
-COLUMNS = ("score", "knn_score", "density_score", "recon_error")
-
-
-def _fraction(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ValueError(f"{name} must be a number strictly between 0 and 1 (e.g. 0.05), got {value!r}")
-    return float(value)
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One selection rule; build it with Rule.fpr / .quantile / .threshold / .where."""
-
-    kind: str  # fpr | quantile | threshold | where
-    value: float | str  # F, Q, T, or the SQL predicate
-    column: str | None = "score"  # compared with the threshold: score | knn_score (None for where)
-    # Select even when the detector failed its health check (dede_core.detector.health): it cannot find backdoors, so
-    # cleaning with it would drop clean samples at random and keep the triggered ones.
-    allow_weak_detector: bool = False
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"rule kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        if self.kind == "where":
-            if self.column is not None:
-                raise ValueError("a where rule names its columns in the predicate; leave column unset")
-            object.__setattr__(self, "value", _predicate(self.value))
-            return
-        if self.column not in COLUMNS:
-            raise ValueError(f"column must be one of {', '.join(COLUMNS)}, got {self.column!r}")
-        if self.kind in ("fpr", "quantile"):
-            object.__setattr__(self, "value", _fraction(self.kind, self.value))
-        elif isinstance(self.value, bool) or not isinstance(self.value, (int, float)) or not math.isfinite(self.value):
-            raise ValueError(f"threshold must be a finite number (e.g. 812.4), got {self.value!r}")
-        else:
-            object.__setattr__(self, "value", float(self.value))
-
-    @classmethod
-    def fpr(cls, target: float = 0.05, *, column: str = "score") -> Rule:
-        """Drop above the (1 - target) quantile of the held-out calibration scores (chosen without labels)."""
-        return cls("fpr", target, column)
-
-    @classmethod
-    def quantile(cls, q: float, *, column: str = "score") -> Rule:
-        """Drop above the q quantile of the corpus' own scores (always drops about 1 - q of it)."""
-        return cls("quantile", q, column)
-
-    @classmethod
-    def threshold(cls, t: float, *, column: str = "score") -> Rule:
-        """Drop samples whose column is above t."""
-        return cls("threshold", t, column)
-
-    @classmethod
-    def where(cls, predicate: str) -> Rule:
-        """Drop the rows matching a SQL predicate over the scores columns, e.g. 'score > 900 OR knn_score > 3.1'."""
-        return cls("where", predicate, None)
-
-    @property
-    def label(self) -> str:
-        """Short text for reasons and logs: 'fpr 0.05', 'quantile 0.95', 'threshold 700', 'where: ...'."""
-        if self.kind == "where":
-            return f"where: {self.value}"
-        on = "" if self.column == "score" else f" on {self.column}"
-        return f"{self.kind} {self.value:g}{on}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Rule:
-        return cls(data["kind"], data["value"], data.get("column"), bool(data.get("allow_weak_detector", False)))
-
-
-DEFAULT_RULE = Rule.fpr(0.05)
-
-
-def _predicate(text: object) -> str:
-    """A user predicate, checked to be exactly one SQL expression (so it cannot end or add a statement)."""
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError("the where predicate must be a non-empty SQL expression, e.g. 'score > 900'")
-    if ";" in text:
-        raise ValueError(f"the where predicate must be one expression, not statements (no ';'): {text!r}")
-    try:
-        duckdb.SQLExpression(text)
-    except duckdb.Error as e:
-        raise ValueError(f"the where predicate {text!r} is not a SQL expression: {e}") from None
-    return text.strip()
+from dede_core.signals.gather import signal_frame
+from dede_core.signals.verdict import Verdict, VerdictConfig, decide, describe
+from schemas.names import NEIGHBOURS_DIR, SCORE_RUN
+from dede_core.stages.rules import (COLUMNS, DEFAULT_RULE, KINDS, Rule, _fraction, format_number,  # noqa: F401
+                                    percentile_name)
 
 
 @dataclass(frozen=True)
@@ -148,28 +65,15 @@ class Selection:
     detector_hash: str | None  # None only when the scores folder has no rows
     encoder_id: str | None
     detector_health: dict[str, Any] | None = None  # the detector's label-free health check (dede_core.detector.health)
+    verdict: Verdict | None = None  # an fdr rule's per-sample p-values and what each signal found
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the dropped rows, as plain JSON values."""
         return {"rule": self.rule.to_dict(), "rule_text": self.rule.label, "keep_unscored": self.keep_unscored,
                 "threshold": self.threshold, "how": self.how, "counts": self.counts.to_dict(),
                 "scores_dir": self.scores_dir, "detector_hash": self.detector_hash, "encoder_id": self.encoder_id,
-                "detector_health": self.detector_health}
-
-
-def format_number(x: float) -> str:
-    """812.4012 -> '812.40', 0.012345 -> '0.01235': enough digits to read, the exact value is stored apart."""
-    return f"{x:.2f}" if math.isfinite(x) and abs(x) >= 1 else f"{x:.4g}"
-
-
-def percentile_name(q: float) -> str:
-    """0.95 -> '95th', 0.99 -> '99th', 0.975 -> '97.5th', 0.01 -> '1st'."""
-    p = round(q * 100, 6)
-    if p != int(p):
-        return f"{p:g}th"
-    p = int(p)
-    suffix = "th" if 10 <= p % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(p % 10, "th")
-    return f"{p}{suffix}"
+                "detector_health": self.detector_health,
+                "verdict": None if self.verdict is None else self.verdict.summary}
 
 
 def valid_sql(column: str) -> str:
@@ -179,6 +83,8 @@ def valid_sql(column: str) -> str:
 
 def hit_sql(rule: Rule, threshold: float | None) -> str:
     """SQL: the rule flags this scored row. Values are literals: a predicate could clash with parameters."""
+    if rule.kind == "fdr":  # over a relation that carries the verdict's q_value (VERDICT_ROWS)
+        return f"coalesce(q_value <= CAST({literal(repr(rule.value))} AS DOUBLE), false)"
     if rule.kind == "where":
         # Newlines keep a trailing -- comment in the predicate from swallowing the closing parenthesis.
         return f"coalesce((\n{rule.value}\n), false)"
@@ -187,6 +93,8 @@ def hit_sql(rule: Rule, threshold: float | None) -> str:
 
 def scored_sql(rule: Rule) -> str:
     """SQL: the rule can judge this row (otherwise it is unscored)."""
+    if rule.kind == "fdr":
+        return f"({valid_sql('score')} AND q_value IS NOT NULL)"
     return f"(status = '{STATUS_OK}')" if rule.kind == "where" else valid_sql(rule.column)
 
 
@@ -242,7 +150,8 @@ def fpr_threshold(values: ArrayLike, fpr: float) -> float:
     return threshold
 
 
-def _threshold(conn: duckdb.DuckDBPyConnection, rule: Rule, scores_dir: str) -> tuple[float | None, str]:
+def _threshold(conn: duckdb.DuckDBPyConnection, rule: Rule, scores_dir: str,
+               verdict: Verdict | None = None) -> tuple[float | None, str]:
     """(threshold, how it was chosen) for the rule."""
     col = rule.column
     noun = "scores" if col == "score" else f"{col} values"
@@ -265,6 +174,8 @@ def _threshold(conn: duckdb.DuckDBPyConnection, rule: Rule, scores_dir: str) -> 
                    f"samples whatever the poison rate)")
     if rule.kind == "threshold":
         return rule.value, f"{col} > {format_number(rule.value)}, a fixed threshold given by the user"
+    if rule.kind == "fdr":
+        return None, "; ".join(describe(verdict.summary))
     return None, f"rows matching the SQL predicate: {rule.value}"
 
 
@@ -295,10 +206,12 @@ def judged_sql(rule: Rule, threshold: float | None, keep_unscored: bool, rows: s
     relation judged, `scores` or LIVE (retired rows carry their reason in `retired_reason`)."""
     if rule.kind == "where":
         reason = literal(f"where: {rule.value}")
+    elif rule.kind == "fdr":
+        reason = f"'combined q ' || printf('%.3g', q_value) || {literal(f' <= fdr {rule.value:g}')}"
     else:
         why = "threshold" if rule.kind == "threshold" else f"{rule.kind} {rule.value:g}"
         reason = literal(f"{rule.column} > {format_number(threshold)} ({why})")
-    missing = "'not scored'" if rule.kind == "where" else literal(f"{STATUS_OK} but no {rule.column}")
+    missing = "'not scored'" if rule.kind in ("where", "fdr") else literal(f"{STATUS_OK} but no {rule.column}")
     unscored_reason = (f"CASE WHEN status <> '{STATUS_OK}' THEN status || coalesce(': ' || error, '') "
                        f"ELSE {missing} END")
     retired = rows != "scores"
@@ -329,13 +242,30 @@ RETIRED = pa.schema([("shard", pa.string()), ("key", pa.string()), ("reason", pa
 JUDGED = ("(SELECT s.*, r.reason AS retired_reason FROM scores s LEFT JOIN retired_rows r USING (shard, key) "
           f"WHERE s.status <> '{STATUS_SKIPPED}')")
 LIVE = (f"(SELECT * FROM scores ANTI JOIN retired_rows USING (shard, key) WHERE status <> '{STATUS_SKIPPED}')")
+# The judged rows with the verdict's q-value (registered as `verdict_rows`), for an fdr rule.
+VERDICT_ROWS = f"(SELECT j.*, v.q_value FROM {JUDGED} j LEFT JOIN verdict_rows v USING (shard, key))"
+
+
+def default_neighbours(scores_dir: str) -> str:
+    """Where a sanitize run keeps the neighbours stage's folder: beside the scores folder."""
+    return storage.join(posixpath.dirname(scores_dir.rstrip("/")), NEIGHBOURS_DIR)
+
+
+def _verdict(conn: duckdb.DuckDBPyConnection, rule: Rule, neighbours: str | None) -> Verdict:
+    """Every live scored sample's p-values and the Benjamini-Hochberg cut at the rule's rate."""
+    frame = signal_frame(conn, LIVE, valid_sql("score"), neighbours)
+    verdict = decide(frame, VerdictConfig(fdr=rule.value))
+    conn.register("verdict_rows", verdict.table.select(["key", "shard", "q_value"]))
+    return verdict
 
 
 def select(scores_dir: str | os.PathLike, rule: Rule = DEFAULT_RULE, *, keep_unscored: bool = False,
-           retired: list[dict[str, str]] | None = None) -> Selection:
+           retired: list[dict[str, str]] | None = None, neighbours: str | os.PathLike | None = None) -> Selection:
     """Apply one rule to every row of SCORES/*.parquet; the dropped rows come back with their reasons.
     retired: {key, shard, reason} of samples the source no longer holds (the shards manifest's `retired`):
-    dropped with that reason, and left out of a quantile rule's threshold."""
+    dropped with that reason, and left out of a quantile rule's threshold (and of the verdict's nulls).
+    neighbours: the neighbours stage's folder, whose signals join the verdict of an fdr rule (default: the
+    `neighbours` folder beside SCORES, when it is finished; without it the verdict has the scores' signals)."""
     if not isinstance(rule, Rule):
         raise ValueError(f"rule must be a Rule (Rule.fpr(0.05), ...), got {type(rule).__name__}")
     scores_dir = storage.absolute(scores_dir)  # a local path or a URL
@@ -347,12 +277,16 @@ def select(scores_dir: str | os.PathLike, rule: Rule = DEFAULT_RULE, *, keep_uns
         detector, encoder = _check_one_detector(conn, scores_dir)
         health = check_health(scores_dir, rule)
         _check_unique_keys(conn, scores_dir)
+        verdict = None
         if rule.kind == "where":
             _check_predicate(conn, rule)
+        elif rule.kind == "fdr":
+            neighbours = default_neighbours(scores_dir) if neighbours is None else storage.absolute(neighbours)
+            verdict = _verdict(conn, rule, neighbours)
         else:
             _check_column(conn, rule, scores_dir)
-        threshold, how = _threshold(conn, rule, scores_dir)
-        judged = judged_sql(rule, threshold, keep_unscored, JUDGED)
+        threshold, how = _threshold(conn, rule, scores_dir, verdict)
+        judged = judged_sql(rule, threshold, keep_unscored, VERDICT_ROWS if verdict else JUDGED)
         try:
             per_shard = conn.execute(
                 f"SELECT shard, count(*), count(reason), count(*) FILTER (WHERE unscored) FROM ({judged}) "
@@ -366,4 +300,5 @@ def select(scores_dir: str | os.PathLike, rule: Rule = DEFAULT_RULE, *, keep_uns
     by_shard = {s: Counts(total=n, kept=n - d, dropped=d, unscored=u) for s, n, d, u in per_shard}
     return Selection(rule=rule, keep_unscored=keep_unscored, threshold=threshold, how=how,
                      counts=sum(by_shard.values(), Counts()), by_shard=by_shard, dropped=dropped.cast(REJECTED),
-                     scores_dir=scores_dir, detector_hash=detector, encoder_id=encoder, detector_health=health)
+                     scores_dir=scores_dir, detector_hash=detector, encoder_id=encoder, detector_health=health,
+                     verdict=verdict)

@@ -126,9 +126,47 @@ def test_quantile_uses_the_corpus_own_scores(scored):
     assert "80th percentile of this corpus' own 39 scores" in sel.how
 
 
+def lognormal_corpus(folder: str, n: int, poisoned: int, seed: int = 0) -> list[dict]:
+    """n ok rows with log-normal scores and k-NN distances; the first `poisoned` score far above the rest."""
+    rng = np.random.default_rng(seed)
+    score, knn = np.exp(rng.normal(0, 0.25, n)), np.exp(rng.normal(1, 0.25, n))
+    score[:poisoned] *= 8
+    rows = [row(f"k{i:04d}", f"{i % 3:06d}.tar", i // 3, float(score[i]), float(knn[i]),) | {"recon_error": 1.0}
+            for i in range(n)]
+    write_scores(folder, rows, [(1.0, 1.0)] * 10)
+    return rows
+
+
+def test_the_default_rule_is_the_verdict_at_fdr_005(tmp_path):
+    folder = str(tmp_path / "scores")
+    lognormal_corpus(folder, 1200, poisoned=24)
+    sel = select(folder)
+    assert sel.rule == Rule.fdr(0.05) and sel.threshold is None and sel.verdict is not None
+    dropped = dropped_keys(sel)
+    planted = {f"k{i:04d}" for i in range(24)}
+    assert planted <= set(dropped) and len(set(dropped) - planted) <= 2  # BH at 0.05: about 1 false discovery
+    assert all(reason.startswith("combined q ") and reason.endswith(" <= fdr 0.05") for reason in dropped.values())
+    table = sel.verdict.table.to_pydict()
+    assert set(table) >= {"key", "shard", "p_dede", "p_aux_distance", "p_combined", "q_value", "verdict"}
+    assert "p_collapse" not in table  # no neighbours folder: the corpus-level signals are not available
+    summary = sel.verdict.summary
+    assert summary["flagged"] == len(dropped) and summary["signals"]["dede"]["extreme"] >= 20
+    assert not summary["signals"]["collapse"]["available"] and "flags" in sel.how
+    assert sel.to_dict()["verdict"]["flagged"] == len(dropped)
+
+
+def test_a_clean_corpus_loses_almost_nothing_under_the_default_rule(tmp_path):
+    lost = []
+    for seed in range(5):
+        folder = str(tmp_path / f"scores{seed}")
+        lognormal_corpus(folder, 2000, poisoned=0, seed=seed)
+        lost.append(select(folder).counts.dropped)
+    assert sum(lost) <= 2, lost  # BH controls the family-wise error when nothing is poisoned: <= 5% of runs drop any
+
+
 def test_fpr_threshold_comes_from_calibration_without_labels(scored):
     folder, rows, calibration = scored
-    sel = select(folder)  # the default rule: fpr 0.05 on score
+    sel = select(folder, Rule.fpr(0.05))
     expected = float(np.quantile(calibration.column("score").to_numpy(), 0.95))
     assert sel.threshold == pytest.approx(expected, rel=1e-12)
     assert sel.threshold == fpr_threshold(calibration.column("score"), 0.05)
@@ -203,7 +241,7 @@ def test_duplicate_keys_and_missing_calibration_are_refused(tmp_path):
     other = str(tmp_path / "other")
     write_scores(other, [row("a", "000000.tar", 0, 1.0)])
     with pytest.raises(ValueError, match="calibration.parquet"):
-        select(other)
+        select(other, Rule.fpr(0.05))
     with pytest.raises(ValueError, match="no scores files"):
         select(str(tmp_path))
 

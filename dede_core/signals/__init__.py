@@ -1,0 +1,6 @@
+"""Detection signals (one module each), their p-values and the combined verdict."""
+
+from dede_core.signals import aux_distance, collapse, dede, outlier, recon  # noqa: F401 - each registers one signal
+from dede_core.signals.registry import SIGNALS, Signal, register, signals
+
+__all__ = ["SIGNALS", "Signal", "register", "signals"]
