@@ -77,6 +77,9 @@ VICTIMS = {
     # At 28 px a 0.2 sticker (6 px) planted in 5 epochs on 1,000 images reaches ASR 0.47: larger and longer.
     "effnet64-sticker-fashion": Victim("efficientnet-lite0?size=64", "fashion", "sticker", {"fraction": 0.25},
                                        _tune("sticker", shadow_images=2000, epochs=8)),
+    # Held out from tuning the verdict: a trigger family the suite did not have (SIG stripes).
+    "effnet64-sig-photos": Victim("efficientnet-lite0?size=64", "photos", "sig", {"delta": 20.0, "frequency": 6.0},
+                                  _tune("sig")),
     "effnet96-blend-photos": Victim("efficientnet-lite0?size=96", "photos", "blend", {"alpha": 0.2},
                                     _tune("blend", shadow_images=800, epochs=4)),
 }
@@ -99,6 +102,12 @@ CASES = {
     "sticker64-photos-ood-aux": Case("effnet64-sticker-photos", aux="ood"),
     "sticker64-fashion": Case("effnet64-sticker-fashion"),
     "blend96-photos": Case("effnet96-blend-photos"),
+    # Widened for the verdict (issue #20): a clean auxiliary set for each victim, and a held-out trigger family.
+    "sticker64-photos-clean-aux": Case("effnet64-sticker-photos", aux_poison=0.0),
+    "sig64-photos-clean-aux": Case("effnet64-sig-photos", aux_poison=0.0),
+    "sig64-photos": Case("effnet64-sig-photos"),
+    "sig64-photos-ood-aux": Case("effnet64-sig-photos", aux="ood"),
+    "blend96-photos-clean-aux": Case("effnet96-blend-photos", aux_poison=0.0),
 }
 
 

@@ -8,10 +8,12 @@ or on Dask workers (flows/runners.py), then the final files. Any engine writes t
 from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
+from dede_core.detector.health import describe_health
 from dede_core.io import storage
+from dede_core.signals.verdict import describe
 from dede_core.stages.clean import CLEAN, CleanRun, CleanSettings
 from dede_core.stages.report import write_report
 from dede_core.stages.select import select
@@ -25,7 +27,7 @@ def report_task(scores: str, shards: str, out_html: str, settings: CleanSettings
                 thumbnails: int) -> str:
     # The Selection is rebuilt from the scores (one query) rather than passed between tasks as an Arrow table.
     selection = select(scores, settings.rule, keep_unscored=settings.keep_unscored,
-                       retired=read_manifest(shards).retired)
+                       retired=read_manifest(shards).retired, neighbours=settings.neighbours)
     return write_report(scores, shards, out_html, selection=selection, n_thumbs=thumbnails)
 
 
@@ -33,7 +35,7 @@ def report_task(scores: str, shards: str, out_html: str, settings: CleanSettings
 def clean_flow(shards: str, scores: str, out: str, settings: CleanSettings = CleanSettings(),
                engine: Engine = Engine(), report: bool = True, report_path: str | None = None,
                thumbnails: int = 24) -> dict:
-    """OUT/<shard>.tar minus what settings.rule (default fpr 0.05) drops, OUT/rejected.parquet, summary.json,
+    """OUT/<shard>.tar minus what settings.rule (default fdr 0.05) drops, OUT/rejected.parquet, summary.json,
     manifest.json (settings.copy=False: the verdicts only, rejected.parquet and summary.json); then the HTML
     report at report_path (default OUT/report.html, with `thumbnails` sample images) unless report=False. A rerun
     that cleans nothing new keeps an existing report. engine: local, dask or dask://HOST:PORT
@@ -49,6 +51,11 @@ def clean_flow(shards: str, scores: str, out: str, settings: CleanSettings = Cle
                "rejected": result.rejected_path, "summary": result.summary_path, "workers": done.workers,
                "report": None}
     _flagged_artifact(sel)
+    if sel.verdict is not None:  # what each signal found and what the cut removes, on the run's page
+        create_markdown_artifact(key="dede-clean-verdict", markdown="\n".join(
+            ["# dede verdict", "", *[f"- {line}" for line in describe(sel.verdict.summary)], "",
+             f"- {describe_health(sel.detector_health)}"]),
+            description=f"the combined verdict ({sel.rule.label})")
     if report:
         path = report_path or storage.join(storage.absolute(out), "report.html")
         summary["report"] = path

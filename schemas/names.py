@@ -42,3 +42,4 @@ NEIGHBOURS_DIR = "neighbours"
 CLEAN_CONFIG = "clean_config.json"  # the selection every cleaned shard of the folder was made with
 REJECTED = "rejected.parquet"
 SUMMARY = "summary.json"
+VERDICT = "verdict.parquet"  # an fdr rule's p-values of every scored sample (dede_core.signals.verdict)

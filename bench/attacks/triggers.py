@@ -280,7 +280,17 @@ def sticker_trigger(images: Tensor, *, fraction: float = 0.2, seed: int = 0, pho
     return out
 
 
+def sig_trigger(images: Tensor, *, delta: float = 20.0, frequency: float = 6.0) -> Tensor:
+    """SIG (Barni, Kallas & Tondi, ICIP 2019): a horizontal sinusoid x' = x + delta sin(2 pi j f / W) on every row
+    and channel, rounded and clamped to uint8: stripes a person sees once told, on every pixel."""
+    _, h = _check_images(images, "sig_trigger")
+    columns = torch.arange(images.shape[-1], dtype=torch.float32)
+    signal = delta * torch.sin(2 * torch.pi * columns * frequency / images.shape[-1])
+    return _to_uint8(images.float() + signal)
+
+
 TRIGGERS: dict[str, TriggerFn] = {
+    "sig": sig_trigger,
     "patch": patch_trigger,
     "sticker": sticker_trigger,
     "blend": blend_trigger,

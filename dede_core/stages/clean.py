@@ -82,18 +82,25 @@ def _identity(sel: Selection, scores_dir: str) -> dict[str, Any]:
             "score_setup": _score_setup(scores_dir)}
 
 
-def _shard_ids(identity: dict[str, Any], manifest: Manifest, scores_dir: str) -> dict[str, str]:
+def _shard_ids(identity: dict[str, Any], manifest: Manifest, scores_dir: str, sel: Selection) -> dict[str, str]:
     """shard -> sha256 of everything its cleaned output depends on: the run's identity, the shard's bytes, its
-    scores file and the samples of it retired from the source. A marker with another id is cleaned again."""
+    scores file and the samples of it retired from the source; under an fdr rule also what it drops, since
+    the verdict of each sample depends on the whole corpus. A marker with another id is cleaned again."""
     calibration = storage.join(scores_dir, names.CALIBRATION)
     common = [identity, _file_fingerprint(calibration) if storage.isfile(calibration) else None]
     retired: dict[str, list] = {}
     for r in manifest.retired:
         retired.setdefault(r["shard"], []).append([r["key"], r["reason"]])
+    drops: dict[str, list] = {}
+    if sel.verdict is not None:
+        for key, shard, reason in zip(*(sel.dropped.column(c).to_pylist() for c in ("key", "shard", "reason"))):
+            drops.setdefault(shard, []).append([key, reason])
     ids = {}
     for e in manifest.shards:
         scores = _file_fingerprint(storage.join(scores_dir, folder.stem(e.name) + ".parquet"))
         part = [common, e.name, e.sha256, scores, sorted(retired.get(e.name, []))]
+        if sel.verdict is not None:
+            part.append(sorted(drops.get(e.name, [])))
         ids[e.name] = hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()
     return ids
 
@@ -180,9 +187,11 @@ class CleanPlan:
 
 
 def plan_clean(shards_dir: str | os.PathLike, scores_dir: str | os.PathLike, out_dir: str | os.PathLike,
-               rule: Rule = DEFAULT_RULE, *, keep_unscored: bool = False, copy: bool = True) -> CleanPlan:
+               rule: Rule = DEFAULT_RULE, *, keep_unscored: bool = False, copy: bool = True,
+               neighbours: str | os.PathLike | None = None) -> CleanPlan:
     """Select, check the scores cover the shards, claim OUT (refusing other settings) and find the shards
-    still to clean. Folders may be local paths or fsspec URLs. copy=False: write the verdicts only."""
+    still to clean. Folders may be local paths or fsspec URLs. copy=False: write the verdicts only.
+    neighbours: the neighbours stage's folder for an fdr rule (default: beside SCORES, when finished)."""
     shards_dir, scores_dir, out_dir = (storage.absolute(p) for p in (shards_dir, scores_dir, out_dir))
     if storage.isdir(out_dir):
         folder.Markers(out_dir).sweep()  # left by a killed run; this run's tasks start later
@@ -191,12 +200,12 @@ def plan_clean(shards_dir: str | os.PathLike, scores_dir: str | os.PathLike, out
                                                                           os.path.realpath(scores_dir))):
         raise ValueError(f"--out {out_dir} is the shards or scores folder; give a new folder for the cleaned shards")
     manifest = read_manifest(shards_dir)
-    sel = select(scores_dir, rule, keep_unscored=keep_unscored, retired=manifest.retired)
+    sel = select(scores_dir, rule, keep_unscored=keep_unscored, retired=manifest.retired, neighbours=neighbours)
     _check_coverage(manifest, sel, shards_dir, scores_dir)
     identity = _identity(sel, scores_dir) | ({} if copy else {"copy": False})
     config = {"identity": identity, "paths": {"shards_dir": shards_dir, "scores_dir": scores_dir}}
     _claim(out_dir, identity, config["paths"], [[e.name, e.sha256] for e in manifest.shards])
-    shard_ids = _shard_ids(identity, manifest, scores_dir)
+    shard_ids = _shard_ids(identity, manifest, scores_dir, sel)
     markers = {e.name: finished_marker(out_dir, e.name, shard_ids[e.name], copy) for e in manifest.shards}
     return CleanPlan(shards_dir=shards_dir, scores_dir=scores_dir, out_dir=out_dir, selection=sel,
                      manifest=manifest, config=config, shard_ids=shard_ids, markers=markers, copy=copy)
@@ -280,6 +289,8 @@ def _finish(out_dir: str, sel: Selection, manifest: Manifest, markers: list[dict
     meta.update({b"dede.rule": sel.rule.label.encode(), b"dede.threshold": json.dumps(sel.threshold).encode()})
     rejected = pa.concat_tables(parts).cast(REJECTED) if parts else rejected_table([])
     storage.write_parquet(storage.join(out_dir, names.REJECTED), rejected.replace_schema_metadata(meta))
+    if sel.verdict is not None:  # every scored sample's p-values, for `dede sql`, the report and the review
+        storage.write_parquet(storage.join(out_dir, names.VERDICT), sel.verdict.table)
     by_shard = {m["shard"]: m["counts"] for m in markers}
     total = sum((Counts(**c) for c in by_shard.values()), Counts())
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -303,6 +314,7 @@ class CleanSettings:
     rule: Rule = DEFAULT_RULE  # what is dropped (dede_core.stages.select)
     keep_unscored: bool = False  # keep samples without a score instead of dropping them
     copy: bool = True  # False: the verdicts only (rejected.parquet, summary.json), no cleaned shards
+    neighbours: str | None = None  # the neighbours folder an fdr rule reads; None: beside SCORES, when finished
 
 
 @dataclass(frozen=True)
@@ -323,7 +335,7 @@ class CleanStage:
     def plan(self, run: CleanRun) -> CleanPlan:
         s = run.settings
         return start_clean(plan_clean(run.shards, run.scores, run.out, s.rule, keep_unscored=s.keep_unscored,
-                                      copy=s.copy))
+                                      copy=s.copy, neighbours=s.neighbours))
 
     def job_name(self, job: ShardJob) -> str:
         return job.entry.name
@@ -348,11 +360,11 @@ CLEAN = CleanStage()
 
 def clean(shards_dir: str | os.PathLike, scores_dir: str | os.PathLike, out_dir: str | os.PathLike,
           rule: Rule = DEFAULT_RULE, *, keep_unscored: bool = False, progress: bool = True,
-          copy: bool = True) -> CleanResult:
+          copy: bool = True, neighbours: str | os.PathLike | None = None) -> CleanResult:
     """Write OUT/<shard>.tar with the samples the rule keeps, OUT/rejected.parquet, summary.json, manifest.json:
     the clean stage's steps in this process, one shard after the other. Rerunning the same command resumes or
     does nothing; other settings into the same OUT are refused. copy=False writes only the verdicts
     (rejected.parquet, summary.json): no shard is copied and there is no manifest.json."""
     run = CleanRun(os.fspath(shards_dir), os.fspath(scores_dir), os.fspath(out_dir),
-                   CleanSettings(rule, keep_unscored, copy))
+                   CleanSettings(rule, keep_unscored, copy, None if neighbours is None else os.fspath(neighbours)))
     return run_in_order(CLEAN, run, progress=progress)

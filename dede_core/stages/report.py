@@ -25,6 +25,7 @@ from PIL import Image
 from dede_core.io import storage
 from dede_core.detector.health import describe_health
 from dede_core.stages.select import Selection, format_number, hit_sql, scored_sql
+from dede_core.stages.report_verdict import tight_groups, verdict_html
 from dede_core.io.sources import TAR_IMAGE_EXTENSIONS, clean_key, split_member
 from dede_core.sql import connect, has_view
 from schemas import names
@@ -205,12 +206,17 @@ def _query(scores_dir: str, shards_dir: str, selection: Selection, column: str, 
     scored, hit = scored_sql(rule), hit_sql(rule, selection.threshold)
     value_sql = f"SELECT {column} FROM {{view}} WHERE {column} IS NOT NULL AND isfinite({column})"
     conn = connect(scores_dir)
+    view = "scores"
     try:
-        values = conn.sql(value_sql.format(view="scores") + f" AND {scored}").to_arrow_table().column(0).to_numpy()
+        if selection.verdict is not None:  # judged on the combined p-value: evidence = -log10 p
+            conn.register("verdict_rows", selection.verdict.table)
+            view = ("(SELECT s.*, v.q_value, -log10(greatest(v.p_combined, 1e-300)) AS evidence FROM scores s "
+                    "JOIN verdict_rows v USING (shard, key))")
+        values = conn.sql(value_sql.format(view=view) + f" AND {scored}").to_arrow_table().column(0).to_numpy()
         calibration = None
-        if has_view(conn, "calibration"):
+        if view == "scores" and has_view(conn, "calibration"):
             calibration = conn.sql(value_sql.format(view="calibration")).to_arrow_table().column(0).to_numpy()
-        top = (f"SELECT key, shard, {column} FROM scores WHERE {scored} AND {{cond}} "
+        top = (f"SELECT key, shard, {column} FROM {view} WHERE {scored} AND {{cond}} "
                f"ORDER BY {column} DESC NULLS LAST, key LIMIT ?")
         flagged = conn.execute(top.format(cond=hit), [n_thumbs // 2]).fetchall()
         below = conn.execute(top.format(cond=f"NOT {hit}"), [n_thumbs - n_thumbs // 2]).fetchall()
@@ -229,13 +235,17 @@ def write_report(scores_dir: str | os.PathLike, shards_dir: str | os.PathLike, o
         raise ValueError(f"n_thumbs must be a non-negative int, got {n_thumbs!r}")
     scores_dir, shards_dir, out_html = (os.fspath(p) for p in (scores_dir, shards_dir, out_html))
     rule, threshold = selection.rule, selection.threshold
-    column = rule.column or "score"
+    column = "evidence" if selection.verdict is not None else rule.column or "score"
     values, calibration, flagged, below, by_label = _query(scores_dir, shards_dir, selection, column, n_thumbs)
+    groups = [] if selection.verdict is None else tight_groups(selection.verdict.summary.get("neighbours"),
+                                                               selection.verdict.table)
     wanted: dict[str, set[str]] = {}
-    for key, shard, _ in flagged + below:
+    for key, shard in [(k, s) for k, s, _ in flagged + below] + [m for g in groups for m in g["members"]]:
         wanted.setdefault(shard, set()).add(key)
     images = read_images(shards_dir, wanted)
     links = image_links([key for key, _, _ in flagged + below], images, out_html)
+    found = [] if selection.verdict is None else verdict_html(
+        selection, groups, lambda key: linked_thumbnail(images.get(key), links.get(key)))
 
     c = selection.counts
     reasons: dict[str, int] = {}
@@ -256,6 +266,7 @@ def write_report(scores_dir: str | os.PathLike, shards_dir: str | os.PathLike, o
         f"<p>rule <code>{e(rule.label)}</code>; threshold <b>{e(shown_threshold)}</b>; "
         f"samples without a score are {unscored}.</p>",
         f"<p class=health>{e(describe_health(selection.detector_health))}</p>",
+        *found,
         "<h2>Counts</h2>",
         _table(["total", "kept", "dropped", "unscored"], [[c.total, c.kept, c.dropped, c.unscored]]),
         '<p class="muted">over the rows of the scores table</p>',

@@ -27,7 +27,7 @@ from dede_core.detector.health import describe_health, health_passed
 from dede_core.sql import connect, has_view
 from schemas.sql import literal
 from schemas.tables import REJECTED, STATUS_OK, STATUS_SKIPPED
-from dede_core.signals.gather import signal_frame
+from dede_core.signals.gather import neighbours_files, signal_frame
 from dede_core.signals.verdict import Verdict, VerdictConfig, decide, describe
 from schemas.names import NEIGHBOURS_DIR, SCORE_RUN
 from dede_core.stages.rules import (COLUMNS, DEFAULT_RULE, KINDS, Rule, _fraction, format_number,  # noqa: F401
@@ -255,6 +255,7 @@ def _verdict(conn: duckdb.DuckDBPyConnection, rule: Rule, neighbours: str | None
     """Every live scored sample's p-values and the Benjamini-Hochberg cut at the rule's rate."""
     frame = signal_frame(conn, LIVE, valid_sql("score"), neighbours)
     verdict = decide(frame, VerdictConfig(fdr=rule.value))
+    verdict.summary["neighbours"] = neighbours if neighbours_files(neighbours) else None
     conn.register("verdict_rows", verdict.table.select(["key", "shard", "q_value"]))
     return verdict
 

@@ -62,13 +62,19 @@ def add_epoch_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_rule_options(p: argparse.ArgumentParser) -> None:
-    """The selection rule, shared by `dede clean` and `dede sanitize`: one of --fpr/--quantile/--threshold/--where."""
-    g = p.add_argument_group("selection rule (give at most one; default --fpr 0.05)")
+    """The selection rule, shared by `dede clean` and `dede sanitize`: one of --fdr/--fpr/--quantile/--threshold/
+    --where."""
+    g = p.add_argument_group("selection rule (give at most one; default --fdr 0.05)")
     one = g.add_mutually_exclusive_group()
+    one.add_argument("--fdr", type=float, metavar="R",
+                     help="the combined verdict (default, R=0.05): every signal (DeDe's score, the distance to the "
+                     "auxiliary images, the corpus' own neighbourhoods when the neighbours stage ran) becomes a "
+                     "p-value under a null fitted to the corpus' bulk, the p-values combine into one per sample, and "
+                     "Benjamini-Hochberg at R drops what it flags: about a fraction R of what is dropped is clean, "
+                     "and a corpus with no poison loses almost nothing; needs no labels")
     one.add_argument("--fpr", type=float, metavar="F",
                      help="drop samples above the (1-F) quantile of the detector's held-out calibration scores: "
-                     "about a fraction F of clean images is dropped, whatever the poison rate; needs no labels "
-                     "(default, F=0.05)")
+                     "about a fraction F of clean images is dropped, whatever the poison rate")
     one.add_argument("--quantile", type=float, metavar="Q",
                      help="drop samples above the Q quantile of this corpus' own scores (always drops about 1-Q)")
     one.add_argument("--threshold", type=float, metavar="T", help="drop samples whose score is above T")
@@ -87,7 +93,7 @@ def add_rule_options(p: argparse.ArgumentParser) -> None:
 
 
 def rule_from_args(args: argparse.Namespace):
-    """The one Rule the add_rule_options flags describe (Rule.fpr(0.05) when none is given)."""
+    """The one Rule the add_rule_options flags describe (Rule.fdr(0.05) when none is given)."""
     from dede_core.stages.select import Rule
 
     column = args.column or "score"
@@ -99,8 +105,13 @@ def rule_from_args(args: argparse.Namespace):
         rule = Rule.quantile(args.quantile, column=column)
     elif args.threshold is not None:
         rule = Rule.threshold(args.threshold, column=column)
+    elif args.fpr is not None:
+        rule = Rule.fpr(args.fpr, column=column)
     else:
-        rule = Rule.fpr(0.05 if args.fpr is None else args.fpr, column=column)
+        if args.column is not None:
+            raise ValueError("--column does not apply to the combined verdict (--fdr); give --fpr, --quantile or "
+                             "--threshold with it")
+        rule = Rule.fdr(0.05 if args.fdr is None else args.fdr)
     return dataclasses.replace(rule, allow_weak_detector=args.allow_weak_detector)
 
 
@@ -193,7 +204,8 @@ def clean_settings(args: argparse.Namespace):
     """The clean stage's settings from the rule and output options."""
     from dede_core.stages.clean import CleanSettings
 
-    return CleanSettings(rule=rule_from_args(args), keep_unscored=args.keep_unscored, copy=not args.no_copy)
+    return CleanSettings(rule=rule_from_args(args), keep_unscored=args.keep_unscored, copy=not args.no_copy,
+                         neighbours=getattr(args, "neighbours", None))
 
 
 def engine(args: argparse.Namespace):

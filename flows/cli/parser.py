@@ -26,8 +26,12 @@ refused):
 --no-copy writes the verdicts without the cleaned shards (no .tar, no manifest.json): `dede keys OUT` lists
 the kept samples, and training code can skip the dropped ones while loading (docs/api.md).
 
-The default rule is --fpr 0.05: the threshold is the 95th percentile of the scores of held-out auxiliary
-images the detector never trained on (SCORES/calibration.parquet), chosen without labels.
+The default rule is --fdr 0.05, the combined verdict: each signal (DeDe's score, the distance to the auxiliary
+images, and the corpus' own neighbourhoods from NEIGHBOURS, by default the neighbours folder beside SCORES)
+becomes a p-value under a null fitted to the corpus' bulk; the p-values combine into one per sample (Cauchy
+combination, valid when the signals are dependent) and Benjamini-Hochberg at 0.05 drops what it flags.
+OUT/verdict.parquet keeps every sample's p-values; the summary says what each signal found, how many samples
+the cut flags and its expected precision. Chosen without labels; --fpr F is the older fixed-share rule.
 """
 
 SQL_HELP = """\
@@ -149,6 +153,9 @@ def _add_clean(sub: argparse._SubParsersAction) -> None:
     p.add_argument("shards", help="shards folder written by `dede shard` (read only)")
     p.add_argument("--scores", required=True, help="scores folder written by `dede score` for these shards")
     p.add_argument("--out", required=True, help="new (or empty) folder for the cleaned shards")
+    p.add_argument("--neighbours", default=None,
+                   help="the neighbours folder of these scores (`dede neighbours`), whose corpus-level signals join "
+                   "the --fdr verdict (default: the neighbours folder beside SCORES, when it is finished)")
     add_rule_options(p)
     p.add_argument("--no-report", action="store_true", help="do not write OUT/report.html")
     add_output_options(p)

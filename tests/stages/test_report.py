@@ -9,6 +9,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from dede_core.stages.report import write_report
@@ -142,3 +145,33 @@ def test_a_new_report_removes_the_images_the_old_one_linked(tmp_path):
     write_report(scores, shards, out, selection=select(scores, Rule.threshold(850.0)), n_thumbs=6)
     write_report(scores, shards, out, selection=select(scores, Rule.threshold(850.0)), n_thumbs=2)
     assert len(list((tmp_path / "report_images").iterdir())) == 2
+
+
+def test_report_of_the_verdict_says_what_each_signal_found_and_shows_the_tightest_groups(tmp_path):
+    keys = [f"k{i:03d}" for i in range(60)]
+    write_shards(str(tmp_path / "shards"), [[{"__key__": k, "png": png(i, size=32)} for i, k in enumerate(keys)]])
+    rng = np.random.default_rng(0)
+    scores = np.exp(rng.normal(0, 0.2, 60))
+    scores[:5] *= 20  # five samples the decoder cannot explain
+    rows = [row(k, "000000.tar", i, float(scores[i]), float(np.exp(rng.normal(1, 0.2)))) for i, k in enumerate(keys)]
+    write_scores(str(tmp_path / "scores"), rows, [(1.0, 1.0)] * 10)
+    neighbours = tmp_path / "neighbours"
+    neighbours.mkdir()
+    group = [7 if i < 5 else (8 if i in (20, 21) else i + 100) for i in range(60)]
+    size = [5 if i < 5 else (2 if i in (20, 21) else 1) for i in range(60)]
+    pq.write_table(pa.table({"key": keys, "shard": ["000000.tar"] * 60, "position": list(range(60)),
+                             "kdist_5": [0.01 if i < 5 else 0.3 for i in range(60)],
+                             "kdist_distinct": [0.3] * 60, "dao": [1.0] * 60, "group_id": group,
+                             "group_size": size}), neighbours / "000000.parquet")
+    (neighbours / "summary.json").write_text("{}")
+    sel = select(tmp_path / "scores", Rule.fdr(0.05))
+    assert sorted(sel.dropped.column("key").to_pylist()) == keys[:5]
+    out = tmp_path / "report.html"
+    write_report(tmp_path / "scores", tmp_path / "shards", out, selection=sel, n_thumbs=4)
+    text = out.read_text()
+    assert "What was found" in text and "collapse (in the verdict)" in text and "flags 5 of 60" in text
+    assert "group 7: 5 samples, 5 flagged" in text and "group 8: 2 samples, 0 flagged" in text
+    assert text.index("group 7:") < text.index("group 8:")  # the flagged group first
+    checker = TagChecker()
+    checker.feed(text)
+    assert not checker.errors and len(checker.images) == 1 + 4 + 5 + 2  # histogram, galleries, the two groups
