@@ -4,6 +4,7 @@ locally (nothing is downloaded: HF_HUB_OFFLINE is set)."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import timm
@@ -129,3 +130,10 @@ def test_hf_refuses_a_hub_name_and_non_vision_folders(tmp_path):
     text.save_pretrained(tmp_path / "bert")
     with pytest.raises(ValueError, match="not a vision model"):
         load_encoder(f"hf:{tmp_path / 'bert'}")
+
+
+def test_hf_without_transformers_says_which_extra_to_install(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if the hf extra were not installed
+    with pytest.raises(ImportError, match=r"pip install 'dede\[hf\]'"):
+        load_encoder(f"hf:{tmp_path}")
