@@ -12,10 +12,26 @@ import errno
 import os
 from typing import Any
 
-# The library logs to logging.getLogger("dede"); Prefect attaches its run-log handler to the loggers named here
-# (read when prefect is imported), so progress and warnings of every stage reach the Prefect UI.
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "dede")
-os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # a library call outside any flow
+# Prefect settings dede needs unless the user set them; Prefect reads them from the environment when it is
+# imported, so they are set here, before any flow module imports prefect.
+PREFECT_DEFAULTS = {
+    # The library logs to logging.getLogger("dede"); Prefect attaches its run-log handler to the loggers named
+    # here, so progress and warnings of every stage reach the Prefect UI.
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "dede",
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",  # a library call outside any flow
+    # No usage reports: the temporary server's telemetry service phones home (an ERROR line "Failed to send
+    # telemetry" on a machine without internet), and the client's analytics follow this same server setting.
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}
+
+
+def prefect_defaults() -> None:
+    """Set PREFECT_DEFAULTS in the environment where the user has not set them; call before importing prefect."""
+    for name, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
+prefect_defaults()
 
 # OSErrors a retry can cure: a busy or flaky (network) file system, an interrupted call. Never a missing or
 # forbidden file, and never ValueError: those fail the same way every time.

@@ -7,6 +7,7 @@ import logging
 import sys
 from typing import Callable
 
+from flows import prefect_defaults
 from flows.cli.startup import STARTUP_DEFAULT_S, STARTUP_SETTING, hold_on_busy_machine, run_flow
 
 __all__ = ["main", "build_parser", "run_flow", "hold_on_busy_machine", "STARTUP_SETTING", "STARTUP_DEFAULT_S"]
@@ -41,6 +42,7 @@ def build_parser():
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a ValueError/FileNotFoundError/ImportError is printed as `dede CMD: error: ...` (exit 2)."""
+    prefect_defaults()  # before any command imports prefect: no telemetry, dede's logger in the run logs
     hold_on_busy_machine()
     log_to_stderr()
     args = build_parser().parse_args(argv)

@@ -183,19 +183,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from dede_core.detector.checkpoint import load_checkpoint
-    from dede_core.detector.encoders import parse_spec
-    from dede_core.detector.health import describe_health
+    from dede_core.detector.summary import checkpoint_record, describe_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)
-    meta = {k: v for k, v in ckpt.meta.items() if k != "identity"}
-    spec = parse_spec(ckpt.encoder_spec)
-    views = {"encoder": f"decoded at the encoder's own input size ({spec.option('size', 'its natural size')} px, "
-                        f"fit {spec.option('fit')}), never through the detector's size",
-             "detector": f"reconstructs {ckpt.config.img_size} px (patch {ckpt.config.patch_size}, fit "
-                         f"{ckpt.config.fit}) from the same decode"}
-    print(json.dumps({"content_hash": ckpt.content_hash, "encoder_spec": ckpt.encoder_spec,
-                      "encoder_fingerprint": ckpt.encoder_fingerprint, "global_dim": ckpt.global_dim,
-                      "config": ckpt.config.to_dict(), "views": views, "resumable": ckpt.train_state is not None,
-                      "meta": meta}, indent=2))
-    log.info(describe_health(meta.get("health")))
+    if args.json:  # every field, the loss and reliance histories included
+        print(json.dumps(checkpoint_record(ckpt), indent=2))
+    else:
+        print(describe_checkpoint(ckpt, path=args.checkpoint))
     return 0

@@ -193,8 +193,10 @@ def _add_keys(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="show what a detector checkpoint holds")
+    p = sub.add_parser("info", help="summarise a detector checkpoint: encoder, sizes, training, health")
     p.add_argument("checkpoint")
+    p.add_argument("--json", action="store_true",
+                   help="print every recorded field as JSON instead (config, loss and reliance histories, ...)")
     p.set_defaults(func=commands.cmd_info)
 
 

