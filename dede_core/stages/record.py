@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from typing import Any, Iterator
 
 from dede_core.detector.health import describe_health
+from dede_core.signals.verdict import describe
 from dede_core.io import storage
 from schemas.manifest import read_manifest
 
@@ -94,7 +95,7 @@ def collect(*, config: dict[str, Any], paths: dict[str, str], timings: dict[str,
                    "scores": score_counts(paths["scores"]),
                    "clean": summary["counts"]},
         "selection": {"rule": summary["rule_text"], "threshold": summary["threshold"], "how": summary["how"],
-                      "keep_unscored": summary["keep_unscored"]},
+                      "keep_unscored": summary["keep_unscored"], "verdict": summary.get("verdict")},
         "timings": dict(timings or {}),  # seconds per stage of the run that last changed this record
         "work": dict(work or {}),  # what each stage did in that run (e.g. shards scored vs. already done)
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -141,7 +142,8 @@ def markdown(record: dict[str, Any], work: dict[str, Any] | None = None) -> str:
     findings and work (the record keeps those of the run that last changed the outputs)."""
     counts, sel, out = record["counts"], record["selection"], record["outputs"]
     clean, scores = counts["clean"], counts["scores"]
-    threshold = "none (SQL predicate)" if sel["threshold"] is None else f"{sel['threshold']:.6g}"
+    threshold = ("none (the combined verdict)" if sel.get("verdict") else "none (SQL predicate)"
+                 if sel["threshold"] is None else f"{sel['threshold']:.6g}")
     lines = [
         "# dede sanitize",
         "",
@@ -150,7 +152,9 @@ def markdown(record: dict[str, Any], work: dict[str, Any] | None = None) -> str:
         f"| {counts['samples']} | {counts['shards']} | {scores['ok']} | {scores['decode_error']} | "
         f"{scores['read_error']} | {clean['kept']} | {clean['dropped']} |",
         "",
-        f"**Rule** `{sel['rule']}`, threshold **{threshold}**: {sel['how']}",
+        f"**Rule** `{sel['rule']}`, threshold **{threshold}**",
+        "",
+        *([f"- {line}" for line in describe(sel["verdict"])] if sel.get("verdict") else [sel["how"]]),
         "",
         f"Detector `{record['detector']['hash'][:16]}` ({record['detector']['encoder_spec']}); "
         f"{describe_health(record['detector'].get('health'))}",

@@ -38,11 +38,11 @@ def put(corpus: Path, name: str, image: int) -> None:
     path.write_bytes(IMAGES[image])
 
 
-def run(corpus: Path, root: Path, detector: str):
+def run(corpus: Path, root: Path, detector: str, rule: Rule = RULE):
     update = update_shards(str(corpus), str(root / "shards"), samples_per_shard=4, progress=False)
     scored = score_shards(str(root / "shards"), detector=detector, out_dir=str(root / "scores"), workers=0,
                           batch_size=8, progress=False)
-    cleaned = clean(root / "shards", root / "scores", root / "clean", RULE, progress=False)
+    cleaned = clean(root / "shards", root / "scores", root / "clean", rule, progress=False)
     return update, scored, cleaned
 
 
@@ -190,3 +190,24 @@ def test_parquet_rows_are_fingerprinted_and_a_rerun_finds_what_changed(tmp_path)
     assert update.manifest.retired == [{"key": "data_00000001", "shard": "000000.tar", "reason": "source_changed"}]
     assert {k: v for k, v in snapshot(out).items() if k.endswith(".tar") and k in before} == \
         {k: v for k, v in before.items() if k.endswith(".tar")}
+
+
+def test_the_verdict_rule_on_a_grown_corpus_equals_one_run_from_scratch(tmp_path, tiny_detector):
+    """Under --fdr a sample's verdict depends on the whole corpus: a shard whose drops change is cleaned again,
+    so the grown corpus' cleaned shards and verdicts equal a run from scratch."""
+    rule = dataclasses.replace(Rule.fdr(0.05), allow_weak_detector=True)
+    corpus, root = tmp_path / "corpus", tmp_path / "run"
+    for i in range(12):
+        put(corpus, f"{'ab'[i % 2]}/img_{i:02d}.png", i)
+    run(corpus, root, tiny_detector, rule)
+    for i in range(12, 30):
+        put(corpus, f"{'ab'[i % 2]}/img_{i:02d}.png", i)
+    _, _, cleaned = run(corpus, root, tiny_detector, rule)
+    assert "000003.tar" in cleaned.written and cleaned.selection.verdict.summary["samples"] == 30
+    scratch_corpus, scratch = tmp_path / "final", tmp_path / "scratch"
+    shutil.copytree(corpus, scratch_corpus)
+    run(scratch_corpus, scratch, tiny_detector, rule)
+    assert cleaned_members(root / "clean") == cleaned_members(scratch / "clean")
+    by_key = [{r["key"]: {k: v for k, v in r.items() if k != "shard"}  # the shards hold other groups of samples
+               for r in pq.read_table(folder / "clean" / "verdict.parquet").to_pylist()} for folder in (root, scratch)]
+    assert by_key[0] == by_key[1] and len(by_key[0]) == 30
