@@ -26,6 +26,11 @@ def _sample_mask(n: int, p: float, rng: np.random.Generator) -> np.ndarray:
     return rng.random(n) < p
 
 
+def npy_header(f, dtype: str, shape: tuple[int, int]) -> None:
+    """Start a .npy file whose rows are then written in order (a streamed array, never whole in memory)."""
+    np.lib.format.write_array_header_2_0(f, {"descr": dtype, "fortran_order": False, "shape": shape})
+
+
 def build_index(corpus: Corpus, out: str, spec: ix.IndexSpec, *, seed: int, progress: bool) -> dict[str, Any]:
     """Write OUT/thumbs.npy, OUT/index.faiss and (last) OUT/index.json; returns index.json's record."""
     faiss = ix._faiss()
@@ -35,8 +40,7 @@ def build_index(corpus: Corpus, out: str, spec: ix.IndexSpec, *, seed: int, prog
     sample, valid_rows = [], 0
     index = ix.empty_index(spec) if spec.kind == "exact" else None
     with storage.AtomicFile(storage.join(out, names.THUMBS)) as f:
-        np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False,
-                                                 "shape": (corpus.rows, THUMB)})
+        npy_header(f, "|u1", (corpus.rows, THUMB))
         for i, shard in enumerate(corpus.shards):
             for chunk in chunks(corpus, shard.stem):
                 f.write(np.ascontiguousarray(chunk.thumbs).tobytes())
@@ -61,11 +65,14 @@ def build_index(corpus: Corpus, out: str, spec: ix.IndexSpec, *, seed: int, prog
         index = ix.empty_index(spec, train, seed=seed)
         del train
         train_s = time.perf_counter() - t
-        for i, shard in enumerate(corpus.shards):
-            for chunk in chunks(corpus, shard.stem, thumbs=False):
-                index.add_with_ids(chunk.vectors[chunk.valid], chunk.rows[chunk.valid])
-            if progress and (i + 1) % 50 == 0:
-                say(f"neighbours: indexed {i + 1}/{len(corpus.shards)} shards")
+        with storage.AtomicFile(storage.join(out, names.VECTORS)) as f:
+            npy_header(f, "<f2", (corpus.rows, corpus.dim))
+            for i, shard in enumerate(corpus.shards):
+                for chunk in chunks(corpus, shard.stem, thumbs=False):
+                    f.write(chunk.vectors.astype("<f2").tobytes())  # zeros where no embedding
+                    index.add_with_ids(chunk.vectors[chunk.valid], chunk.rows[chunk.valid])
+                if progress and (i + 1) % 50 == 0:
+                    say(f"neighbours: indexed {i + 1}/{len(corpus.shards)} shards")
     if valid_rows < 2:
         raise ValueError(f"{corpus.scores} holds {valid_rows} embeddings: neighbourhoods need at least 2")
     holder = storage.AtomicFile(storage.join(out, names.INDEX))
@@ -105,9 +112,9 @@ def load_index(out: str, corpus_id: str, spec: ix.IndexSpec, device: str):
     return _LOADED[key]
 
 
-def load_thumbs(out: str) -> np.ndarray:
-    """OUT/thumbs.npy memory-mapped (rows, 256) uint8 (read-only; a local copy for a URL folder)."""
-    path = storage.join(out, names.THUMBS)
+def load_array(out: str, name: str) -> np.ndarray:
+    """OUT/thumbs.npy or OUT/vectors.npy memory-mapped, read-only (read whole from a URL folder)."""
+    path = storage.join(out, name)
     if storage.is_url(path):
         with storage.open_read(path) as f:
             return np.load(f)

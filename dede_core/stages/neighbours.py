@@ -38,7 +38,7 @@ import pyarrow as pa
 
 from dede_core.io import storage
 from dede_core.neighbours import index as ix
-from dede_core.neighbours.build import build_index, load_index, load_thumbs
+from dede_core.neighbours.build import build_index, load_array, load_index
 from dede_core.neighbours.corpus import Corpus, chunks, read_corpus
 from dede_core.neighbours.geometry import thumb_correlations
 from dede_core.neighbours.summarize import FINISH_BYTES_PER_NEIGHBOUR, finish_corpus
@@ -60,6 +60,7 @@ class NeighboursSettings:
     pca_dim: int | None = 128  # IVF: search in the top pca_dim directions of a sample (None: in all D)
     nlist: int | None = None  # IVF lists; None: 4 sqrt(N) (index.choose)
     nprobe: int | None = None  # IVF lists searched per query; None: at least 32, and 4096 vectors scanned
+    refine: int = 4  # IVF: refine x k_max candidates re-ranked by their exact cosine (<= 1: index order)
     memory_mib: int = 4096  # budget of the plan's index and finish's arrays; a corpus beyond it is refused
     rows_per_job: int = 200_000  # a job queries whole shards, about this many samples (no effect on results)
     dup_threshold: float = 0.95  # thumbnail Pearson correlation from which a neighbour is a near-duplicate
@@ -166,7 +167,7 @@ def plan_neighbours(run: NeighboursRun) -> NeighboursPlan:
     markers.sweep()
     storage.makedirs(storage.join(run.out, names.PARTS_DIR))
     spec = ix.choose(corpus.rows, corpus.dim, exact_limit=s.exact_limit, pca_dim=s.pca_dim, nlist=s.nlist,
-                     nprobe=s.nprobe, memory_mib=s.memory_mib)
+                     nprobe=s.nprobe, memory_mib=s.memory_mib, refine=s.refine)
     finish_bytes = corpus.rows * s.k_max * FINISH_BYTES_PER_NEIGHBOUR
     if finish_bytes > s.memory_mib * ix.MIB:
         raise ValueError(f"finish holds {corpus.rows} x {s.k_max} neighbours ({finish_bytes // ix.MIB} MiB), over "
@@ -202,7 +203,8 @@ def neighbours_job(job: NeighboursJob) -> dict[str, Any]:
     """Query each shard's embeddings for their k_max nearest other samples; OUT/_parts/<stem>.parquet, marker last."""
     started, run, k = time.perf_counter(), job.run, job.run.settings.k_max
     index = load_index(run.out, job.corpus.id, job.spec, run.settings.device)
-    thumbs = load_thumbs(run.out)
+    thumbs = load_array(run.out, names.THUMBS)
+    full = load_array(run.out, names.VECTORS) if job.spec.refine > 1 else None
     markers, schema, rows = folder.Markers(run.out), neighbour_parts_schema(k), 0
     for stem in job.stems:
         t = time.perf_counter()
@@ -212,7 +214,8 @@ def neighbours_job(job: NeighboursJob) -> dict[str, Any]:
             ids, dist = np.full((n, k), -1, np.int64), np.full((n, k), np.nan, np.float32)
             if chunk.valid.any():
                 ids[chunk.valid], dist[chunk.valid] = ix.search(index, chunk.vectors[chunk.valid],
-                                                                chunk.rows[chunk.valid], k)
+                                                                chunk.rows[chunk.valid], k, full=full,
+                                                                refine=job.spec.refine)
             theirs = np.asarray(thumbs[np.maximum(ids, 0).ravel()]).reshape(n, k, -1)
             dup = (thumb_correlations(chunk.thumbs, theirs) >= run.settings.dup_threshold) & (ids >= 0)
             for name, value in (("row", chunk.rows), ("ids", ids), ("dist", dist), ("dup", dup),
