@@ -54,14 +54,17 @@ def dao(dist: np.ndarray, ids: np.ndarray, lid: np.ndarray, k: int) -> np.ndarra
 
 def thumb_correlations(own: np.ndarray, theirs: np.ndarray) -> np.ndarray:
     """Pearson correlation of each (n, P) thumbnail with each of its (n, k, P) neighbours' thumbnails -> (n, k);
-    0 against a flat thumbnail."""
-    def z(t: np.ndarray) -> np.ndarray:
-        t = t.astype(np.float32)
-        t = t - t.mean(axis=-1, keepdims=True)
-        sd = np.sqrt((t * t).mean(axis=-1, keepdims=True))
-        return np.where(sd > 0, t / np.maximum(sd, 1e-12), 0.0)
-
-    return np.einsum("np,nkp->nk", z(own), z(theirs)) / own.shape[-1]
+    0 against a flat thumbnail. Own thumbnails are standardised; theirs only need their spread, since a
+    zero-mean vector's dot product ignores their mean."""
+    a = own.astype(np.float32)
+    a -= a.mean(axis=-1, keepdims=True)
+    sd_a = np.sqrt((a * a).mean(axis=-1, keepdims=True))
+    a = np.where(sd_a > 0, a / np.maximum(sd_a, 1e-12), 0.0).astype(np.float32)
+    b = theirs.astype(np.float32)
+    dot = np.matmul(b, a[:, :, None])[..., 0]
+    mean = b.mean(axis=-1)
+    sd_b = np.sqrt(np.maximum(np.einsum("nkp,nkp->nk", b, b) / b.shape[-1] - mean * mean, 0.0))
+    return np.where(sd_b > 1e-6, dot / (b.shape[-1] * np.maximum(sd_b, 1e-6)), 0.0)
 
 
 def kdist_distinct(dist: np.ndarray, dup: np.ndarray, k: int) -> np.ndarray:

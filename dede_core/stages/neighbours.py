@@ -209,7 +209,7 @@ def neighbours_job(job: NeighboursJob) -> dict[str, Any]:
     for stem in job.stems:
         t = time.perf_counter()
         cols = {"row": [], "ids": [], "dist": [], "dup": [], "valid": []}
-        for chunk in chunks(job.corpus, stem):
+        for chunk in chunks(job.corpus, stem, batch=4096):  # (4096, k_max, 256) thumbnails at a time
             n = len(chunk.rows)
             ids, dist = np.full((n, k), -1, np.int64), np.full((n, k), np.nan, np.float32)
             if chunk.valid.any():
