@@ -180,3 +180,14 @@ def test_ivf_stage_finds_the_planted_groups(scores, result, tmp_path):
     assert res.summary["group_sizes"] == {"10": 1, "12": 1}
     close = np.isclose(df.kdist_20, exact.kdist_20, rtol=1e-3) | df.kdist_20.isna()
     assert close.mean() > 0.9  # the same 20th neighbour's distance, exact from the re-ranking, for most samples
+
+
+def test_cli_defaults_are_the_settings_and_the_command_runs(scores, tmp_path, capsys):
+    from flows.cli import build_parser, main
+    from flows.cli.options import neighbours_settings
+
+    args = build_parser().parse_args(["neighbours", scores, "--out", str(tmp_path / "o")])
+    assert neighbours_settings(args) == NeighboursSettings()
+    assert main(["neighbours", scores, "--out", str(tmp_path / "o"), "--ks", "4,10"]) == 0
+    assert "2 tight groups (22 samples)" in capsys.readouterr().out
+    assert pq.read_schema(tmp_path / "o" / "000001.parquet").names[4:6] == ["kdist_4", "kdist_10"]
