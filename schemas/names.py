@@ -7,6 +7,9 @@ detector/ (dede train)       detector.pt (every epoch), aux_cache.pt
 scores/ (dede score)         run.json (claims the folder), NNNNNN.parquet, embeddings/NNNNNN.parquet,
                              calibration.parquet, skipped.parquet,
                              _done/NNNNNN.json (written last per shard), _failed/NNNNNN.json
+embeddings/ (in scores/)     NNNNNN.parquet: each sample's victim embedding (float16) and 16x16 thumbnail
+neighbours/ (dede neighbours) neighbours_config.json (claims the folder), index.faiss, index.json, thumbs.npy, vectors.npy,
+                             _parts/NNNNNN.parquet + _done/NNNNNN.json (per shard), NNNNNN.parquet, summary.json
 clean/ (dede clean)          clean_config.json (claims the folder), NNNNNN.tar, _done/NNNNNN.rejected.parquet,
                              _done/NNNNNN.json (written last per shard), manifest.json, rejected.parquet,
                              summary.json
@@ -14,6 +17,7 @@ clean/ (dede clean)          clean_config.json (claims the folder), NNNNNN.tar, 
 
 # Stage folders inside a sanitize RUN folder.
 SHARDS_DIR, DETECTOR_DIR, SCORES_DIR, CLEAN_DIR = "shards", "detector", "scores", "clean"
+NEIGHBOURS_DIR = "neighbours"
 REPORT = "report.html"
 IMAGES_SUFFIX = "_images"  # beside an HTML page (report.html, dede sql --html): <stem>_images/, its full-size images
 RUN_RECORD = "sanitize.json"  # config, versions, detector hash, counts and timings of one sanitize run
@@ -33,10 +37,15 @@ DONE_DIR, FAILED_DIR = "_done", "_failed"
 SCORE_RUN = "run.json"  # the detector and settings every score of the folder was made with
 CALIBRATION = "calibration.parquet"  # the detector's held-out images, scored like the corpus
 SKIPPED = "skipped.parquet"  # the shards manifest's skipped entries as rows, so the scores account for all
-EMBEDDINGS_DIR = "embeddings"  # embeddings/NNNNNN.parquet: each sample's victim embedding and thumbnail
+EMBEDDINGS_DIR = "embeddings"  # SCORES/embeddings/NNNNNN.parquet: embedding + thumbnail per sample
 
-# Neighbours folder (the corpus-level stage after score).
-NEIGHBOURS_DIR = "neighbours"
+# Neighbours folder (a corpus-level stage: its index and per-sample neighbourhood statistics).
+NEIGHBOURS_CONFIG = "neighbours_config.json"  # the scores identity and settings every file of the folder is made with
+INDEX = "index.faiss"  # the FAISS index over every embedding of the corpus (rebuilt when the corpus grows)
+INDEX_INFO = "index.json"  # what the index holds: the corpus id, kind, N, dims, nlist/nprobe, timings
+THUMBS = "thumbs.npy"  # uint8 (rows, 256): every sample's thumbnail in corpus row order, memory-mapped by jobs
+VECTORS = "vectors.npy"  # float16 (rows, D) unit embeddings in row order (IVF only): the exact re-ranking
+PARTS_DIR = "_parts"  # _parts/NNNNNN.parquet: a shard's raw neighbour lists, before the corpus statistics
 
 # Clean folder.
 CLEAN_CONFIG = "clean_config.json"  # the selection every cleaned shard of the folder was made with

@@ -38,19 +38,6 @@ SCORES = pa.schema([
 
 EMBEDDING_FIELD = pa.field("embedding", pa.list_(pa.float32()))  # optional column: the victim's raw embedding
 
-THUMB_SIDE = 16  # the embeddings table's thumbnails are THUMB_SIDE x THUMB_SIDE grey
-
-
-def embeddings_schema(dim: int) -> pa.Schema:
-    """SCORES/embeddings/<stem>.parquet: the victim's embedding of every sample, for the corpus-level stages."""
-    return pa.schema([
-        pa.field("key", pa.string(), nullable=False),  # as in the scores table
-        pa.field("position", pa.int32(), nullable=False),  # index of the sample inside its shard
-        pa.field("embedding", pa.list_(pa.float16(), dim)),  # the victim's raw embedding (null when not scored)
-        # 16 x 16 grey thumbnail of the detector's view, row-major: tells near-duplicates apart (null when not scored)
-        pa.field("thumb", pa.list_(pa.uint8(), THUMB_SIDE * THUMB_SIDE)),
-    ])
-
 CALIBRATION = pa.schema([
     pa.field("key", pa.string(), nullable=False),  # held-out auxiliary sample (never trained on)
     pa.field("score", pa.float64(), nullable=False),
@@ -66,6 +53,60 @@ REJECTED = pa.schema([
     pa.field("score", pa.float64()),
     pa.field("reason", pa.string(), nullable=False),  # e.g. "score > 812.4 (fpr 0.05)", "decode_error: ..."
 ])
+
+
+THUMB_SIDE = 16  # embeddings files carry a THUMB_SIDE x THUMB_SIDE grayscale thumbnail per sample
+
+# SCORES/embeddings/<stem>.parquet, written by the score stage, one row per sample in shard position order.
+# `embedding` is fixed_size_list<halffloat>[D] with the victim's D: write with embeddings_schema(D); this
+# constant shows the columns with D left open (a variable list).
+EMBEDDINGS = pa.schema([
+    pa.field("key", pa.string(), nullable=False),  # the WebDataset __key__
+    pa.field("position", pa.int32(), nullable=False),  # index of the sample inside its shard
+    pa.field("embedding", pa.list_(pa.float16())),  # the victim's raw embedding; null when not scored
+    # 16x16 grayscale thumbnail, row-major; null when not scored
+    pa.field("thumb", pa.list_(pa.uint8(), THUMB_SIDE * THUMB_SIDE)),
+])
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    """EMBEDDINGS with the embedding column fixed to `dim` values."""
+    return EMBEDDINGS.set(2, pa.field("embedding", pa.list_(pa.float16(), dim)))
+
+
+# NEIGHBOURS/_parts/<stem>.parquet: one shard's raw neighbour lists (k_max nearest other samples), internal to the
+# neighbours stage; the lists are null for samples without an embedding.
+def neighbour_parts_schema(k: int) -> pa.Schema:
+    return pa.schema([
+        pa.field("row", pa.int64(), nullable=False),  # the sample's row id: its place in the corpus (shards in order)
+        pa.field("ids", pa.list_(pa.int64(), k)),  # row ids of its k nearest other samples, nearest first
+        pa.field("dist", pa.list_(pa.float32(), k)),  # their cosine distances (1 - cos)
+        pa.field("dup", pa.list_(pa.bool_(), k)),  # whether each is a near-duplicate (thumbnail correlation)
+    ])
+
+
+# NEIGHBOURS/<stem>.parquet: the corpus-level neighbourhood of every sample of one shard, in shard order.
+# Distances are cosine distances 1 - cos between victim embeddings; null for a sample without an embedding.
+# One kdist_<k> column per k of the settings (NeighboursSettings.ks); NEIGHBOURS is the default ks' schema.
+def neighbours_schema(ks: tuple[int, ...] = (3, 5, 10, 20)) -> pa.Schema:
+    return pa.schema([
+        pa.field("key", pa.string(), nullable=False),  # the WebDataset __key__
+        pa.field("shard", pa.string(), nullable=False),  # shard file name, e.g. 000003.tar
+        pa.field("position", pa.int32(), nullable=False),  # index of the sample inside its shard
+        pa.field("row", pa.int64(), nullable=False),  # its row id in the corpus (shards in order), as group_id uses
+        # kdist_<k>: distance to the k-th nearest other sample
+        *[pa.field(f"kdist_{k}", pa.float64()) for k in ks],
+        pa.field("lid", pa.float64()),  # local intrinsic dimension, Levina-Bickel MLE over the k_max distances
+        pa.field("slof", pa.float64()),  # simplified LOF: kdist_10 / mean kdist_10 of its 10 neighbours
+        pa.field("dao", pa.float64()),  # dimensionality-aware outlier score: mean (kdist_10/kdist_10(o))^lid(o)
+        pa.field("kdist_distinct", pa.float64()),  # distance to the 5th nearest neighbour that is no near-duplicate
+        pa.field("dup_count", pa.int32()),  # near-duplicates among its k_max neighbours
+        pa.field("group_id", pa.int64()),  # lowest row id of its tight group (edges closer than tau); alone: its row
+        pa.field("group_size", pa.int32()),  # samples in that group; 1 for one with no abnormally close neighbour
+    ])
+
+
+NEIGHBOURS = neighbours_schema()
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

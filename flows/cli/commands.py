@@ -91,6 +91,27 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_neighbours(args: argparse.Namespace) -> int:
+    """--runner local: the stage's steps in this process; otherwise the dede-neighbours flow."""
+    options.check_local_out(args.out, "neighbours", allow_url=True)
+    settings, engine = options.neighbours_settings(args), options.engine(args)
+    if engine.parse().kind == "local":
+        from dede_core.stages.neighbours import neighbours
+
+        result = neighbours(args.scores, args.out, settings)
+        summary, recomputed = result.summary, result.recomputed
+    else:
+        from flows.neighbours import neighbours_flow
+
+        summary = run_flow("neighbours", neighbours_flow, args.scores, args.out, settings, engine)
+        recomputed = summary["recomputed"]
+    index = summary["index"]
+    print(f"{summary['embeddings']} samples, {index['kind']} index; tau {summary['tau']:.4g}: {summary['groups']} "
+          f"tight groups ({summary['grouped_samples']} samples){'' if recomputed else ' (already complete)'} "
+          f"-> {args.out}")
+    return 0
+
+
 def _what(args: argparse.Namespace) -> str:
     return "verdicts only (--no-copy; list them with dede keys)" if args.no_copy else "cleaned shards"
 

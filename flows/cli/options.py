@@ -200,6 +200,36 @@ def score_settings(args: argparse.Namespace, *, group_size: int | None):
                          encoder=args.encoder, group_size=group_size)
 
 
+def add_neighbours_options(p: argparse.ArgumentParser) -> None:
+    """The neighbours stage's settings (dede_core.stages.neighbours.NeighboursSettings)."""
+    g = p.add_argument_group("neighbourhoods")
+    g.add_argument("--ks", default="3,5,10,20", help="the k of each kdist_<k> column; the largest is how many "
+                   "neighbours are kept (default 3,5,10,20)")
+    g.add_argument("--exact-limit", type=int, default=50_000,
+                   help="exact search up to this many embeddings, an IVF index beyond (default 50000)")
+    g.add_argument("--pca-dim", type=int, default=128, help="IVF: search in the top N directions (0: all; default 128)")
+    g.add_argument("--nprobe", type=int, default=None, help="IVF lists searched per query (default: from N)")
+    g.add_argument("--memory-mib", type=int, default=4096, help="memory budget of the index and the finish step "
+                   "(default 4096)")
+    g.add_argument("--dup-threshold", type=float, default=0.95, help="thumbnail correlation from which a neighbour "
+                   "is a near-duplicate (default 0.95)")
+    g.add_argument("--rows-per-job", type=int, default=200_000, help="samples per task (default 200000)")
+    g.add_argument("--device", default="cpu", help="cpu or cuda[:N]: a GPU index when faiss has GPU support "
+                   "(default cpu)")
+
+
+def neighbours_settings(args: argparse.Namespace):
+    from dede_core.stages.neighbours import NeighboursSettings
+
+    try:
+        ks = tuple(int(k) for k in args.ks.split(","))
+    except ValueError:
+        raise ValueError(f"--ks takes comma-separated integers, e.g. 3,5,10,20; got {args.ks!r}") from None
+    return NeighboursSettings(ks=ks, exact_limit=args.exact_limit, pca_dim=args.pca_dim or None, nprobe=args.nprobe,
+                              memory_mib=args.memory_mib, dup_threshold=args.dup_threshold,
+                              rows_per_job=args.rows_per_job, device=device(args.device))
+
+
 def clean_settings(args: argparse.Namespace):
     """The clean stage's settings from the rule and output options."""
     from dede_core.stages.clean import CleanSettings

@@ -6,7 +6,7 @@ import argparse
 
 from flows.cli import commands
 from flows.cli.options import (add_detector_options, add_epoch_options, add_follow_links_option, add_output_options,
-                               add_parquet_options, add_rule_options, add_runner_options, add_score_options,
+                               add_neighbours_options, add_parquet_options, add_rule_options, add_runner_options, add_score_options,
                                WORKERS_HELP)
 
 CLEAN_HELP = """\
@@ -58,6 +58,26 @@ Examples:
 (linked to the full-size image, in <page>_images/), score, label, source reference and the result's columns;
 the folder gets the images, numbered in result order. Images are read from --shards, by default the `shards`
 folder beside SCORES (a dede sanitize run).
+"""
+
+NEIGHBOURS_HELP = """\
+Every sample's neighbourhood within the corpus, from the victim embeddings the score stage keeps
+(SCORES/embeddings/). Triggered samples' embeddings collapse onto one point, so they are each other's nearest
+neighbours: small k-distances, low local dimension, one tight group. A clean near-duplicate group (one image
+re-encoded or resized) is tight too, but its thumbnails correlate: kdist_distinct skips such neighbours.
+
+Writes into OUT (rerunning does nothing on an unchanged SCORES; on a grown one the index and every sample's
+neighbourhood are recomputed, the embeddings never; other settings into the same OUT are refused):
+  OUT/<shard>.parquet  key, shard, position, row, kdist_3/5/10/20, lid, slof, dao, kdist_distinct, dup_count,
+                       group_id, group_size (schemas/README.md)
+  OUT/summary.json     N, the index, tau, the number and sizes of tight groups, timings
+  OUT/index.faiss      the index (exact up to --exact-limit embeddings, else IVF after a projection to
+                       --pca-dim dims, its candidates re-ranked by the exact cosine)
+
+Memory: the index (IVF: N x pca-dim x 4 bytes, or 8-bit codes when over --memory-mib) and finish's
+N x k_max x 13 bytes of neighbour lists; a corpus beyond --memory-mib is refused.
+Query it with DuckDB, e.g.
+  SELECT key, kdist_distinct, group_size FROM 'OUT/*.parquet' ORDER BY kdist_distinct LIMIT 20
 """
 
 EPILOG = "Encoder specs: see docs/encoders.md (e.g. cifar-resnet18?width=16&weights=enc.pt, efficientnet-lite0)."
@@ -147,6 +167,17 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=commands.cmd_score)
 
 
+def _add_neighbours(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("neighbours", help="each sample's corpus-level embedding neighbourhood (k-distances, LID, "
+                       "tight groups)", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=NEIGHBOURS_HELP)
+    p.add_argument("scores", help="scores folder written by `dede score` (with its embeddings/ folder)")
+    p.add_argument("--out", required=True, help="neighbours folder to write")
+    add_neighbours_options(p)
+    add_runner_options(p)
+    p.set_defaults(func=commands.cmd_neighbours)
+
+
 def _add_clean(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("clean", help="write the cleaned corpus: the shards minus the samples one rule drops",
                        formatter_class=argparse.RawDescriptionHelpFormatter, description=CLEAN_HELP)
@@ -227,7 +258,7 @@ def _add_sanitize(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=commands.cmd_sanitize)
 
 
-COMMANDS = (_add_sanitize, _add_shard, _add_train, _add_score, _add_clean, _add_keys, _add_sql, _add_info)
+COMMANDS = (_add_sanitize, _add_shard, _add_train, _add_score, _add_neighbours, _add_clean, _add_keys, _add_sql, _add_info)
 
 
 def build_parser() -> argparse.ArgumentParser:

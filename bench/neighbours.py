@@ -1,0 +1,125 @@
+"""`dede bench neighbours`: the neighbours stage's wall time, peak memory and IVF recall as the corpus grows.
+
+Synthetic victim embeddings, as the score stage writes them (SCORES/embeddings/<stem>.parquet, float16, 10,000
+samples a shard): a Gaussian mixture of 1,000 components whose variance decays over the dimensions (as real
+embeddings' does), plus a collapsed cluster of 0.05% (a planted trigger). Each size runs in a fresh process
+through the stage's own steps (plan, every job, finish), which reports its wall time per step and its peak RSS;
+then the recall@k_max of the stage's neighbour lists against exact search over the full float16 unit vectors is
+measured on a sample of queries. Writes docs/results/neighbours.md and .json.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import multiprocessing as mp
+import os
+import resource
+import shutil
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+SHARD = 10_000  # samples per shard, dede shard's default
+
+
+def write_corpus(root: str, n: int, dim: int, *, seed: int = 0) -> str:
+    """A scores folder of n synthetic samples: run.json, _done markers, embeddings/<stem>.parquet."""
+    from dede_core.neighbours.corpus import embeddings_table
+    from schemas import names
+
+    scores = os.path.join(root, "scores")
+    os.makedirs(os.path.join(scores, names.DONE_DIR), exist_ok=True)
+    os.makedirs(os.path.join(scores, names.EMBEDDINGS_DIR), exist_ok=True)
+    with open(os.path.join(scores, names.SCORE_RUN), "w") as f:
+        json.dump({"detector_hash": "synthetic", "shards": f"{n} synthetic"}, f)
+    rng = np.random.default_rng(seed)
+    decay = (1.0 / np.sqrt(np.arange(1, dim + 1))).astype(np.float32)
+    centres = rng.normal(size=(1000, dim)).astype(np.float32) * decay
+    trigger = rng.normal(size=dim).astype(np.float32) * decay
+    for s, start in enumerate(range(0, n, SHARD)):
+        m = min(SHARD, n - start)
+        x = centres[rng.integers(0, len(centres), m)] + 0.7 * rng.standard_normal((m, dim), np.float32) * decay
+        poison = rng.random(m) < 0.0005
+        x[poison] = trigger + 0.002 * rng.standard_normal((int(poison.sum()), dim), np.float32)
+        thumbs = rng.integers(0, 256, (m, 256), dtype=np.uint8)
+        table = embeddings_table([f"{s:06d}_{i:05d}" for i in range(m)], x, thumbs)
+        pq.write_table(table, os.path.join(scores, names.EMBEDDINGS_DIR, f"{s:06d}.parquet"))
+        with open(os.path.join(scores, names.DONE_DIR, f"{s:06d}.json"), "w") as f:
+            json.dump({"shard": f"{s:06d}.tar", "sha256": f"synthetic-{s}"}, f)
+    return scores
+
+
+def run_stage(scores: str, out: str, settings: Any) -> dict[str, Any]:
+    """The stage's steps in this process, timed; with this process' peak RSS."""
+    from dede_core.stages.neighbours import NEIGHBOURS, NeighboursRun
+
+    run = NeighboursRun(scores, out, settings, progress=True)
+    t0 = time.perf_counter()
+    plan = NEIGHBOURS.plan(run)
+    t1 = time.perf_counter()
+    markers = {NEIGHBOURS.job_name(j): NEIGHBOURS.run_job(j) for j in plan.jobs()}
+    t2 = time.perf_counter()
+    result = NEIGHBOURS.finish(plan, markers, {})
+    t3 = time.perf_counter()
+    return {"plan_s": t1 - t0, "jobs_s": t2 - t1, "finish_s": t3 - t2, "wall_s": t3 - t0, "jobs": len(markers),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "summary": result.summary}
+
+
+def _unit(scores: str, stems: list[str]) -> np.ndarray:
+    from dede_core.neighbours.corpus import chunks, read_corpus
+
+    corpus = read_corpus(scores)
+    return np.concatenate([c.vectors for stem in stems for c in chunks(corpus, stem, thumbs=False)])
+
+
+def recall(scores: str, out: str, k: int, queries: int, *, seed: int = 1) -> float:
+    """Recall@k of OUT's neighbour lists for `queries` random samples, against exact search over every sample's
+    float32 unit vector (the embeddings files, one shard at a time)."""
+    from dede_core.neighbours.corpus import read_corpus
+    from dede_core.stages.neighbours import part_path
+
+    corpus = read_corpus(scores)
+    rows = np.sort(np.random.default_rng(seed).choice(corpus.rows, min(queries, corpus.rows), replace=False))
+    found = np.concatenate([pq.read_table(part_path(out, s.stem)).column("ids").combine_chunks().values
+                            .to_numpy().reshape(-1, k) for s in corpus.shards])[rows]
+    best_s = np.full((len(rows), k), -np.inf, np.float32)
+    best_i = np.zeros((len(rows), k), np.int64)
+    q = None
+    for shard in corpus.shards:
+        x = _unit(scores, [shard.stem])
+        if q is None:
+            q = np.zeros((len(rows), x.shape[1]), np.float32)
+        here = (rows >= shard.offset) & (rows < shard.offset + shard.rows)
+        q[here] = x[rows[here] - shard.offset]
+    for shard in corpus.shards:
+        x = _unit(scores, [shard.stem])
+        s = q @ x.T
+        ids = np.arange(shard.offset, shard.offset + shard.rows)
+        s[rows[:, None] == ids[None, :]] = -np.inf
+        both_s, both_i = np.concatenate([best_s, s], 1), np.concatenate([best_i, np.broadcast_to(ids, s.shape)], 1)
+        top = np.argpartition(-both_s, k, axis=1)[:, :k]
+        best_s, best_i = np.take_along_axis(both_s, top, 1), np.take_along_axis(both_i, top, 1)
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, best_i)]))
+
+
+def bench_size(work: str, n: int, dim: int, settings: Any, queries: int) -> dict[str, Any]:
+    """One size: corpus written by one process, the stage run by another (its own peak RSS), recall measured."""
+    root = os.path.join(work, f"n{n}")
+    ctx = mp.get_context("spawn")
+    t = time.perf_counter()
+    with cf.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        scores = pool.submit(write_corpus, root, n, dim).result()
+    made_s = time.perf_counter() - t
+    out = os.path.join(root, "neighbours")
+    with cf.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        row = pool.submit(run_stage, scores, out, settings).result()
+    t = time.perf_counter()
+    row["recall"] = recall(scores, out, settings.k_max, queries)
+    row |= {"n": n, "dim": dim, "write_corpus_s": made_s, "recall_s": time.perf_counter() - t,
+            "out_mib": sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs) / 2**20}
+    shutil.rmtree(root, ignore_errors=True)
+    return row
