@@ -82,6 +82,7 @@ def neighbour_parts_schema(k: int) -> pa.Schema:
         pa.field("ids", pa.list_(pa.int64(), k)),  # row ids of its k nearest other samples, nearest first
         pa.field("dist", pa.list_(pa.float32(), k)),  # their cosine distances (1 - cos)
         pa.field("dup", pa.list_(pa.bool_(), k)),  # whether each is a near-duplicate (thumbnail correlation)
+        pa.field("pix", pa.list_(pa.float32(), k)),  # root-mean-square grey difference of the two thumbnails
     ])
 
 
@@ -101,6 +102,8 @@ def neighbours_schema(ks: tuple[int, ...] = (3, 5, 10, 20)) -> pa.Schema:
         pa.field("dao", pa.float64()),  # dimensionality-aware outlier score: mean (kdist_10/kdist_10(o))^lid(o)
         pa.field("kdist_distinct", pa.float64()),  # distance to the 5th nearest neighbour that is no near-duplicate
         pa.field("dup_count", pa.int32()),  # near-duplicates among its k_max neighbours
+        # mean thumbnail difference to its 5 nearest neighbours / kdist_5: tight in the embedding, unlike in pixels
+        pa.field("collapse", pa.float64()),
         pa.field("group_id", pa.int64()),  # lowest row id of its tight group (edges closer than tau); alone: its row
         pa.field("group_size", pa.int32()),  # samples in that group; 1 for one with no abnormally close neighbour
     ])

@@ -67,6 +67,21 @@ def thumb_correlations(own: np.ndarray, theirs: np.ndarray) -> np.ndarray:
     return np.where(sd_b > 1e-6, dot / (b.shape[-1] * np.maximum(sd_b, 1e-6)), 0.0)
 
 
+def thumb_distances(own: np.ndarray, theirs: np.ndarray) -> np.ndarray:
+    """Root-mean-square grey difference of each (n, P) thumbnail to each of its (n, k, P) neighbours' -> (n, k)."""
+    diff = theirs.astype(np.float32) - own.astype(np.float32)[:, None, :]
+    return np.sqrt(np.einsum("nkp,nkp->nk", diff, diff) / own.shape[-1])
+
+
+def collapse_ratio(dist: np.ndarray, pix: np.ndarray, k: int) -> np.ndarray:
+    """(N,) how much the k nearest neighbours differ in pixels (mean thumbnail distance) per unit of how close
+    they are in the embedding (k-th cosine distance). A backdoor maps different pictures onto one target:
+    tight in the embedding yet unlike in pixels, so the ratio is high. A clean group tight in the embedding is
+    one picture's copies or one scene's views: alike in pixels too, and its ratio stays ordinary."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (np.nanmean(pix[:, :k], axis=1) / np.maximum(dist[:, k - 1], 1e-6)).astype(np.float64)
+
+
 def kdist_distinct(dist: np.ndarray, dup: np.ndarray, k: int) -> np.ndarray:
     """(N,) distance to the k-th nearest neighbour that is no near-duplicate; with fewer than k such among the
     list, the distance to the last neighbour of the list."""

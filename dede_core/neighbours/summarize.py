@@ -25,31 +25,34 @@ from schemas.tables import neighbours_schema, with_metadata
 
 log = logging.getLogger("dede")
 
-FINISH_BYTES_PER_NEIGHBOUR = 13  # int64 id + float32 distance + bool flag, per sample and neighbour
+FINISH_BYTES_PER_NEIGHBOUR = 17  # int64 id + float32 distance + bool flag + float32 pixel distance
 
 
 def _lists(corpus: Corpus, k: int, part_path: Callable[[str, str], str], out: str
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(N, k) ids, distances (NaN: no embedding) and duplicate flags of the whole corpus, in row order."""
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(N, k) ids, distances (NaN: no embedding), duplicate flags and thumbnail distances of the whole corpus,
+    in row order."""
     ids = np.full((corpus.rows, k), -1, np.int64)
     dist = np.full((corpus.rows, k), np.nan, np.float32)
     dup = np.zeros((corpus.rows, k), bool)
+    pix = np.full((corpus.rows, k), np.nan, np.float32)
     for shard in corpus.shards:
         with storage.open_read(part_path(out, shard.stem)) as f:
             table = pq.read_table(f)
         rows = table.column("row").to_numpy()
         assert np.array_equal(rows, np.arange(shard.offset, shard.offset + shard.rows)), shard.stem
-        for name, target, fill in (("ids", ids, -1), ("dist", dist, np.nan), ("dup", dup, False)):
+        for name, target, fill in (("ids", ids, -1), ("dist", dist, np.nan), ("dup", dup, False),
+                                   ("pix", pix, np.nan)):
             col = table.column(name).combine_chunks()
             valid = ~col.is_null().to_numpy(zero_copy_only=False)
             flat = col.values.slice(col.offset * k, len(col) * k).to_numpy(zero_copy_only=False)
             values = flat.reshape(len(col), k)
             target[rows[valid]] = values[valid]
-    return ids, dist, dup
+    return ids, dist, dup, pix
 
 
-def statistics(ids: np.ndarray, dist: np.ndarray, dup: np.ndarray, ks: tuple[int, ...], *, lof_k: int,
-               distinct_k: int) -> tuple[dict[str, np.ndarray], float]:
+def statistics(ids: np.ndarray, dist: np.ndarray, dup: np.ndarray, pix: np.ndarray, ks: tuple[int, ...], *,
+               lof_k: int, distinct_k: int) -> tuple[dict[str, np.ndarray], float]:
     """Every column of the neighbours table but key/shard/position/row, for all N rows; and tau."""
     valid = ~np.isnan(dist).all(axis=1)
     cols: dict[str, np.ndarray] = {f"kdist_{k}": geo.kdist(dist, k) for k in ks}
@@ -59,6 +62,7 @@ def statistics(ids: np.ndarray, dist: np.ndarray, dup: np.ndarray, ks: tuple[int
     cols["dao"] = geo.dao(dist, ids, lid, lof_k)
     cols["kdist_distinct"] = geo.kdist_distinct(dist, dup, distinct_k)
     cols["dup_count"] = dup.sum(axis=1).astype(np.int32)
+    cols["collapse"] = geo.collapse_ratio(dist, pix, distinct_k)
     tau = geo.tight_threshold(cols[f"kdist_{lof_k}"][valid])
     cols["group_id"], cols["group_size"] = geo.groups(ids, dist, tau)
     return {name: (value, valid) for name, value in cols.items()}, tau
@@ -68,9 +72,9 @@ def finish_corpus(corpus: Corpus, out: str, settings: Any, info: dict[str, Any],
                   started: float, part_path: Callable[[str, str], str]) -> dict[str, Any]:
     """Write OUT/<stem>.parquet for every shard, then OUT/summary.json (last); returns the summary."""
     t = time.perf_counter()
-    ids, dist, dup = _lists(corpus, settings.k_max, part_path, out)
-    cols, tau = statistics(ids, dist, dup, settings.ks, lof_k=settings.lof_k, distinct_k=settings.distinct_k)
-    del ids, dist, dup
+    ids, dist, dup, pix = _lists(corpus, settings.k_max, part_path, out)
+    cols, tau = statistics(ids, dist, dup, pix, settings.ks, lof_k=settings.lof_k, distinct_k=settings.distinct_k)
+    del ids, dist, dup, pix
     schema = with_metadata(neighbours_schema(settings.ks), "neighbours", json.dumps(config, sort_keys=True))
     for shard in corpus.shards:
         key, position = keys(corpus, shard.stem)

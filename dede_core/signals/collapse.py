@@ -1,12 +1,13 @@
-"""Collapse: the embedding sits abnormally close to other pictures' embeddings in the corpus itself.
+"""Collapse: embedding neighbours that are tight in the victim's embedding yet unlike in pixels.
 
-Triggered samples are mapped onto one target, so they are each other's nearest neighbours. The distance is to
-the 5th nearest neighbour that is not a near-duplicate of the sample (its thumbnail differs): one picture
-re-encoded or resized many times is a tight group too, but of copies, and it is not evidence of a backdoor.
+A backdoor maps different pictures onto one target, so triggered samples are each other's nearest neighbours
+although they share nothing but the trigger. The neighbours stage's `collapse` column is the mean thumbnail
+difference to the 5 nearest neighbours per unit of their embedding distance: clean groups that are tight in the
+embedding (one picture re-encoded or resized, views of one scene) are alike in pixels too and stay ordinary.
 """
 
 from dede_core.signals.registry import Signal, register
 
 COLLAPSE = register(Signal(
-    name="collapse", table="neighbours", column="kdist_distinct", tail="lower", scale="log", in_verdict=True,
-    about="the embedding sits abnormally close to other, different pictures' embeddings in the corpus"))
+    name="collapse", table="neighbours", column="collapse", tail="upper", scale="log", in_verdict=True,
+    about="the embedding's nearest neighbours in the corpus are far closer than their pixels are alike"))

@@ -40,7 +40,7 @@ from dede_core.io import storage
 from dede_core.neighbours import index as ix
 from dede_core.neighbours.build import build_index, load_array, load_index
 from dede_core.neighbours.corpus import Corpus, chunks, read_corpus
-from dede_core.neighbours.geometry import thumb_correlations
+from dede_core.neighbours.geometry import thumb_correlations, thumb_distances
 from dede_core.neighbours.summarize import FINISH_BYTES_PER_NEIGHBOUR, finish_corpus
 from dede_core.stages import folder
 from dede_core.stages.protocol import Placement, run_in_order
@@ -208,7 +208,7 @@ def neighbours_job(job: NeighboursJob) -> dict[str, Any]:
     markers, schema, rows = folder.Markers(run.out), neighbour_parts_schema(k), 0
     for stem in job.stems:
         t = time.perf_counter()
-        cols = {"row": [], "ids": [], "dist": [], "dup": [], "valid": []}
+        cols = {"row": [], "ids": [], "dist": [], "dup": [], "pix": [], "valid": []}
         for chunk in chunks(job.corpus, stem, batch=4096):  # (4096, k_max, 256) thumbnails at a time
             n = len(chunk.rows)
             ids, dist = np.full((n, k), -1, np.int64), np.full((n, k), np.nan, np.float32)
@@ -218,12 +218,13 @@ def neighbours_job(job: NeighboursJob) -> dict[str, Any]:
                                                                 refine=job.spec.refine)
             theirs = np.asarray(thumbs[np.maximum(ids, 0).ravel()]).reshape(n, k, -1)
             dup = (thumb_correlations(chunk.thumbs, theirs) >= run.settings.dup_threshold) & (ids >= 0)
-            for name, value in (("row", chunk.rows), ("ids", ids), ("dist", dist), ("dup", dup),
+            pix = thumb_distances(chunk.thumbs, theirs)
+            for name, value in (("row", chunk.rows), ("ids", ids), ("dist", dist), ("dup", dup), ("pix", pix),
                                 ("valid", chunk.valid)):
                 cols[name].append(value)
         valid = pa.array(~np.concatenate(cols["valid"]))  # the mask of null lists
         arrays = [pa.array(np.concatenate(cols["row"]))]
-        for name, kind in (("ids", pa.int64()), ("dist", pa.float32()), ("dup", pa.bool_())):
+        for name, kind in (("ids", pa.int64()), ("dist", pa.float32()), ("dup", pa.bool_()), ("pix", pa.float32())):
             flat = pa.array(np.concatenate(cols[name]).ravel(), kind)
             arrays.append(pa.FixedSizeListArray.from_arrays(flat, k, mask=valid))
         storage.write_parquet(part_path(run.out, stem), pa.Table.from_arrays(arrays, schema=schema))

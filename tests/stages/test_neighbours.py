@@ -77,7 +77,8 @@ def test_planted_cluster_stands_out_and_near_duplicates_do_not(result):
     df = read_out(out)
     assert res.recomputed and res.summary["index"]["kind"] == "exact"
     assert list(df.columns) == ["key", "shard", "position", "row", "kdist_3", "kdist_5", "kdist_10", "kdist_20",
-                                "lid", "slof", "dao", "kdist_distinct", "dup_count", "group_id", "group_size"]
+                                "lid", "slof", "dao", "kdist_distinct", "dup_count", "collapse", "group_id",
+                                "group_size"]
     poison, dups = df.loc[POISON], df.loc[DUPS]
     rest = df.drop(index=list(POISON) + list(DUPS) + list(UNSCORED))
     assert set(df.nsmallest(12, "kdist_5").index) == set(POISON)
@@ -85,6 +86,9 @@ def test_planted_cluster_stands_out_and_near_duplicates_do_not(result):
     assert dups.kdist_5.max() < rest.kdist_5.min()  # tight in embedding space ...
     assert dups.kdist_distinct.min() > 0.5 * rest.kdist_distinct.median()  # ... but not once duplicates are skipped
     assert (dups.dup_count == 9).all() and (poison.dup_count == 0).all()
+    # tight and unlike in pixels: the planted cluster has the highest collapse ratio, the copies an ordinary one
+    assert set(df.nlargest(12, "collapse").index) == set(POISON)
+    assert poison.collapse.min() > 100 * dups.collapse.max()
     assert (poison.group_size == 12).all() and poison.group_id.nunique() == 1 and poison.group_id.iloc[0] == POISON[0]
     assert (dups.group_size == 10).all() and (rest.group_size == 1).all()
     assert res.summary["group_sizes"] == {"10": 1, "12": 1}

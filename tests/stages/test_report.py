@@ -161,7 +161,8 @@ def test_report_of_the_verdict_says_what_each_signal_found_and_shows_the_tightes
     size = [5 if i < 5 else (2 if i in (20, 21) else 1) for i in range(60)]
     pq.write_table(pa.table({"key": keys, "shard": ["000000.tar"] * 60, "position": list(range(60)),
                              "kdist_5": [0.01 if i < 5 else 0.3 for i in range(60)],
-                             "kdist_distinct": [0.3] * 60, "dao": [1.0] * 60, "group_id": group,
+                             "kdist_distinct": [0.3] * 60, "dao": [1.0] * 60, "collapse": [100.0] * 60,
+                             "group_id": group,
                              "group_size": size}), neighbours / "000000.parquet")
     (neighbours / "summary.json").write_text("{}")
     sel = select(tmp_path / "scores", Rule.fdr(0.05))
