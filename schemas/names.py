@@ -9,6 +9,7 @@ scores/ (dede score)         run.json (claims the folder), NNNNNN.parquet, calib
 clean/ (dede clean)          clean_config.json (claims the folder), NNNNNN.tar, _done/NNNNNN.rejected.parquet,
                              _done/NNNNNN.json (written last per shard), manifest.json, rejected.parquet,
                              summary.json
+review/ (dede review)        decisions.parquet
 """
 
 # Stage folders inside a sanitize RUN folder.
@@ -37,3 +38,7 @@ SKIPPED = "skipped.parquet"  # the shards manifest's skipped entries as rows, so
 CLEAN_CONFIG = "clean_config.json"  # the selection every cleaned shard of the folder was made with
 REJECTED = "rejected.parquet"
 SUMMARY = "summary.json"
+
+# Review folder (dede review): the only place the review app writes.
+REVIEW_DIR = "review"
+DECISIONS = "decisions.parquet"  # the reviewer's keep/drop decisions (schemas/tables.py DECISIONS)
