@@ -155,10 +155,10 @@ def create_app(run: str | os.PathLike, *, token: str, host: str = "127.0.0.1", p
 
     @app.get("/api/thumb")
     def thumb(key: str) -> Response:
-        png = data.thumbnails([key])[key]
-        if png is None:
+        found = data.thumbnails([key])[key]
+        if found is None:
             raise HTTPException(404, f"no decodable image for key {key!r} in the shards")
-        return Response(png, media_type="image/png")
+        return Response(found[0], media_type=found[1])
 
     @app.post("/api/query")
     def query(body: dict[str, Any] = Body(...)) -> dict[str, Any]:

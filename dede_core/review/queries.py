@@ -32,6 +32,7 @@ from schemas.tables import STATUS_SKIPPED
 
 NEIGHBOURS_DIR, VERDICT = "neighbours", "verdict.parquet"  # written by other stages when present
 THUMB_SIDE = 128
+WEB_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp"}
 SHOWN_COLUMNS = ("key", "shard", "label", "source", "score", "knn_score", "density_score", "status", "reason",
                  "q_value")
 MAX_ROWS = 2000  # rows of a table or query result sent to the page
@@ -51,25 +52,23 @@ def rows_json(table: pa.Table, limit: int = MAX_ROWS) -> list[dict[str, Any]]:
     return [{k: _json_value(v) for k, v in r.items()} for r in table.slice(0, limit).to_pylist()]
 
 
-def thumbnail_png(data: bytes | None) -> bytes | None:
-    """A PNG at most THUMB_SIDE on a side (small images enlarged, nearest neighbour); None when undecodable."""
+def thumbnail(data: bytes | None) -> tuple[bytes, str] | None:
+    """(bytes, MIME type) of an image at most THUMB_SIDE on a side: a small PNG/JPEG/GIF/WebP as it is (the page
+    enlarges it without blur), anything else as a downscaled PNG; None when it does not decode."""
     if data is None:
         return None
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
+        if max(image.size) <= THUMB_SIDE and image.format in WEB_TYPES:
+            return data, WEB_TYPES[image.format]
         image = image.convert("RGB")
     except Exception:  # noqa: BLE001 - the corpus may hold anything; the page shows a placeholder
         return None
-    side = max(image.size)
-    if side < THUMB_SIDE // 2:
-        factor = THUMB_SIDE // side
-        image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
-    else:
-        image.thumbnail((THUMB_SIDE, THUMB_SIDE))
+    image.thumbnail((THUMB_SIDE, THUMB_SIDE))
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
+    image.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue(), "image/png"
 
 
 @dataclasses.dataclass
@@ -100,7 +99,7 @@ class RunData:
     def __init__(self, folders: RunFolders, *, thumb_cache: int = 20_000) -> None:
         self.f = folders
         self.classes = read_manifest(folders.shards).classes
-        self._thumbs: dict[str, bytes | None] = {}
+        self._thumbs: dict[str, tuple[bytes, str] | None] = {}
         self._thumb_cache = thumb_cache
         self.flagged_by, dropped = self._dropped()
         self.flagged = self._flagged(dropped)
@@ -199,8 +198,8 @@ class RunData:
         name = self.classes[label] if self.classes and 0 <= label < len(self.classes) else None
         return f"label {label}" + (f" ({name})" if name else "")
 
-    def thumbnails(self, keys: list[str]) -> dict[str, bytes | None]:
-        """key -> thumbnail PNG (None when not found or undecodable), read from the shards once and cached."""
+    def thumbnails(self, keys: list[str]) -> dict[str, tuple[bytes, str] | None]:
+        """key -> (thumbnail, MIME type), None when not found or undecodable; read from the shards once, cached."""
         missing = [k for k in dict.fromkeys(keys) if k not in self._thumbs]
         if missing:
             samples = result_samples(pa.table({"key": pa.array(missing, pa.string())}), self.f.scores, self.f.shards,
@@ -208,12 +207,12 @@ class RunData:
             if len(self._thumbs) + len(samples) > self._thumb_cache:
                 self._thumbs.clear()
             for s in samples:
-                self._thumbs[str(s["key"])] = thumbnail_png(s["image"])
+                self._thumbs[str(s["key"])] = thumbnail(s["image"])
         return {k: self._thumbs.get(k) for k in keys}
 
     def thumbnail_uris(self, keys: list[str]) -> dict[str, str | None]:
-        """key -> data:image/png;base64 URI of its thumbnail (None when there is none)."""
-        return {k: None if v is None else "data:image/png;base64," + base64.b64encode(v).decode("ascii")
+        """key -> data: URI of its thumbnail (None when there is none)."""
+        return {k: None if v is None else f"data:{v[1]};base64," + base64.b64encode(v[0]).decode("ascii")
                 for k, v in self.thumbnails(keys).items()}
 
     def query(self, sql: str, thumbnails: int = 200) -> dict[str, Any]:

@@ -29,7 +29,7 @@ def test_page_summary_groups_flagged_and_map(review_run):
     assert set(groups) == {"n1", "n2"} and groups["n1"]["size"] == 4 and groups["n1"]["flagged"] == 2
     members = c.get("/api/group", params={"id": "n1"}).json()["members"]
     assert {m["key"] for m in members} == set(GROUPS["n1"])
-    assert all(m["thumbnail"].startswith("data:image/png;base64,") for m in members)
+    assert all(m["thumbnail"].startswith("data:image/") for m in members)
     rows = c.get("/api/flagged", params={"sort": "key", "order": "asc"}).json()["rows"]
     assert [r["key"] for r in rows] == sorted(FLAGGED)
     assert {r["key"] for r in c.get("/api/flagged", params={"label": "0"}).json()["rows"]} == {"k18", "k21"}
