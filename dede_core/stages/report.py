@@ -26,10 +26,9 @@ from dede_core.io import storage
 from dede_core.detector.health import describe_health
 from dede_core.stages.select import Selection, format_number, hit_sql, scored_sql
 from dede_core.io.sources import TAR_IMAGE_EXTENSIONS, clean_key, split_member
-from dede_core.io.tarspans import recorded_index
 from dede_core.sql import connect, has_view
 from schemas import names
-from schemas.manifest import read_manifest
+from schemas.manifest import read_manifest, read_spans
 from schemas.tables import STATUS_SKIPPED
 
 THUMB_MIN = 96  # small images (CIFAR's 32x32) are enlarged by a whole factor, nearest neighbour: no blur
@@ -102,15 +101,15 @@ def read_images(shards_dir: str, wanted: dict[str, set[str]]) -> dict[str, bytes
         if not storage.isfile(path):
             continue
         left = set(keys)
-        spans = recorded_index(shards_dir, entries[shard]) if shard in entries else None
+        spans = read_spans(shards_dir, entries[shard]) if shard in entries else None
         if spans is not None:
+            at = [i for i, key in enumerate(spans.keys) if key in left]
             with storage.open_read(path) as f:
-                for sample in spans.samples:
-                    if sample.key in left:
-                        start, end = sample.spans[0][0], sample.spans[-1][1]
-                        f.seek(start)
-                        with tarfile.open(fileobj=io.BytesIO(f.read(end - start)), mode="r:") as tar:
-                            _image_member(tar, {sample.key}, found)
+                for i in at:
+                    f.seek(spans.offsets[i])
+                    data = f.read(spans.offsets[i + 1] - spans.offsets[i])
+                    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+                        _image_member(tar, {spans.keys[i]}, found)
             continue
         with storage.open_read(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
             _image_member(tar, left, found)
