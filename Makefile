@@ -17,17 +17,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]' $(TORCH)
 	touch $@
 
-# Fashion-MNIST and Chromium (the report's browser check) come from Debian's packages; skipped politely where
-# apt is not available or we are not root.
+# Fashion-MNIST and Chromium with its driver (the report's and the review app's browser checks) come from Debian's
+# packages; skipped politely where apt is not available or we are not root.
 data:
 	@if [ -f $(FMNIST) ]; then echo "fashion-mnist: present"; \
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 		(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) \
 		|| echo "fashion-mnist: apt-get failed; tests that need it will be skipped"; \
 	else echo "fashion-mnist: apt-get not available (or not root); tests that need it will be skipped"; fi
-	@if command -v chromium >/dev/null 2>&1; then echo "chromium: present"; \
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then echo "chromium: present"; \
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-		(apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)) \
+		(apt-get install -y -q chromium chromium-driver || (apt-get update -q && apt-get install -y -q chromium chromium-driver)) \
 		|| echo "chromium: apt-get failed; the report's browser checks will be skipped"; \
 	else echo "chromium: apt-get not available (or not root); the report's browser checks will be skipped"; fi
 

@@ -15,6 +15,7 @@ from dede_core.detector.health import describe_health
 from dede_core.io import storage
 from dede_core.signals.verdict import describe
 from dede_core.stages.clean import CLEAN, CleanRun, CleanSettings
+from dede_core.stages.decisions import decided
 from dede_core.stages.report import write_report
 from dede_core.stages.select import select
 from flows.runners import Engine
@@ -28,6 +29,7 @@ def report_task(scores: str, shards: str, out_html: str, settings: CleanSettings
     # The Selection is rebuilt from the scores (one query) rather than passed between tasks as an Arrow table.
     selection = select(scores, settings.rule, keep_unscored=settings.keep_unscored,
                        retired=read_manifest(shards).retired, neighbours=settings.neighbours)
+    selection, _ = decided(selection, settings.decisions)
     return write_report(scores, shards, out_html, selection=selection, n_thumbs=thumbnails)
 
 

@@ -100,7 +100,7 @@ def record_config(src: str, encoder: str, out: str, config: SanitizeConfig) -> d
             "runner": engine.runner, "dask_workers": engine.dask_workers,
             "follow_external_links": config.shard.follow_external_links, "image_column": config.shard.image_column,
             "key_column": config.shard.key_column, "label_column": config.shard.label_column,
-            "copy_samples": config.clean.copy, "thumbnails": config.thumbnails}
+            "copy_samples": config.clean.copy, "thumbnails": config.thumbnails, "decisions": config.clean.decisions}
 
 
 @flow(name="dede-sanitize")

@@ -13,6 +13,7 @@ neighbours/ (dede neighbours) neighbours_config.json (claims the folder), index.
 clean/ (dede clean)          clean_config.json (claims the folder), NNNNNN.tar, _done/NNNNNN.rejected.parquet,
                              _done/NNNNNN.json (written last per shard), manifest.json, rejected.parquet,
                              summary.json
+review/ (dede review)        decisions.parquet
 """
 
 # Stage folders inside a sanitize RUN folder.
@@ -52,3 +53,7 @@ CLEAN_CONFIG = "clean_config.json"  # the selection every cleaned shard of the f
 REJECTED = "rejected.parquet"
 SUMMARY = "summary.json"
 VERDICT = "verdict.parquet"  # an fdr rule's p-values of every scored sample (dede_core.signals.verdict)
+
+# Review folder (dede review): the only place the review app writes.
+REVIEW_DIR = "review"
+DECISIONS = "decisions.parquet"  # the reviewer's keep/drop decisions (schemas/tables.py DECISIONS)

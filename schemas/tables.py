@@ -112,6 +112,18 @@ def neighbours_schema(ks: tuple[int, ...] = (3, 5, 10, 20)) -> pa.Schema:
 NEIGHBOURS = neighbours_schema()
 
 
+# A reviewer's decisions about a run (`dede review`, RUN/review/decisions.parquet), applied by `dede clean --decisions`
+# on top of the rule: one row per key, the latest decision wins.
+DECISION_KEEP, DECISION_DROP = "keep", "drop"
+DECISIONS = pa.schema([
+    pa.field("key", pa.string(), nullable=False),  # the sample's key, as in the scores table
+    pa.field("decision", pa.string(), nullable=False),  # keep (stays in the cleaned corpus) | drop (leaves it)
+    pa.field("note", pa.string()),  # the reviewer's free text; a drop's reason is "reviewer: <note>"
+    pa.field("decided_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    pa.field("group", pa.string()),  # the group the decision was made for, null for a single sample
+])
+
+
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """A table of an older file as `schema`: columns it lacks (e.g. `source`) become nulls, then cast."""
     for i, field in enumerate(schema):

@@ -29,6 +29,7 @@ from dede_core.io.tarspans import index_tar
 from dede_core.stages.select import DEFAULT_RULE, Counts, Rule, Selection, select
 from dede_core.stages import folder
 from dede_core.stages.clean_shard import ShardJob, clean_shard, finished_marker, rejected_table
+from dede_core.stages.decisions import decided
 from dede_core.stages.protocol import Placement, run_in_order
 from schemas import names
 from schemas.manifest import Manifest, ShardEntry, differences, read_manifest, read_spans, write_manifest
@@ -188,10 +189,11 @@ class CleanPlan:
 
 def plan_clean(shards_dir: str | os.PathLike, scores_dir: str | os.PathLike, out_dir: str | os.PathLike,
                rule: Rule = DEFAULT_RULE, *, keep_unscored: bool = False, copy: bool = True,
-               neighbours: str | os.PathLike | None = None) -> CleanPlan:
+               neighbours: str | os.PathLike | None = None, decisions: str | None = None) -> CleanPlan:
     """Select, check the scores cover the shards, claim OUT (refusing other settings) and find the shards
     still to clean. Folders may be local paths or fsspec URLs. copy=False: write the verdicts only.
-    neighbours: the neighbours stage's folder for an fdr rule (default: beside SCORES, when finished)."""
+    neighbours: the neighbours stage's folder for an fdr rule (default: beside SCORES, when finished).
+    decisions: a reviewer's decisions file (dede review), applied on top of the rule."""
     shards_dir, scores_dir, out_dir = (storage.absolute(p) for p in (shards_dir, scores_dir, out_dir))
     if storage.isdir(out_dir):
         folder.Markers(out_dir).sweep()  # left by a killed run; this run's tasks start later
@@ -202,7 +204,8 @@ def plan_clean(shards_dir: str | os.PathLike, scores_dir: str | os.PathLike, out
     manifest = read_manifest(shards_dir)
     sel = select(scores_dir, rule, keep_unscored=keep_unscored, retired=manifest.retired, neighbours=neighbours)
     _check_coverage(manifest, sel, shards_dir, scores_dir)
-    identity = _identity(sel, scores_dir) | ({} if copy else {"copy": False})
+    sel, reviewed = decided(sel, decisions)
+    identity = _identity(sel, scores_dir) | ({} if copy else {"copy": False}) | reviewed
     config = {"identity": identity, "paths": {"shards_dir": shards_dir, "scores_dir": scores_dir}}
     _claim(out_dir, identity, config["paths"], [[e.name, e.sha256] for e in manifest.shards])
     shard_ids = _shard_ids(identity, manifest, scores_dir, sel)
@@ -295,7 +298,8 @@ def _finish(out_dir: str, sel: Selection, manifest: Manifest, markers: list[dict
     total = sum((Counts(**c) for c in by_shard.values()), Counts())
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     summary = {"format": "dede-clean-summary/1", "created": now, **sel.to_dict(), "counts": total.to_dict(),
-               "shards": by_shard, "copied": copy, **config["paths"]}
+               "shards": by_shard, "copied": copy, **config["paths"],
+               "decisions": config["identity"].get("decisions")}  # what a reviewer's decisions changed
     storage.write_json(storage.join(out_dir, names.SUMMARY), summary)
     if not copy:
         return
@@ -315,6 +319,7 @@ class CleanSettings:
     keep_unscored: bool = False  # keep samples without a score instead of dropping them
     copy: bool = True  # False: the verdicts only (rejected.parquet, summary.json), no cleaned shards
     neighbours: str | None = None  # the neighbours folder an fdr rule reads; None: beside SCORES, when finished
+    decisions: str | None = None  # a reviewer's decisions file (dede review), applied on top of the rule
 
 
 @dataclass(frozen=True)
@@ -335,7 +340,7 @@ class CleanStage:
     def plan(self, run: CleanRun) -> CleanPlan:
         s = run.settings
         return start_clean(plan_clean(run.shards, run.scores, run.out, s.rule, keep_unscored=s.keep_unscored,
-                                      copy=s.copy, neighbours=s.neighbours))
+                                      copy=s.copy, neighbours=s.neighbours, decisions=s.decisions))
 
     def job_name(self, job: ShardJob) -> str:
         return job.entry.name
@@ -360,11 +365,14 @@ CLEAN = CleanStage()
 
 def clean(shards_dir: str | os.PathLike, scores_dir: str | os.PathLike, out_dir: str | os.PathLike,
           rule: Rule = DEFAULT_RULE, *, keep_unscored: bool = False, progress: bool = True,
-          copy: bool = True, neighbours: str | os.PathLike | None = None) -> CleanResult:
+          copy: bool = True, neighbours: str | os.PathLike | None = None,
+          decisions: str | os.PathLike | None = None) -> CleanResult:
     """Write OUT/<shard>.tar with the samples the rule keeps, OUT/rejected.parquet, summary.json, manifest.json:
     the clean stage's steps in this process, one shard after the other. Rerunning the same command resumes or
     does nothing; other settings into the same OUT are refused. copy=False writes only the verdicts
-    (rejected.parquet, summary.json): no shard is copied and there is no manifest.json."""
+    (rejected.parquet, summary.json): no shard is copied and there is no manifest.json. decisions: a reviewer's
+    decisions file (dede review) applied on top of the rule."""
     run = CleanRun(os.fspath(shards_dir), os.fspath(scores_dir), os.fspath(out_dir),
-                   CleanSettings(rule, keep_unscored, copy, None if neighbours is None else os.fspath(neighbours)))
+                   CleanSettings(rule, keep_unscored, copy, None if neighbours is None else os.fspath(neighbours),
+                                 None if decisions is None else os.fspath(decisions)))
     return run_in_order(CLEAN, run, progress=progress)

@@ -95,7 +95,8 @@ def collect(*, config: dict[str, Any], paths: dict[str, str], timings: dict[str,
                    "scores": score_counts(paths["scores"]),
                    "clean": summary["counts"]},
         "selection": {"rule": summary["rule_text"], "threshold": summary["threshold"], "how": summary["how"],
-                      "keep_unscored": summary["keep_unscored"], "verdict": summary.get("verdict")},
+                      "keep_unscored": summary["keep_unscored"], "verdict": summary.get("verdict"),
+                      "decisions": summary.get("decisions")},  # what a reviewer's decisions changed (dede review)
         "timings": dict(timings or {}),  # seconds per stage of the run that last changed this record
         "work": dict(work or {}),  # what each stage did in that run (e.g. shards scored vs. already done)
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),

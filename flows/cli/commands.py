@@ -202,6 +202,18 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_review(args: argparse.Namespace) -> int:
+    """Serve the review app until Ctrl-C; prints its URL (with the token every request needs)."""
+    from dede_core.review import server
+
+    srv, url = server(args.run, host=args.host, port=args.port)
+    print(f"dede review of {os.path.abspath(args.run)}: open {url}", flush=True)
+    print("decisions are saved in RUN/review/decisions.parquet; apply them with "
+          "`dede clean ... --decisions RUN/review/decisions.parquet`; Ctrl-C stops", flush=True)
+    srv.run()
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from dede_core.detector.checkpoint import load_checkpoint
     from dede_core.detector.summary import checkpoint_record, describe_checkpoint

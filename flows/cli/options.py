@@ -90,6 +90,9 @@ def add_rule_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-weak-detector", action="store_true",
                    help="clean even with a detector that failed its health check (its reconstructions barely "
                    "depend on the victim's embedding, so it cannot find backdoors); refused by default")
+    g.add_argument("--decisions", metavar="FILE",
+                   help="a reviewer's keep/drop decisions (RUN/review/decisions.parquet, written by `dede review`), "
+                   "applied on top of the rule: keep takes a sample out of the dropped ones, drop adds it")
 
 
 def rule_from_args(args: argparse.Namespace):
@@ -234,8 +237,11 @@ def clean_settings(args: argparse.Namespace):
     """The clean stage's settings from the rule and output options."""
     from dede_core.stages.clean import CleanSettings
 
+    import os
+
+    decisions = None if args.decisions is None else os.path.abspath(args.decisions)
     return CleanSettings(rule=rule_from_args(args), keep_unscored=args.keep_unscored, copy=not args.no_copy,
-                         neighbours=getattr(args, "neighbours", None))
+                         neighbours=getattr(args, "neighbours", None), decisions=decisions)
 
 
 def engine(args: argparse.Namespace):

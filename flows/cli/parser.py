@@ -223,6 +223,21 @@ def _add_keys(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=commands.cmd_keys)
 
 
+def _add_review(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("review", help="a local web app to look at what a run flagged and decide keep/drop",
+                       description="Serve a page over a finished RUN (scored, cleaned or not): the run's summary, "
+                       "the flagged groups as thumbnail grids, the flagged samples (sortable, filterable), a map "
+                       "of the embeddings, a read-only query box (the views of dede sql). Marking a sample or a "
+                       "group keep/drop saves RUN/review/decisions.parquet; `dede clean ... --decisions FILE` "
+                       "applies it. Binds 127.0.0.1 and prints a URL with a random token that every request needs "
+                       "(docs/reviewing.md).")
+    p.add_argument("run", help="dede sanitize RUN folder (holds shards/ and scores/)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                   "only); the token still guards every request")
+    p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    p.set_defaults(func=commands.cmd_review)
+
+
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="summarise a detector checkpoint: encoder, sizes, training, health")
     p.add_argument("checkpoint")
@@ -258,7 +273,8 @@ def _add_sanitize(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=commands.cmd_sanitize)
 
 
-COMMANDS = (_add_sanitize, _add_shard, _add_train, _add_score, _add_neighbours, _add_clean, _add_keys, _add_sql, _add_info)
+COMMANDS = (_add_sanitize, _add_shard, _add_train, _add_score, _add_neighbours, _add_clean, _add_keys, _add_sql,
+            _add_review, _add_info)
 
 
 def build_parser() -> argparse.ArgumentParser:
