@@ -1,6 +1,7 @@
 """Flow: the whole pipeline into one RUN folder, each stage a subflow reading only the previous stage's folder.
 
-    SRC -> RUN/shards -> RUN/detector/detector.pt -> RUN/scores -> RUN/clean + RUN/report.html -> RUN/sanitize.json
+    SRC -> RUN/shards -> RUN/detector/detector.pt -> RUN/scores -> RUN/neighbours -> RUN/clean + RUN/report.html
+        -> RUN/sanitize.json
 
 The detector is trained on AUX when given, else on the corpus shards themselves; a given --detector skips
 training. Every stage resumes or skips from its own markers, so rerunning the same sanitize into the same RUN
@@ -21,7 +22,9 @@ from prefect.cache_policies import NONE
 from dede_core.stages import record as run_manifest
 from dede_core.stages.clean import CleanSettings
 from dede_core.stages.score import ScoreSettings
+from dede_core.stages.neighbours import NeighboursSettings
 from flows.clean import clean_flow
+from flows.neighbours import neighbours_flow
 from flows.runners import Engine
 from flows.score import score_flow
 from flows.shard import ShardSettings, shard_flow
@@ -37,7 +40,8 @@ def run_paths(out: str, detector: str | None = None) -> dict[str, str]:
     run = os.path.abspath(out)
     return {"shards": os.path.join(run, "shards"),
             "detector": os.path.abspath(detector) if detector else os.path.join(run, "detector", "detector.pt"),
-            "scores": os.path.join(run, "scores"), "clean": os.path.join(run, "clean"),
+            "scores": os.path.join(run, "scores"), "neighbours": os.path.join(run, "neighbours"),
+            "clean": os.path.join(run, "clean"),
             "rejected": os.path.join(run, "clean", "rejected.parquet"), "report": os.path.join(run, "report.html"),
             "manifest": os.path.join(run, RUN_RECORD)}
 
@@ -79,6 +83,7 @@ class SanitizeConfig:
     training: TrainSettings = field(default_factory=TrainSettings)  # trains on score.device, score.workers
     shard: ShardSettings = field(default_factory=ShardSettings)
     score: ScoreSettings = field(default_factory=ScoreSettings)
+    neighbours: NeighboursSettings = field(default_factory=NeighboursSettings)  # the corpus-level neighbourhoods
     clean: CleanSettings = field(default_factory=CleanSettings)
     engine: Engine = field(default_factory=Engine)  # where score and clean run their jobs
     thumbnails: int = 24  # sample images in RUN/report.html
@@ -131,8 +136,12 @@ def sanitize_flow(src: str, encoder: str, out: str, config: SanitizeConfig = San
         score = dataclasses.replace(config.score, encoder=encoder)  # the victim named here, never the checkpoint's
         scored = score_flow(paths["shards"], paths["detector"], paths["scores"], score, config.engine)
     work["score"] = {"scored": len(scored["scored"]), "already_done": len(scored["skipped"])}
+    with timer.stage("neighbours"):
+        near = neighbours_flow(paths["scores"], paths["neighbours"], config.neighbours, config.engine)
+    work["neighbours"] = {"recomputed": near["recomputed"], "groups": near["groups"]}
+    clean_settings = dataclasses.replace(config.clean, neighbours=paths["neighbours"])
     with timer.stage("clean"):
-        cleaned = clean_flow(paths["shards"], paths["scores"], paths["clean"], config.clean, config.engine,
+        cleaned = clean_flow(paths["shards"], paths["scores"], paths["clean"], clean_settings, config.engine,
                              report_path=paths["report"], thumbnails=config.thumbnails)
     work["clean"] = {"written": len(cleaned["written"]), "already_done": len(cleaned["skipped"])}
 

@@ -56,8 +56,13 @@ def p_values(values: np.ndarray, null: Null, tail: str) -> np.ndarray:
 def cauchy_combination(p: np.ndarray) -> np.ndarray:
     """(N, m) p-values -> (N,): the Cauchy combination test (Liu & Xie 2020), equal weights over each row's
     available (non-NaN) p-values. Its tail stays valid under arbitrary dependence between the signals, which
-    these have (they read the same embedding). NaN where a row has none."""
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-300, 1 - 1e-16)
+    these have (they read the same embedding). NaN where a row has none.
+
+    Each p-value is capped at 0.5 first: a signal that sees nothing (p near 1, e.g. a triggered image right
+    beside the auxiliary set's triggered images) then adds nothing instead of a huge negative term that cancels
+    another signal's evidence. The cap only raises the statistic where it is below the tail, so the tail
+    probabilities, and with them the validity of the small combined p-values, are those of the test itself."""
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-300, 0.5)
     available = np.isfinite(p)
     # tan((0.5 - p) pi) = 1 / tan(p pi), which keeps its precision for tiny p
     t = np.where(available, 1.0 / np.tan(np.where(available, p, 0.5) * np.pi), 0.0)
