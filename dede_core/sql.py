@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import os
+import posixpath
+
 import duckdb
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -18,7 +20,8 @@ import pyarrow.parquet as pq
 
 from dede_core.io import storage
 from schemas import sql as views
-from schemas.names import CALIBRATION, MANIFEST, REJECTED
+from dede_core.signals.gather import neighbours_files
+from schemas.names import CALIBRATION, MANIFEST, NEIGHBOURS_DIR, REJECTED, VERDICT
 
 # Statement types a user query may have: SELECT covers WITH, FROM-first, VALUES, DESCRIBE, SHOW and SUMMARIZE.
 READ_STATEMENTS = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
@@ -65,8 +68,9 @@ def connect(
     manifest: str | os.PathLike | None = None,
 ) -> duckdb.DuckDBPyConnection:
     """A locked-down connection with views `scores`, `calibration` (when SCORES/calibration.parquet exists),
-    `rejected` (a clean folder or its rejected.parquet; SCORES/rejected.parquet is used when present) and
-    `manifest` (a shards folder or its manifest.json, when given)."""
+    `rejected` (a clean folder or its rejected.parquet; SCORES/rejected.parquet is used when present),
+    `verdict` (the clean folder's verdict.parquet, when the rejected table's folder has one), `neighbours` (the
+    finished neighbours folder beside SCORES) and `manifest` (a shards folder or its manifest.json, when given)."""
     files = scores_files(scores_dir)
     calibration = storage.join(os.fspath(scores_dir), CALIBRATION)
     calibration = _path(calibration) if storage.isfile(calibration) else None
@@ -74,22 +78,28 @@ def connect(
         rejected = scores_dir
     rejected = _optional_file(rejected, REJECTED, "rejected table")
     manifest = _optional_file(manifest, MANIFEST, "shards manifest")
+    verdict = None if rejected is None else storage.join(posixpath.dirname(rejected), VERDICT)
+    verdict = _path(verdict) if verdict is not None and storage.isfile(verdict) else None
+    beside = storage.join(posixpath.dirname(storage.absolute(os.fspath(scores_dir)).rstrip("/")), NEIGHBOURS_DIR)
+    neighbours = [_path(f) for f in neighbours_files(beside)]
 
     # No temp directory: DuckDB adds it (default ./.tmp) to the paths a locked connection may still read and write.
     conn = duckdb.connect(":memory:", config=dict(views.CONNECT_CONFIG) | {"temp_directory": ""})
     try:
-        remote = [storage.filesystem(f)[0] for f in files + [calibration, rejected, manifest]
+        remote = [storage.filesystem(f)[0] for f in files + neighbours + [calibration, rejected, manifest, verdict]
                   if f is not None and storage.is_url(f)]
         for fs in {str(fs.protocol): fs for fs in remote}.values():  # one registration per protocol
             conn.register_filesystem(fs)
         conn.execute(views.SCORES_VIEW.format(files=views.literal_list(files)))
+        if neighbours:
+            conn.execute(views.NEIGHBOURS_VIEW.format(files=views.literal_list(neighbours)))
         for template, file in ((views.CALIBRATION_VIEW, calibration), (views.REJECTED_VIEW, rejected),
-                               (views.MANIFEST_VIEW, manifest)):
+                               (views.MANIFEST_VIEW, manifest), (views.VERDICT_VIEW, verdict)):
             if file is not None:
                 conn.execute(template.format(file=views.literal(file)))
         for view in ("scores", "rejected") if rejected else ("scores",):
             _add_source(conn, view)
-        allowed = files + [f for f in (calibration, rejected, manifest) if f is not None]
+        allowed = files + neighbours + [f for f in (calibration, rejected, manifest, verdict) if f is not None]
         for statement in views.lockdown(allowed):
             conn.execute(statement)
     except duckdb.Error as e:

@@ -17,6 +17,10 @@ ADD_SOURCE = ("ALTER VIEW {view} RENAME TO {view}_without_source",
 CALIBRATION_VIEW = "CREATE VIEW calibration AS SELECT * FROM read_parquet({file})"
 # What a clean run dropped, with the reason (REJECTED schema).
 REJECTED_VIEW = "CREATE VIEW rejected AS SELECT * FROM read_parquet({file})"
+# The corpus-level neighbourhoods (dede neighbours), one row per sample, joined to scores by (shard, key).
+NEIGHBOURS_VIEW = "CREATE VIEW neighbours AS SELECT * FROM read_parquet({files}, union_by_name = true)"
+# The combined verdict of a clean run under --fdr: each signal's p-value, p_combined, q_value, verdict, per sample.
+VERDICT_VIEW = "CREATE VIEW verdict AS SELECT * FROM read_parquet({file})"
 # One row per shard of a dede-shards/1 manifest.json: name, samples, bytes, sha256, first_key, last_key.
 MANIFEST_VIEW = "CREATE VIEW manifest AS SELECT s.* FROM (SELECT unnest(shards) AS s FROM read_json({file}))"
 

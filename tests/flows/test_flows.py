@@ -102,7 +102,8 @@ def test_run_manifest_and_artifact(sanitized):
     assert record["detector"]["hash"] == load_checkpoint(run / "detector" / "detector.pt").content_hash
     assert record["counts"]["scores"] == {"rows": 48, "ok": 48, "decode_error": 0, "read_error": 0, "skipped": 0}
     assert record["counts"]["clean"]["kept"] + record["counts"]["clean"]["dropped"] == 48
-    assert set(record["timings"]) == {"shard", "train", "score", "clean"}
+    assert set(record["timings"]) == {"shard", "train", "score", "neighbours", "clean"}
+    assert (run / "neighbours" / "summary.json").is_file() and record["work"]["neighbours"]["recomputed"]
     assert record["config"]["rule"] == WEAK_OK.to_dict() and record["config"]["epochs"] == 1
     assert record["selection"]["threshold"] == result["threshold"]
     health = record["detector"]["health"]  # the 1-epoch test detector fails it: said in the record and artifact

@@ -145,3 +145,26 @@ def test_html_page_and_exported_images_of_a_result(tmp_path):
     shutil.copytree(scores, lone)
     with pytest.raises(ValueError, match="pass --shards"):
         inspect_result(table, str(lone), query=query, html_out=page)
+
+
+def test_the_verdict_and_the_neighbours_join_the_scores_by_key(tmp_path):
+    from dede_core.stages.select import Rule, select
+    from test_select import lognormal_corpus
+
+    run = tmp_path / "run"
+    keys = [r["key"] for r in lognormal_corpus(str(run / "scores"), 300, poisoned=6)]
+    (run / "neighbours").mkdir()
+    pq.write_table(pa.table({"key": keys, "shard": [f"{i % 3:06d}.tar" for i in range(300)],
+                             "kdist_5": [0.2] * 300, "collapse": [10.0] * 300}), run / "neighbours" / "000000.parquet")
+    (run / "neighbours" / "summary.json").write_text("{}")
+    sel = select(str(run / "scores"), Rule.fdr(0.05))
+    (run / "clean").mkdir()
+    pq.write_table(sel.verdict.table, run / "clean" / "verdict.parquet")
+    pq.write_table(sel.dropped, run / "clean" / "rejected.parquet")
+    conn = connect(str(run / "scores"), rejected=str(run / "clean"))
+    flagged = conn.sql("SELECT s.key FROM scores s JOIN verdict v USING (shard, key) JOIN neighbours n "
+                       "USING (shard, key) WHERE v.verdict ORDER BY s.key").fetchall()
+    assert [k for (k,) in flagged] == sorted(sel.dropped.column("key").to_pylist()) and len(flagged) >= 6
+    assert conn.sql("SELECT count(*) FROM neighbours").fetchall() == [(300,)]
+    with pytest.raises(duckdb.Error):
+        conn.sql("COPY verdict TO 'x.csv'").fetchall()
