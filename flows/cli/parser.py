@@ -45,6 +45,10 @@ Views:
                encoder_id [, embedding]; status skipped: source entries dede shard left out (shard '')
   calibration  SCORES/calibration.parquet: key, score, knn_score of held-out auxiliary images
   rejected     with --rejected CLEAN: key, shard, source, score, reason of every dropped sample
+  verdict      with --rejected CLEAN of an --fdr run: key, shard, p_<signal> per signal, p_combined, q_value,
+               verdict (what the combined verdict flagged)
+  neighbours   when the neighbours folder beside SCORES is finished: key, shard, kdist_3/5/10/20, lid, slof,
+               dao, kdist_distinct, dup_count, collapse, group_id, group_size (join on shard, key)
   manifest     with --shards SHARDS: name, samples, bytes, sha256, first_key, last_key per shard
 
 Examples:
