@@ -41,7 +41,7 @@ def median(values: list[float]) -> float:
 
 
 RULES = {  # name -> (options, column compared with the threshold)
-    "default-fpr": ([], "score"),
+    "fpr-0.05": (["--fpr", "0.05"], "score"),
     "fpr": (["--fpr", "0.25"], "score"),
     "quantile": (["--quantile", "0.75"], "score"),
     "quantile-knn": (["--quantile", "0.75", "--column", "knn_score"], "knn_score"),
@@ -56,7 +56,7 @@ def test_clean_with_each_rule(name, scored, tmp_path, capsys):
     cut = median(scored["table"]["score"])
     options = [o.replace("MEDIAN", repr(cut)) for o in options]
     out = tmp_path / "clean"
-    report = name == "default-fpr"  # one report is enough: it is tested in test_report
+    report = name == "fpr-0.05"  # one report is enough: it is tested in test_report
     args = ["clean", "--allow-weak-detector", scored["shards"], "--scores", scored["scores"], "--out", str(out), *options]
     assert main(args + ([] if report else ["--no-report"])) == 0
     printed = capsys.readouterr().out
@@ -74,6 +74,21 @@ def test_clean_with_each_rule(name, scored, tmp_path, capsys):
     assert (out / "report.html").is_file() == report
     if name.endswith("fpr"):
         assert "held-out calibration" in summary["how"] and "chosen without labels" in summary["how"]
+
+
+def test_clean_by_default_is_the_combined_verdict(scored, tmp_path, capsys):
+    out = tmp_path / "clean"
+    args = ["clean", "--allow-weak-detector", scored["shards"], "--scores", scored["scores"], "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rule"] == {"kind": "fdr", "value": 0.05, "column": None, "allow_weak_detector": True}
+    verdict = pq.read_table(out / "verdict.parquet")
+    assert verdict.num_rows == 48 and {"p_dede", "p_aux_distance", "p_combined", "q_value"} <= set(verdict.column_names)
+    flagged = {k for k, v in zip(verdict.column("key").to_pylist(), verdict.column("verdict").to_pylist()) if v}
+    assert set(pq.read_table(out / "rejected.parquet").column("key").to_pylist()) == flagged
+    assert summary["verdict"]["flagged"] == len(flagged) and summary["how"] in printed
+    assert "What was found" in (out / "report.html").read_text()
 
 
 def test_clean_refuses_bad_rule_options(scored, tmp_path, capsys):
@@ -153,7 +168,7 @@ def test_cli_sanitize_with_a_given_detector(scored, image_folder, encoder_spec, 
     out = capsys.readouterr().out
     assert "kept 43 of 48 samples, dropped 5" in out and str(run / "sanitize.json") in out
     record = json.loads((run / "sanitize.json").read_text())
-    assert not (run / "detector").exists() and set(record["timings"]) == {"shard", "score", "clean"}
+    assert not (run / "detector").exists() and set(record["timings"]) == {"shard", "score", "neighbours", "clean"}
     # the same scores as the module's own scoring of the same shards with the same detector
     for name in ("000000.parquet", "000001.parquet", "000002.parquet"):
         assert pq.read_table(run / "scores" / name).equals(pq.read_table(f"{scored['scores']}/{name}"))
