@@ -17,7 +17,8 @@ ADD_SOURCE = ("ALTER VIEW {view} RENAME TO {view}_without_source",
 CALIBRATION_VIEW = "CREATE VIEW calibration AS SELECT * FROM read_parquet({file})"
 # What a clean run dropped, with the reason (REJECTED schema).
 REJECTED_VIEW = "CREATE VIEW rejected AS SELECT * FROM read_parquet({file})"
-# One row per shard of a dede-shards/1 manifest.json: name, samples, bytes, sha256, first_key, last_key.
+# One row per shard of a dede-shards/1 manifest.json: name, samples, bytes, blake3 (sha256 in folders written
+# before issue #22), first_key, last_key.
 MANIFEST_VIEW = "CREATE VIEW manifest AS SELECT s.* FROM (SELECT unnest(shards) AS s FROM read_json({file}))"
 
 # Passed to duckdb.connect: no extension is fetched or loaded behind the user's back.

@@ -14,7 +14,6 @@ kernel copy of the same runs beside a hashing read at 300-340 MB/s. Hashing in t
 
 from __future__ import annotations
 
-import hashlib
 import tarfile
 import threading
 from collections import deque
@@ -22,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Iterable, Iterator, NamedTuple
 
-from dede_core.io import storage
+from dede_core.io import digests, storage
 from dede_core.io.sources import clean_key, group_members  # the scorer's key rule, so keys match the scores
 from schemas.manifest import ShardEntry, read_spans
 
@@ -35,9 +34,9 @@ _held = threading.local()  # each thread's buffers (clean may run shards in seve
 class CopyResult:
     """What copy_runs read and wrote."""
 
-    source_sha256: str  # hex digest of the whole source, every byte read once
+    source_digest: str  # hex digest of the whole source, every byte read once, under the algorithm asked for
     bytes: int  # bytes written: the runs plus the end-of-archive blocks
-    sha256: str  # hex digest of what was written
+    digest: str  # hex digest of what was written, under digests.HASH (BLAKE3)
 
 
 class SpanRecorder:
@@ -93,20 +92,21 @@ def _parts(runs: list[tuple[int, int]], at: int, pos: int, n: int) -> tuple[list
     return parts, at
 
 
-def copy_runs(src: str, size: int, runs: list[tuple[int, int]], dst: BinaryIO) -> CopyResult:
+def copy_runs(src: str, size: int, runs: list[tuple[int, int]], dst: BinaryIO, *,
+              source_hash: str = digests.HASH) -> CopyResult:
     """Copy the byte runs of src (a local path or an fsspec URL of `size` bytes) to dst, then the end-of-archive
-    blocks; hash the whole source and the output on the way. ValueError when the source is not `size` bytes
-    long (it changed while it was read).
+    blocks; hash the whole source (with source_hash: the algorithm of its record) and the output (with
+    digests.HASH) on the way. ValueError when the source is not `size` bytes long (it changed while it was read).
 
     Three threads share the work: this one reads chunks and writes their runs, one hashes the source and one the
     output, each hash fed its chunks in order (hashlib and file I/O release the GIL on large buffers). A chunk's
     buffer is read into again only once both hashes are done with it."""
     _check_runs(runs, size)
-    src_hash, out_hash = hashlib.sha256(), hashlib.sha256()
+    src_hash, out_hash = digests.new(source_hash), digests.new(digests.HASH)
     buffers = _buffers(min(CHUNK, max(size, 1)))
     in_use: deque[list[Future]] = deque()  # per buffer in flight, oldest first: its hashing tasks
     at, pos, written, chunks = 0, 0, 0, 0  # first run not yet wholly written; bytes read; bytes written; chunks read
-    with (ThreadPoolExecutor(1, "dede-sha-src") as hash_src, ThreadPoolExecutor(1, "dede-sha-out") as hash_out,
+    with (ThreadPoolExecutor(1, "dede-hash-src") as hash_src, ThreadPoolExecutor(1, "dede-hash-out") as hash_out,
           open(src, "rb", buffering=0) if not storage.is_url(src) else storage.open_read(src) as f):
         try:
             while pos < size:
@@ -132,7 +132,7 @@ def copy_runs(src: str, size: int, runs: list[tuple[int, int]], dst: BinaryIO) -
     trailer = end_of_archive(written)
     dst.write(trailer)
     out_hash.update(trailer)
-    return CopyResult(source_sha256=src_hash.hexdigest(), bytes=written + len(trailer), sha256=out_hash.hexdigest())
+    return CopyResult(source_digest=src_hash.hexdigest(), bytes=written + len(trailer), digest=out_hash.hexdigest())
 
 
 def _buffers(size: int) -> list[memoryview]:

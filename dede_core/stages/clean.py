@@ -93,7 +93,7 @@ def _shard_ids(identity: dict[str, Any], manifest: Manifest, scores_dir: str) ->
     ids = {}
     for e in manifest.shards:
         scores = _file_fingerprint(storage.join(scores_dir, folder.stem(e.name) + ".parquet"))
-        part = [common, e.name, e.sha256, scores, sorted(retired.get(e.name, []))]
+        part = [common, e.name, e.digest, scores, sorted(retired.get(e.name, []))]
         ids[e.name] = hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()
     return ids
 
@@ -195,7 +195,7 @@ def plan_clean(shards_dir: str | os.PathLike, scores_dir: str | os.PathLike, out
     _check_coverage(manifest, sel, shards_dir, scores_dir)
     identity = _identity(sel, scores_dir) | ({} if copy else {"copy": False})
     config = {"identity": identity, "paths": {"shards_dir": shards_dir, "scores_dir": scores_dir}}
-    _claim(out_dir, identity, config["paths"], [[e.name, e.sha256] for e in manifest.shards])
+    _claim(out_dir, identity, config["paths"], [[e.name, e.digest] for e in manifest.shards])
     shard_ids = _shard_ids(identity, manifest, scores_dir)
     markers = {e.name: finished_marker(out_dir, e.name, shard_ids[e.name], copy) for e in manifest.shards}
     return CleanPlan(shards_dir=shards_dir, scores_dir=scores_dir, out_dir=out_dir, selection=sel,
@@ -288,8 +288,9 @@ def _finish(out_dir: str, sel: Selection, manifest: Manifest, markers: list[dict
     storage.write_json(storage.join(out_dir, names.SUMMARY), summary)
     if not copy:
         return
-    entries = [ShardEntry(name=m["shard"], samples=m["samples"], bytes=m["bytes"], sha256=m["sha256"],
-                          first_key=m["first_key"], last_key=m["last_key"]) for m in markers]
+    # A marker of a clean begun before issue #22 (a resumed run) records sha256; later ones BLAKE3.
+    entries = [ShardEntry(name=m["shard"], samples=m["samples"], bytes=m["bytes"], sha256=m.get("sha256"),
+                          blake3=m.get("blake3"), first_key=m["first_key"], last_key=m["last_key"]) for m in markers]
     write_manifest(out_dir, Manifest(
         source=config["paths"]["shards_dir"], samples_per_shard=manifest.samples_per_shard, created=now,
         shards=entries, samples=sum(e.samples for e in entries), classes=manifest.classes,

@@ -41,7 +41,7 @@ Views:
                encoder_id [, embedding]; status skipped: source entries dede shard left out (shard '')
   calibration  SCORES/calibration.parquet: key, score, knn_score of held-out auxiliary images
   rejected     with --rejected CLEAN: key, shard, source, score, reason of every dropped sample
-  manifest     with --shards SHARDS: name, samples, bytes, sha256, first_key, last_key per shard
+  manifest     with --shards SHARDS: name, samples, bytes, blake3 (sha256 before #22), first_key, last_key per shard
 
 Examples:
   dede sql scores "SELECT status, count(*) FROM scores GROUP BY status"
