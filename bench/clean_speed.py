@@ -14,7 +14,8 @@ median counted:
   clean       dede_core.stages.clean.clean dropping the top `drop` by score, using the recorded spans
   parsed      the same clean on a copy of the shards folder without spans files (the tar parsed as before)
 each with the CPU seconds this process spent on it (user + system, its threads included: on shared cores the
-wall-clock rates move with the other jobs, the CPU time much less), and the fixed costs: clean of one 1-sample shard (per run), and of `tiny_shards` 1-sample shards (per shard),
+wall-clock rates move with the other jobs, the CPU time much less), and the fixed costs: clean of one 1-sample
+shard (per run), and of `tiny_shards` 1-sample shards (per shard),
 and where one clean's time goes: the same clean under cProfile, the cumulative seconds of its parts (the profiler
 slows the Python-level parts more than the C-level copy, hashes and fsyncs).
 """
@@ -222,7 +223,8 @@ def measure(cfg: CleanSpeedConfig, work: str, log: Callable[[str], None] = print
     rates = {f"{name}_mb_per_s": total / 1e6 / seconds for name, seconds in median.items()}
     return {"kind": "clean-scale", "config": asdict(cfg), "bytes": total, "samples": samples, "shards": len(tars),
             "seconds": times, "median_seconds": median, "cpu_seconds": cpu,
-            "median_cpu_seconds": {name: statistics.median(v) for name, v in cpu.items()}, **rates, **fixed, "parts_s": parts,
+            "median_cpu_seconds": {name: statistics.median(v) for name, v in cpu.items()},
+            **rates, **fixed, "parts_s": parts,
             "round_ratios": {"clean_vs_copy": [c / p for c, p in zip(times["copy"], times["clean"])],
                              "clean_vs_copy_fsync": [c / p for c, p in zip(times["copy_fsync"], times["clean"])]},
             "ratios": {"clean_vs_copy": rates["clean_mb_per_s"] / rates["copy_mb_per_s"],
