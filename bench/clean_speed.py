@@ -8,10 +8,14 @@ scoring a gigabyte of 224-px images on this machine's CPU would take hours. Meas
 median counted:
   copy        shutil.copyfile of every shard (the kernel's copy, from the page cache, no fsync)
   copy+fsync  the same with an fsync per shard, as clean makes each shard durable before its marker
-  sha256      one sha256 pass over every shard (clean makes two: the source against its manifest, the output)
+  sha256      one sha256 pass over every shard (what clean made twice before issue #22, and still makes on the
+              source of a folder recorded with sha256)
+  blake3      one BLAKE3 pass over every shard (clean makes two: the source against its manifest, the output)
   clean       dede_core.stages.clean.clean dropping the top `drop` by score, using the recorded spans
   parsed      the same clean on a copy of the shards folder without spans files (the tar parsed as before)
-and the fixed costs: clean of one 1-sample shard (per run), and of `tiny_shards` 1-sample shards (per shard),
+each with the CPU seconds this process spent on it (user + system, its threads included: on shared cores the
+wall-clock rates move with the other jobs, the CPU time much less), and the fixed costs: clean of one 1-sample
+shard (per run), and of `tiny_shards` 1-sample shards (per shard),
 and where one clean's time goes: the same clean under cProfile, the cumulative seconds of its parts (the profiler
 slows the Python-level parts more than the C-level copy, hashes and fsyncs).
 """
@@ -23,6 +27,7 @@ import hashlib
 import io
 import pstats
 import os
+import resource
 import shutil
 import statistics
 import time
@@ -38,6 +43,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from bench.datasets import load_fashion_mnist
+from dede_core.io import digests
 from dede_core.stages.clean import clean
 from dede_core.stages.select import Rule
 from dede_core.stages.shard import write_shards
@@ -138,6 +144,23 @@ def _sha256(tars: list[str], target: str) -> float:
     return time.perf_counter() - start
 
 
+def _blake3(tars: list[str], target: str) -> float:
+    """One BLAKE3 pass over every shard: what clean does twice (the source against its manifest, the output)."""
+    start, buffer = time.perf_counter(), memoryview(bytearray(8 << 20))
+    for tar in tars:
+        digest = digests.new("blake3")
+        with open(tar, "rb", buffering=0) as f:
+            while n := f.readinto(buffer):
+                digest.update(buffer[:n])
+        digest.hexdigest()
+    return time.perf_counter() - start
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _clean(shards: str, scores: str, out: str, drop: float) -> float:
     start = time.perf_counter()
     clean(shards, scores, out, Rule.quantile(1 - drop), progress=False)
@@ -175,16 +198,21 @@ def measure(cfg: CleanSpeedConfig, work: str, log: Callable[[str], None] = print
     total, samples = sum(os.path.getsize(t) for t in tars), read_manifest(shards).samples
     log(f"corpus: {total / 1e9:.2f} GB, {samples} samples ({total / samples / 1e3:.1f} kB each) in {len(tars)} shards "
         f"({time.perf_counter() - started:.0f} s to make)")
-    times: dict[str, list[float]] = {"copy": [], "copy_fsync": [], "sha256": [], "clean": [], "clean_parsed": []}
+    times: dict[str, list[float]] = {"copy": [], "copy_fsync": [], "sha256": [], "blake3": [], "clean": [],
+                                     "clean_parsed": []}
+    cpu: dict[str, list[float]] = {name: [] for name in times}
     for i in range(cfg.copies):
         for name, run in (("copy", lambda out: _copy(tars, out, False)),
                           ("copy_fsync", lambda out: _copy(tars, out, True)),
                           ("sha256", lambda out: _sha256(tars, out)),
+                          ("blake3", lambda out: _blake3(tars, out)),
                           ("clean", lambda out: _clean(shards, scores, out, cfg.drop)),
                           ("clean_parsed", lambda out: _clean(parsed, scores, out, cfg.drop))):
             out = os.path.join(work, f"{name}-{i}")
             os.sync()  # the previous run's dirty pages are written back now, not during this one
+            used = _cpu_seconds()
             times[name].append(run(out))
+            cpu[name].append(_cpu_seconds() - used)
             shutil.rmtree(out, ignore_errors=True)  # one output at a time on disk
         log(f"round {i + 1}: " + ", ".join(f"{k} {total / 1e6 / v[-1]:,.0f} MB/s" for k, v in times.items()))
     fixed = _fixed_costs(cfg, work, pool)
@@ -194,7 +222,9 @@ def measure(cfg: CleanSpeedConfig, work: str, log: Callable[[str], None] = print
     median = {name: statistics.median(v) for name, v in times.items()}
     rates = {f"{name}_mb_per_s": total / 1e6 / seconds for name, seconds in median.items()}
     return {"kind": "clean-scale", "config": asdict(cfg), "bytes": total, "samples": samples, "shards": len(tars),
-            "seconds": times, "median_seconds": median, **rates, **fixed, "parts_s": parts,
+            "seconds": times, "median_seconds": median, "cpu_seconds": cpu,
+            "median_cpu_seconds": {name: statistics.median(v) for name, v in cpu.items()},
+            **rates, **fixed, "parts_s": parts,
             "round_ratios": {"clean_vs_copy": [c / p for c, p in zip(times["copy"], times["clean"])],
                              "clean_vs_copy_fsync": [c / p for c, p in zip(times["copy_fsync"], times["clean"])]},
             "ratios": {"clean_vs_copy": rates["clean_mb_per_s"] / rates["copy_mb_per_s"],

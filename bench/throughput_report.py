@@ -141,6 +141,9 @@ def _clean_scale_section(name: str, report: dict[str, Any]) -> list[str]:
     mb = lambda part: f"{report[part + '_mb_per_s']:,.0f} MB/s"  # noqa: E731
     runs = lambda part: ", ".join(f"{report['bytes'] / 1e6 / s:,.0f}" for s in report["seconds"][part])  # noqa: E731
     target = f" (target >= 0.5: {'met' if q['clean_vs_copy'] >= 0.5 else 'missed'})"
+    target_fsync = f" (target >= 0.8: {'met' if q['clean_vs_copy_fsync'] >= 0.8 else 'missed'})"
+    cpu = report.get("median_cpu_seconds", {})
+    cpu_s = lambda part: f"; CPU {cpu[part]:.2f} s" if part in cpu else ""  # noqa: E731
     rounds = lambda key: ", ".join(f"{v:.2f}" for v in report.get("round_ratios", {}).get(key, []))  # noqa: E731
     return _header(name, report, f"Clean against a plain copy on {report['bytes'] / 1e9:.2f} GB: {report['samples']:,} "
                    f"{cfg['image_size']}x{cfg['image_size']} RGB JPEGs "
@@ -149,18 +152,22 @@ def _clean_scale_section(name: str, report: dict[str, Any]) -> list[str]:
                    f"recorded), synthetic scores, clean dropping the top {cfg['drop']:.0%}; every row run "
                    f"{cfg['copies']} times in turn (os.sync before each), median counted, all from the page cache.") + [
         "| what | measured | runs (MB/s) |", "| --- | --- | --- |",
-        f"| plain copy (shutil.copyfile, no fsync) | {mb('copy')} | {runs('copy')} |",
-        f"| copy + fsync of each shard | {mb('copy_fsync')} | {runs('copy_fsync')} |",
-        f"| one sha256 pass over the shards (reference) | {mb('sha256')} | {runs('sha256')} |",
-        f"| clean with the recorded spans | {mb('clean')} | {runs('clean')} |",
-        f"| clean parsing the tars (no spans files) | {mb('clean_parsed')} | {runs('clean_parsed')} |",
+        f"| plain copy (shutil.copyfile, no fsync) | {mb('copy')}{cpu_s('copy')} | {runs('copy')} |",
+        f"| copy + fsync of each shard | {mb('copy_fsync')}{cpu_s('copy_fsync')} | {runs('copy_fsync')} |",
+        f"| one sha256 pass over the shards (reference) | {mb('sha256')}{cpu_s('sha256')} | {runs('sha256')} |",
+        *([f"| one BLAKE3 pass over the shards (reference) | {mb('blake3')}{cpu_s('blake3')} | {runs('blake3')} |"]
+          if "blake3_mb_per_s" in report else []),
+        f"| clean with the recorded spans | {mb('clean')}{cpu_s('clean')} | {runs('clean')} |",
+        f"| clean parsing the tars (no spans files) | {mb('clean_parsed')}{cpu_s('clean_parsed')} | "
+        f"{runs('clean_parsed')} |",
         f"| fixed cost per shard | {report['fixed_s_per_shard'] * 1e3:.1f} ms | clean of {cfg['tiny_shards']} "
         f"one-sample shards against one, per extra shard |",
         f"| fixed cost per run | {report['fixed_s_per_run'] * 1e3:.0f} ms | clean of one one-sample shard, less "
         f"one shard's cost |",
         "", "| ratio | value |", "| --- | --- |",
         f"| clean / plain copy | {q['clean_vs_copy']:.3f}{target}; round by round {rounds('clean_vs_copy')} |",
-        f"| clean / copy + fsync | {q['clean_vs_copy_fsync']:.3f}; round by round {rounds('clean_vs_copy_fsync')} |",
+        f"| clean / copy + fsync | {q['clean_vs_copy_fsync']:.3f}{target_fsync}; round by round "
+        f"{rounds('clean_vs_copy_fsync')} |",
         f"| clean with spans / clean parsing the tars | {q['clean_vs_clean_parsed']:.2f}x |", "",
         *(["| where one clean's time goes (under cProfile) | seconds |", "| --- | --- |",
            *[f"| {label} | {seconds:.2f} |" for label, seconds in report["parts_s"].items()], ""]

@@ -27,9 +27,33 @@ class ShardEntry:
     name: str  # file name inside the shards folder, e.g. 000003.tar
     samples: int  # samples (one __key__ each) in the shard
     bytes: int  # file size: a rerun checks it before trusting the shard
-    sha256: str  # hex digest of the whole file
+    sha256: str | None  # hex sha256 of the whole file: shards written before issue #22 (None in newer ones)
     first_key: str  # __key__ of the first sample
     last_key: str  # __key__ of the last sample
+    blake3: str | None = None  # hex BLAKE3 of the whole file: shards written since issue #22
+
+    @property
+    def hash(self) -> str:
+        """The algorithm of the shard's recorded digest: blake3, or sha256 in a folder written before."""
+        return "blake3" if self.blake3 is not None else "sha256"
+
+    @property
+    def digest(self) -> str:
+        """The shard's recorded hex digest, under `hash`."""
+        return self.blake3 if self.blake3 is not None else self.sha256
+
+    def to_dict(self) -> dict[str, Any]:
+        """The entry as manifest.json holds it: the digest under its algorithm's name only."""
+        out = dataclasses.asdict(self)
+        out.pop("sha256" if self.blake3 is not None else "blake3")
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ShardEntry":
+        """An entry of manifest.json, written now (blake3) or before issue #22 (sha256)."""
+        if (data.get("sha256") is None) == (data.get("blake3") is None):
+            raise ValueError(f"shard {data.get('name')!r} records no digest, or two (blake3 and sha256)")
+        return cls(**{"sha256": None, **data})
 
 
 @dataclass(frozen=True)
@@ -49,9 +73,13 @@ class Manifest:
     source_index: dict[str, Any] | None = None  # {file, sha256, items, generation}: the per-sample fingerprints
     changes: dict[str, Any] = field(default_factory=dict)  # what the last update found: added, changed, ...
     format: str = FORMAT
+    # The algorithm of the shard digests its writer recorded; a folder written before issue #22 has none (sha256).
+    # Each entry names its own (a folder grown since holds sha256 entries then blake3 ones).
+    hash: str = "blake3"
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
+        out["shards"] = [e.to_dict() for e in self.shards]
         out["skipped"] = [{"key": k, "reason": r} for k, r in self.skipped]
         return out
 
@@ -66,13 +94,14 @@ def _parse(data: Any) -> Manifest:
         raise ValueError(f"top level is a {type(data).__name__}, expected an object")
     if data.get("format") != FORMAT:
         raise ValueError(f"format is {data.get('format')!r}, expected {FORMAT!r}")
-    shards = [ShardEntry(**entry) for entry in data["shards"]]
+    shards = [ShardEntry.from_dict(entry) for entry in data["shards"]]
     skipped = [(str(item["key"]), str(item["reason"])) for item in data.get("skipped", [])]
     manifest = Manifest(source=str(data["source"]), samples_per_shard=int(data["samples_per_shard"]),
                         created=str(data["created"]), shards=shards, samples=int(data["samples"]),
                         classes=data.get("classes"), skipped=skipped, options=dict(data.get("options") or {}),
                         retired=[{k: str(r[k]) for k in ("key", "shard", "reason")} for r in data.get("retired", [])],
-                        source_index=data.get("source_index"), changes=dict(data.get("changes") or {}))
+                        source_index=data.get("source_index"), changes=dict(data.get("changes") or {}),
+                        hash=str(data.get("hash", "sha256")))
     counted = sum(s.samples for s in shards)
     if counted != manifest.samples:
         raise ValueError(f"samples is {manifest.samples} but the shards list {counted}")
@@ -109,12 +138,13 @@ class ShardSpans:
     match its manifest entry) is parsed as before."""
 
     shard: str  # the shard's file name, e.g. 000003.tar
-    bytes: int  # the shard's size and sha256 when the spans were recorded: must match its manifest entry
-    sha256: str
+    bytes: int  # the shard's size and digest when the spans were recorded: must match its manifest entry
+    sha256: str | None  # as the manifest entry records them: sha256 in spans written before issue #22, else None
     keys: list[str]  # sample keys in shard order
     offsets: list[int]  # len(keys) + 1: sample i is [offsets[i], offsets[i + 1]), its tar headers and padded data;
     # the last offset is where the end-of-archive blocks start
     format: str = SPANS_FORMAT
+    blake3: str | None = None  # the BLAKE3 of spans written since issue #22
 
 
 def spans_path(directory: str | os.PathLike, shard: str) -> str:
@@ -141,8 +171,9 @@ def read_spans(directory: str | os.PathLike, entry: ShardEntry) -> ShardSpans | 
     except (OSError, ValueError, TypeError):
         return None
     offsets, n = spans.offsets, len(spans.keys)
-    ok = (spans.format == SPANS_FORMAT and (spans.shard, spans.bytes, spans.sha256) == (entry.name, entry.bytes,
-                                                                                        entry.sha256)
+    ok = (spans.format == SPANS_FORMAT
+          and (spans.shard, spans.bytes, spans.sha256, spans.blake3) == (entry.name, entry.bytes, entry.sha256,
+                                                                         entry.blake3)
           and n == entry.samples and len(offsets) == n + 1 and n > 0
           and (spans.keys[0], spans.keys[-1]) == (entry.first_key, entry.last_key)
           and all(isinstance(o, int) for o in offsets) and offsets[0] == 0 and offsets[-1] <= entry.bytes

@@ -21,7 +21,8 @@ REJECTED_VIEW = "CREATE VIEW rejected AS SELECT * FROM read_parquet({file})"
 NEIGHBOURS_VIEW = "CREATE VIEW neighbours AS SELECT * FROM read_parquet({files}, union_by_name = true)"
 # The combined verdict of a clean run under --fdr: each signal's p-value, p_combined, q_value, verdict, per sample.
 VERDICT_VIEW = "CREATE VIEW verdict AS SELECT * FROM read_parquet({file})"
-# One row per shard of a dede-shards/1 manifest.json: name, samples, bytes, sha256, first_key, last_key.
+# One row per shard of a dede-shards/1 manifest.json: name, samples, bytes, blake3 (sha256 in folders written
+# before issue #22), first_key, last_key.
 MANIFEST_VIEW = "CREATE VIEW manifest AS SELECT s.* FROM (SELECT unnest(shards) AS s FROM read_json({file}))"
 
 # Passed to duckdb.connect: no extension is fetched or loaded behind the user's back.

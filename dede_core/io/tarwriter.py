@@ -4,7 +4,6 @@ written (io/tarspans), so clean can copy runs of kept samples without parsing th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections import Counter
@@ -12,7 +11,7 @@ from typing import Any, Iterator
 
 import webdataset as wds
 
-from dede_core.io import storage
+from dede_core.io import digests, storage
 from dede_core.io.progress import Progress
 from dede_core.io.sources import TAR_IMAGE_EXTENSIONS, Sample
 from dede_core.io.tarspans import SpanRecorder
@@ -22,7 +21,7 @@ from schemas.manifest import ShardEntry, ShardSpans, write_spans
 MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
          (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"), (b"BM", "bmp"))
 UNKNOWN_EXTENSION = "bin"  # bytes of no known format: kept as they are, so the score stage reports them
-# A fixed member mtime makes the same input give byte-identical shards (and the same sha256) on every run.
+# A fixed member mtime makes the same input give byte-identical shards (and the same digest) on every run.
 MEMBER_MTIME = 0
 
 
@@ -60,10 +59,10 @@ class _HashingFile:
     """Write-only file wrapper that hashes and counts what passes through (tar 'w|' only calls write)."""
 
     def __init__(self, handle) -> None:
-        self.handle, self.sha256, self.bytes = handle, hashlib.sha256(), 0
+        self.handle, self.digest, self.bytes = handle, digests.new(digests.HASH), 0
 
     def write(self, data: bytes) -> int:
-        self.sha256.update(data)
+        self.digest.update(data)
         self.bytes += len(data)
         return self.handle.write(data)
 
@@ -95,9 +94,10 @@ class _ShardFile:
         offsets = self.spans.end(self.writer)
         self.writer.close()
         self.out.commit()
-        entry = ShardEntry(name=self.name, samples=len(self.keys), bytes=self.file.bytes,
-                           sha256=self.file.sha256.hexdigest(), first_key=self.keys[0], last_key=self.keys[-1])
-        write_spans(self.out_dir, ShardSpans(entry.name, entry.bytes, entry.sha256, self.keys, offsets))
+        entry = ShardEntry(name=self.name, samples=len(self.keys), bytes=self.file.bytes, sha256=None,
+                           blake3=self.file.digest.hexdigest(), first_key=self.keys[0], last_key=self.keys[-1])
+        write_spans(self.out_dir, ShardSpans(entry.name, entry.bytes, entry.sha256, self.keys, offsets,
+                                             blake3=entry.blake3))
         return entry
 
     def abort(self) -> None:

@@ -12,141 +12,24 @@ can be scored again).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from collections.abc import Mapping
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from dede_core.io import storage
 from dede_core.io.tarspans import index_tar
 from dede_core.stages.select import DEFAULT_RULE, Counts, Rule, Selection, select
 from dede_core.stages import folder
-from dede_core.stages.clean_shard import ShardJob, clean_shard, finished_marker, rejected_table
+from dede_core.stages.clean_finish import CleanResult, _finals, _finish, finish_clean  # noqa: F401 (re-exported)
+from dede_core.stages.clean_identity import (FORMAT, LEGACY_IDENTITY, _check_coverage, _claim,  # noqa: F401
+                                             _file_fingerprint, _identity, _score_setup, _shard_ids)
+from dede_core.stages.clean_shard import ShardJob, clean_shard, finished_marker, rejected_table  # noqa: F401
 from dede_core.stages.decisions import decided
 from dede_core.stages.protocol import Placement, run_in_order
-from schemas import names
-from schemas.manifest import Manifest, ShardEntry, differences, read_manifest, read_spans, write_manifest
-from schemas.tables import REJECTED, conform, with_metadata
-
-FORMAT = "dede-clean/1"
-
-
-@dataclass(frozen=True)
-class CleanResult:
-    """What clean wrote (or found already written) in out_dir."""
-
-    out_dir: str
-    selection: Selection
-    counts: Counts  # over every sample of the shards: total = kept + dropped
-    by_shard: dict[str, Counts]
-    written: list[str]  # shards cleaned by this call
-    skipped: list[str]  # shards already complete from an earlier call
-
-    @property
-    def rejected_path(self) -> str:
-        return os.path.join(self.out_dir, names.REJECTED)
-
-    @property
-    def summary_path(self) -> str:
-        return os.path.join(self.out_dir, names.SUMMARY)
-
-
-def _file_fingerprint(path: str) -> list[Any]:
-    """[name, size, rows, run config] of a scores file: changes when it is rescored."""
-    with storage.open_read(path) as f:
-        meta = pq.read_metadata(f)
-    config = (meta.metadata or {}).get(b"dede.config", b"").decode("utf-8", "replace")
-    return [storage.basename(path), storage.getsize(path), meta.num_rows, config]
-
-
-def _score_setup(scores_dir: str) -> dict[str, Any] | None:
-    """The scores folder's run.json (what every score depends on) less its shard list, which may grow."""
-    path = storage.join(scores_dir, "run.json")
-    if not storage.isfile(path):
-        return None
-    return {k: v for k, v in storage.read_json(path).items() if k not in ("shards", "dede_version")}
-
-
-def _identity(sel: Selection, scores_dir: str) -> dict[str, Any]:
-    """What makes two clean runs the same; paths are left out so moved folders still resume. The shards and
-    scores are not in it: a grown corpus (more shards, more scores) is cleaned into the same OUT, and each
-    shard's marker says which shard, scores and retired samples it was cleaned from (_shard_ids)."""
-    return {"format": FORMAT, "rule": sel.rule.to_dict(), "keep_unscored": sel.keep_unscored,
-            "threshold": sel.threshold, "detector_hash": sel.detector_hash, "encoder_id": sel.encoder_id,
-            "score_setup": _score_setup(scores_dir)}
-
-
-def _shard_ids(identity: dict[str, Any], manifest: Manifest, scores_dir: str, sel: Selection) -> dict[str, str]:
-    """shard -> sha256 of everything its cleaned output depends on: the run's identity, the shard's bytes, its
-    scores file and the samples of it retired from the source; under an fdr rule also what it drops, since
-    the verdict of each sample depends on the whole corpus. A marker with another id is cleaned again."""
-    calibration = storage.join(scores_dir, names.CALIBRATION)
-    common = [identity, _file_fingerprint(calibration) if storage.isfile(calibration) else None]
-    retired: dict[str, list] = {}
-    for r in manifest.retired:
-        retired.setdefault(r["shard"], []).append([r["key"], r["reason"]])
-    drops: dict[str, list] = {}
-    if sel.verdict is not None:
-        for key, shard, reason in zip(*(sel.dropped.column(c).to_pylist() for c in ("key", "shard", "reason"))):
-            drops.setdefault(shard, []).append([key, reason])
-    ids = {}
-    for e in manifest.shards:
-        scores = _file_fingerprint(storage.join(scores_dir, folder.stem(e.name) + ".parquet"))
-        part = [common, e.name, e.sha256, scores, sorted(retired.get(e.name, []))]
-        if sel.verdict is not None:
-            part.append(sorted(drops.get(e.name, [])))
-        ids[e.name] = hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()
-    return ids
-
-
-LEGACY_IDENTITY = ("scores", "shards")  # in the identity of clean folders made before shards could be added
-
-
-def _claim(out_dir: str, identity: dict[str, Any], paths: dict[str, str], shards: list[list[str]]) -> None:
-    """Make OUT ours: new or empty, or holding a clean run with the same identity of the same shards (the
-    shard list may have grown at its end: a corpus updated by `dede shard`)."""
-
-    def check(old: dict[str, Any]) -> bool:
-        had = {k: v for k, v in old.get("identity", {}).items() if k not in LEGACY_IDENTITY}
-        diffs = differences(had, identity if "score_setup" in had else
-                            {k: v for k, v in identity.items() if k != "score_setup"})
-        moved = identity["rule"]["kind"] == "quantile" and all(d.startswith("threshold") for d in diffs)
-        folder.refuse(out_dir, "a clean run", diffs, "a quantile threshold moves when the corpus changes: use "
-                      "--fpr or --threshold for a corpus cleaned again as it grows; " if moved else "")
-        before = old.get("shards")
-        if before is None and "shards" in old.get("identity", {}):  # a folder made before shards could be added
-            if hashlib.sha256(json.dumps(shards).encode()).hexdigest() != old["identity"]["shards"]:
-                raise ValueError(f"{out_dir} was cleaned from other shards; clean into a new folder, or delete "
-                                 f"{out_dir} first")
-        elif before is not None and shards[:len(before)] != before:
-            raise ValueError(f"{out_dir} was cleaned from other shards (its shard list is not the start of this "
-                             f"one); clean into a new folder, or delete {out_dir} first")
-        return before != shards
-
-    folder.claim(out_dir, names.CLEAN_CONFIG, {"identity": identity, "paths": paths, "shards": shards}, check=check)
-
-
-def _check_coverage(manifest: Manifest, sel: Selection, shards_dir: str, scores_dir: str) -> None:
-    shard_names = {e.name for e in manifest.shards}
-    foreign = sorted(set(sel.by_shard) - shard_names)
-    if foreign:
-        raise ValueError(f"{scores_dir} scores shard(s) {', '.join(foreign[:5])} that {shards_dir}/manifest.json "
-                         f"does not list: these scores belong to another corpus")
-    missing = [e.name for e in manifest.shards
-               if not storage.isfile(storage.join(scores_dir, folder.stem(e.name) + ".parquet"))]
-    if missing:
-        scorer = folder.Markers(scores_dir)  # the scorer records the shards it could not read
-        failed = [e for e in (scorer.failure(n) for n in missing) if e is not None]
-        why = f"; the scorer could not read {len(failed)} of them, e.g. {failed[0]}" if failed else ""
-        raise ValueError(f"no scores for {len(missing)} shard(s) ({', '.join(missing[:5])}): expected "
-                         f"{scores_dir}/<stem>.parquet for each{why}; finish scoring (rerun `dede score`) first")
+from schemas.manifest import Manifest, ShardEntry, read_manifest, read_spans
 
 
 @dataclass(frozen=True)
@@ -207,17 +90,11 @@ def plan_clean(shards_dir: str | os.PathLike, scores_dir: str | os.PathLike, out
     sel, reviewed = decided(sel, decisions)
     identity = _identity(sel, scores_dir) | ({} if copy else {"copy": False}) | reviewed
     config = {"identity": identity, "paths": {"shards_dir": shards_dir, "scores_dir": scores_dir}}
-    _claim(out_dir, identity, config["paths"], [[e.name, e.sha256] for e in manifest.shards])
+    _claim(out_dir, identity, config["paths"], [[e.name, e.digest] for e in manifest.shards])
     shard_ids = _shard_ids(identity, manifest, scores_dir, sel)
     markers = {e.name: finished_marker(out_dir, e.name, shard_ids[e.name], copy) for e in manifest.shards}
     return CleanPlan(shards_dir=shards_dir, scores_dir=scores_dir, out_dir=out_dir, selection=sel,
                      manifest=manifest, config=config, shard_ids=shard_ids, markers=markers, copy=copy)
-
-
-def _finals(out_dir: str, copy: bool = True) -> list[str]:
-    """The files a finished clean folder holds, manifest.json (of the cleaned shards) last."""
-    kinds = (names.REJECTED, names.SUMMARY, names.MANIFEST) if copy else (names.REJECTED, names.SUMMARY)
-    return [storage.join(out_dir, n) for n in kinds]
 
 
 def start_clean(plan: CleanPlan) -> CleanPlan:
@@ -266,49 +143,6 @@ def earlier_keys(plan: CleanPlan, keys: dict[str, list[str]]) -> dict[str, dict[
         for key in live:
             first.setdefault(key, entry.name)
     return out
-
-
-def finish_clean(plan: CleanPlan, markers: dict[str, dict[str, Any]]) -> CleanResult:
-    """rejected.parquet, summary.json, then manifest.json last (a folder with a manifest is complete); markers:
-    shard -> marker of every shard cleaned since the plan was made."""
-    written = [e.name for e in plan.manifest.shards if plan.markers[e.name] is None]
-    done = {e.name: plan.markers[e.name] or markers[e.name] for e in plan.manifest.shards}
-    if written or not all(storage.isfile(p) for p in _finals(plan.out_dir, plan.copy)):
-        _finish(plan.out_dir, plan.selection, plan.manifest, [done[e.name] for e in plan.manifest.shards],
-                plan.config, plan.copy)
-    by_shard = {name: Counts(**m["counts"]) for name, m in done.items()}
-    return CleanResult(out_dir=plan.out_dir, selection=plan.selection, counts=sum(by_shard.values(), Counts()),
-                       by_shard=by_shard, written=written,
-                       skipped=[e.name for e in plan.manifest.shards if e.name not in set(written)])
-
-
-def _finish(out_dir: str, sel: Selection, manifest: Manifest, markers: list[dict[str, Any]],
-            config: dict[str, Any], copy: bool = True) -> None:
-    parts = []
-    for m in markers:
-        with storage.open_read(folder.Markers(out_dir).path(m["shard"], ".rejected.parquet")) as f:
-            parts.append(conform(pq.read_table(f), REJECTED))  # a part written before `source` existed
-    meta = with_metadata(REJECTED, "rejected", json.dumps(config, sort_keys=True)).metadata
-    meta.update({b"dede.rule": sel.rule.label.encode(), b"dede.threshold": json.dumps(sel.threshold).encode()})
-    rejected = pa.concat_tables(parts).cast(REJECTED) if parts else rejected_table([])
-    storage.write_parquet(storage.join(out_dir, names.REJECTED), rejected.replace_schema_metadata(meta))
-    if sel.verdict is not None:  # every scored sample's p-values, for `dede sql`, the report and the review
-        storage.write_parquet(storage.join(out_dir, names.VERDICT), sel.verdict.table)
-    by_shard = {m["shard"]: m["counts"] for m in markers}
-    total = sum((Counts(**c) for c in by_shard.values()), Counts())
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    summary = {"format": "dede-clean-summary/1", "created": now, **sel.to_dict(), "counts": total.to_dict(),
-               "shards": by_shard, "copied": copy, **config["paths"],
-               "decisions": config["identity"].get("decisions")}  # what a reviewer's decisions changed
-    storage.write_json(storage.join(out_dir, names.SUMMARY), summary)
-    if not copy:
-        return
-    entries = [ShardEntry(name=m["shard"], samples=m["samples"], bytes=m["bytes"], sha256=m["sha256"],
-                          first_key=m["first_key"], last_key=m["last_key"]) for m in markers]
-    write_manifest(out_dir, Manifest(
-        source=config["paths"]["shards_dir"], samples_per_shard=manifest.samples_per_shard, created=now,
-        shards=entries, samples=sum(e.samples for e in entries), classes=manifest.classes,
-        options={"cleaned_with": sel.rule.label, "threshold": sel.threshold, "keep_unscored": sel.keep_unscored}))
 
 
 @dataclass(frozen=True)

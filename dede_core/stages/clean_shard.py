@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dede_core.io import storage
+from dede_core.io import digests, storage
 from dede_core.io.source_index import CHANGED, REMOVED
 from dede_core.io.tarspans import TarIndex, TarSample, copy_runs, index_tar, merge_runs, recorded_index
 from dede_core.stages import folder
@@ -61,7 +61,7 @@ class ShardJob:
 
 def _clean_shard(job: ShardJob, src: str, scratch: str | None, *, scored: dict[str, str | None],
                  seen: dict[str, str]) -> dict[str, Any]:
-    """Write OUT/<name> holding the kept samples; return the marker (counts, bytes, sha256, rejected rows).
+    """Write OUT/<name> holding the kept samples; return the marker (counts, bytes, digest, rejected rows).
     src is a local copy of the shard; the new shard is written in scratch when OUT is a URL, else in OUT."""
     entry, out_dir, unscored = job.entry, job.out_dir, job.unscored
     name = entry.name
@@ -91,25 +91,25 @@ def _clean_shard(job: ShardJob, src: str, scratch: str | None, *, scored: dict[s
                          f"{sorted(stray)[:3]}): the scores belong to another corpus; rescore these shards")
 
     counts = Counts(total=len(kept) + len(rows), kept=len(kept), dropped=len(rows), unscored=unscored)
-    marker = {"shard": name, "bytes": 0, "sha256": None, "samples": len(kept), "counts": counts.to_dict(),
+    marker = {"shard": name, "bytes": 0, digests.HASH: None, "samples": len(kept), "counts": counts.to_dict(),
               "first_key": kept[0].key if kept else "", "last_key": kept[-1].key if kept else ""}
     if job.copy:
-        marker["bytes"], marker["sha256"] = _write_kept(job, src, scratch, index, kept)
+        marker["bytes"], marker[digests.HASH] = _write_kept(job, src, scratch, index, kept)
     storage.write_parquet(folder.Markers(out_dir).path(name, ".rejected.parquet"), rejected_table(rows))
     return marker
 
 
 def _write_kept(job: ShardJob, src: str, scratch: str | None, index: TarIndex, kept: list[TarSample]
                 ) -> tuple[int, str]:
-    """OUT/<name>: the kept samples' tar members copied byte for byte; returns (bytes, sha256) of it."""
+    """OUT/<name>: the kept samples' tar members copied byte for byte, every source byte checked against the
+    digest the manifest records (sha256 in a folder written before issue #22); returns (bytes, BLAKE3) of it."""
     entry, out_dir, name = job.entry, job.out_dir, job.entry.name
     runs = merge_runs(index.gaps + [span for s in kept for span in s.spans])
     with storage.AtomicFile(storage.join(out_dir, name), scratch=scratch) as f:
-        copied = copy_runs(src, entry.bytes, runs, f)
-        src_sha, size, sha = copied.source_sha256, copied.bytes, copied.sha256
-        if src_sha != entry.sha256:
-            raise ValueError(f"{src} does not match the sha256 in its manifest; the shard changed: reshard")
-    return size, sha
+        copied = copy_runs(src, entry.bytes, runs, f, source_hash=entry.hash)
+        if copied.source_digest != entry.digest:
+            raise ValueError(f"{src} does not match the {entry.hash} in its manifest; the shard changed: reshard")
+    return copied.bytes, copied.digest
 
 
 def clean_shard(job: ShardJob) -> dict[str, Any]:

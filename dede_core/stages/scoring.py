@@ -55,8 +55,9 @@ def claim_run(out_dir: str, config: dict[str, Any], markers: folder.Markers, ent
 
     def check(old: dict[str, Any]) -> bool:
         diffs = differences(strip(old), strip(config))
-        by_name = {e.name: e.sha256 for e in entries}
-        grown = all(by_name.get(m.get("shard")) == m.get("sha256") for m in markers.all_done())
+        by_name = {e.name: e for e in entries}
+        grown = all(m.get("shard") in by_name and by_name[m["shard"]].digest == m.get(by_name[m["shard"]].hash)
+                    for m in markers.all_done())
         if diffs and all(d.startswith("shards:") for d in diffs) and grown:
             return True
         folder.refuse(out_dir, "scores", diffs, "scores of two setups never mix: ")
@@ -87,7 +88,7 @@ def open_writer(run: ScoreRun, manifest: Manifest) -> ScoreWriter:
     check_args(s.knn_k, s.batch_size, s.workers, s.device, ckpt)
     score = for_checkpoint(s.score, ckpt)
     scorer = Scorer(detector=model, encoder=encoder, config=score, device=s.device, references=ckpt.knn_bank)
-    listing = json.dumps([[e.name, e.sha256] for e in manifest.shards]).encode()
+    listing = json.dumps([[e.name, e.digest] for e in manifest.shards]).encode()
     shards_id = f"{len(manifest.shards)} shards, sha256 {hashlib.sha256(listing).hexdigest()[:16]}"
     config = run_config(ckpt, score, knn_k=s.knn_k, with_embedding=s.with_embedding, device=s.device,
                         shards_id=shards_id)
@@ -146,7 +147,7 @@ class ScoreWriter:
         counts = Counter(columns["status"])
         elapsed = 0.0 if part.started is None else time.perf_counter() - part.started
         self.markers.mark_done(part.entry.name, {"shard": part.entry.name, "rows": len(part.rows), "counts": counts,
-                                                 "elapsed_s": round(elapsed, 3), "sha256": part.entry.sha256,
+                                                 "elapsed_s": round(elapsed, 3), part.entry.hash: part.entry.digest,
                                                  "detector_hash": self.ckpt.content_hash})
         return counts
 

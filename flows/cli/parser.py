@@ -49,7 +49,7 @@ Views:
                verdict (what the combined verdict flagged)
   neighbours   when the neighbours folder beside SCORES is finished: key, shard, kdist_3/5/10/20, lid, slof,
                dao, kdist_distinct, dup_count, collapse, group_id, group_size (join on shard, key)
-  manifest     with --shards SHARDS: name, samples, bytes, sha256, first_key, last_key per shard
+  manifest     with --shards SHARDS: name, samples, bytes, blake3 (sha256 before #22), first_key, last_key per shard
 
 Examples:
   dede sql scores "SELECT status, count(*) FROM scores GROUP BY status"

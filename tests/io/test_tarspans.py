@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -17,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from dede_core.io import digests
 from dede_core.io import tarspans
 from dede_core.io.tarspans import copy_runs, end_of_archive, merge_runs
 from dede_core.io.tarspans import index_tar, recorded_index
@@ -88,7 +88,7 @@ def test_copy_runs_writes_the_runs_and_an_end_of_archive(shards, tmp_path, monke
     assert len(runs) == 2
     out, result = _copy(src, runs, tmp_path, "out.tar")
     assert out == expected(data, runs)
-    assert result.source_sha256 == entry.sha256 and result.sha256 == hashlib.sha256(out).hexdigest()
+    assert result.source_digest == entry.digest and result.digest == digests.of(digests.HASH, out)
     assert result.bytes == len(out) and len(out) % tarfile.RECORDSIZE == 0
     with tarfile.open(tmp_path / "out.tar") as tar:  # a valid tar of the kept samples only
         assert {m.name.split(".")[0] for m in tar} == {s.key for i, s in enumerate(samples) if i not in (0, 4, 5)}
@@ -101,7 +101,7 @@ def test_a_url_source_is_copied_through_the_buffer(shards, tmp_path):
         f.write(data)
     runs = [(0, 1024), (2048, 3072)]
     out, result = _copy("memory://spans/shard.tar", runs, tmp_path, "out.tar", len(data))
-    assert out == expected(data, runs) and result.source_sha256 == entry.sha256
+    assert out == expected(data, runs) and result.source_digest == entry.digest
 
 
 class _ShortReads(io.RawIOBase):
@@ -131,7 +131,7 @@ def test_short_reads_and_many_chunks_in_flight_copy_the_same_bytes(shards, tmp_p
     runs = merge_runs([span for i, s in enumerate(samples) if i % 2 for span in s.spans])
     out, result = _copy("memory://short/shard.tar", runs, tmp_path, "out.tar", len(data))
     assert out == expected(data, runs)
-    assert result.source_sha256 == entry.sha256 and result.sha256 == hashlib.sha256(out).hexdigest()
+    assert result.source_digest == entry.digest and result.digest == digests.of(digests.HASH, out)
 
 
 def test_everything_dropped_is_an_empty_archive(shards, tmp_path):

@@ -8,7 +8,7 @@ import os
 import pyarrow.parquet as pq
 from fastapi.testclient import TestClient
 
-from conftest import FLAGGED, GROUPS
+from review_run import FLAGGED, GROUPS, review_run  # noqa: F401 - review_run is a fixture
 from dede_core.review import DecisionStore, create_app
 
 TOKEN = "t" * 32

@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from conftest import FLAGGED, GROUPS, KEYS, RULE
+from review_run import FLAGGED, GROUPS, KEYS, RULE, review_run  # noqa: F401 - review_run is a fixture
 from dede_core.review import DecisionStore, server
 from dede_core.stages.clean import clean
 from test_verdicts import cleaned_keys

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tarfile
@@ -11,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
+from dede_core.io import digests
 from dede_core.io.tarspans import index_tar
 from dede_core.stages.clean import clean
 from dede_core.stages.select import Rule
@@ -96,7 +96,7 @@ def test_clean_keeps_exactly_the_kept_keys_byte_for_byte(tmp_path):
     manifest = read_manifest(out)  # the cleaned folder is a valid shards folder
     for entry in manifest.shards:
         data = open(os.path.join(out, entry.name), "rb").read()
-        assert entry.bytes == len(data) and entry.sha256 == hashlib.sha256(data).hexdigest()
+        assert entry.bytes == len(data) and entry.digest == digests.of(entry.hash, data)
     assert manifest.samples == len(kept) and manifest.classes == ["a", "b"]
     assert {p for p in tree(tmp_path) if not p.startswith(out)} == set(before)  # nothing written outside OUT
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]

@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from conftest import smooth_images
+from dede_core.io import digests
 from dede_core.detector.checkpoint import load_checkpoint, load_payload
 from dede_core.detector.config import cpu
 from dede_core.stages.shard import write_shards
@@ -215,7 +216,7 @@ def check_scores_folder(out: Path, ref: Path) -> int:
 
 
 def check_clean_folder(out: Path, ref: Path) -> int:
-    """The same for a clean folder: tars byte-equal to the reference's and to their markers' sha256."""
+    """The same for a clean folder: tars byte-equal to the reference's and to their markers' digest."""
     done = 0
     for path in finals(out):
         rel = path.relative_to(out)
@@ -228,7 +229,7 @@ def check_clean_folder(out: Path, ref: Path) -> int:
         elif rel.parts[0] == "_done":
             marker = read_json(path)
             tar = out / marker["shard"]
-            assert hashlib.sha256(tar.read_bytes()).hexdigest() == marker["sha256"], f"{rel} before its tar"
+            assert digests.of(digests.HASH, tar.read_bytes()) == marker[digests.HASH], f"{rel} before its tar"
             assert (out / "_done" / f"{path.stem}.rejected.parquet").is_file()
             assert marker == read_json(ref / rel)
             done += 1
@@ -236,7 +237,7 @@ def check_clean_folder(out: Path, ref: Path) -> int:
             assert without(read_json(path), "created") == without(read_json(ref / rel), "created")
             if rel.name == "manifest.json":  # written last: the folder it describes is complete
                 for entry in read_manifest(out).shards:
-                    assert hashlib.sha256((out / entry.name).read_bytes()).hexdigest() == entry.sha256
+                    assert digests.of(entry.hash, (out / entry.name).read_bytes()) == entry.digest
                 assert (out / "rejected.parquet").is_file() and (out / "summary.json").is_file()
         elif rel.name == "clean_config.json":
             assert read_json(path) == read_json(ref / rel)

@@ -1,4 +1,3 @@
-import hashlib
 import io
 import json
 
@@ -10,6 +9,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from dede_core.io import digests
 from dede_core.stages.shard import list_shards, sniff_extension, write_shards
 from dede_core.io.sources import open_source
 from schemas.manifest import read_manifest
@@ -47,7 +47,7 @@ def test_image_folder_round_trip(sharded, image_folder):
         assert int(sample["cls"]) == manifest.classes.index(meta["class"]) == (0 if meta["class"] == "a" else 1)
     for entry in manifest.shards:
         data = (out / entry.name).read_bytes()
-        assert entry.bytes == len(data) and entry.sha256 == hashlib.sha256(data).hexdigest()
+        assert entry.bytes == len(data) and entry.digest == digests.of(entry.hash, data)
     assert manifest.shards[0].first_key == source.keys()[0] and manifest.shards[-1].last_key == source.keys()[-1]
     assert read_manifest(str(out)) == manifest
 

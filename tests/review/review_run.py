@@ -1,5 +1,6 @@
-"""A tiny finished run for the review app: shards, scores (with embeddings), neighbourhoods and a clean folder,
-built by hand without a model (the builders of tests/stages/test_select.py)."""
+"""A tiny finished run for the review app (a fixture the review tests import; not a conftest, whose module name
+would shadow tests/conftest.py for `from conftest import ...` elsewhere): shards, scores (with embeddings),
+neighbourhoods and a clean folder, built by hand without a model (the builders of tests/stages/test_select.py)."""
 
 from __future__ import annotations
 
