@@ -123,3 +123,61 @@ def bench_size(work: str, n: int, dim: int, settings: Any, queries: int) -> dict
             "out_mib": sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs) / 2**20}
     shutil.rmtree(root, ignore_errors=True)
     return row
+
+
+def run_bench(sizes: list[int], dim: int, settings: Any, work: str, *, queries: int = 2000) -> dict[str, Any]:
+    """Every size in turn (smallest first); the report neighbours.md renders."""
+    started, rows = time.perf_counter(), []
+    for n in sizes:
+        rows.append(bench_size(work, n, dim, settings, queries))
+        r = rows[-1]
+        print(f"N={n:,}: {r['wall_s']:.1f} s (plan {r['plan_s']:.1f}, jobs {r['jobs_s']:.1f}, finish "
+              f"{r['finish_s']:.1f}), peak RSS {r['peak_rss_mib']:.0f} MiB, recall@{settings.k_max} {r['recall']:.3f}",
+              flush=True)
+    from bench.throughput_report import machine
+
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
+            "threads": os.environ.get("OMP_NUM_THREADS"), "settings": settings.identity(), "queries": queries,
+            "rows": rows, "wall_s": time.perf_counter() - started}
+
+
+def _index(spec: dict[str, Any]) -> str:
+    if spec["kind"] == "exact":
+        return "exact (IndexFlatIP)"
+    return (f"IVF{spec['nlist']},{spec['codes']} on {spec['search_dim']} dims, nprobe {spec['nprobe']}, "
+            f"re-rank {spec['refine']}x")
+
+
+def write_report(report: dict[str, Any], out_dir: str, command: str) -> tuple[str, str]:
+    """docs/results/neighbours.md and .json."""
+    os.makedirs(out_dir, exist_ok=True)
+    m, rows = report["machine"], report["rows"]
+    lines = ["# Neighbours stage: time, memory and recall as the corpus grows", "",
+             f"Command `{command}`, {report['date']}; machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB "
+             f"(shared: load average {', '.join(str(v) for v in m['load_average'])} at the end); OMP_NUM_THREADS="
+             f"{report['threads']}. Synthetic float16 embeddings of D={rows[0]['dim'] if rows else '?'} (a 1,000-"
+             f"component Gaussian mixture whose variance decays over the dimensions, 0.05% collapsed onto one "
+             f"point), 10,000 a shard, run through the stage's own steps in a fresh process each (bench/"
+             f"neighbours.py). Recall@{max(report['settings']['ks'])}: of {report['queries']:,} random samples' "
+             f"exact {max(report['settings']['ks'])} nearest (brute force over the float32 unit vectors), the "
+             f"share in the stage's lists.", "",
+             "| N | index | plan (index) s | jobs s | finish s | total s | s per 1k samples | peak RSS MiB | "
+             "recall | planted group found | OUT MiB |", "| " + " | ".join(["---"] * 11) + " |"]
+    for r in rows:
+        s = r["summary"]
+        sizes = s.get("group_sizes", {})
+        planted = max((int(k) for k in sizes), default=0)
+        lines.append(f"| {r['n']:,} | {_index(s['index'])} | {r['plan_s']:.1f} | {r['jobs_s']:.1f} | "
+                     f"{r['finish_s']:.1f} | {r['wall_s']:.1f} | {1000 * r['wall_s'] / r['n']:.2f} | "
+                     f"{r['peak_rss_mib']:,.0f} | {r['recall']:.3f} | largest group {planted} | {r['out_mib']:,.0f} |")
+    if len(rows) > 1:
+        a, b = rows[0], rows[-1]
+        growth = np.log(b["wall_s"] / a["wall_s"]) / np.log(b["n"] / a["n"])
+        lines += ["", f"Growth: total time ~ N^{growth:.2f} from {a['n']:,} to {b['n']:,} (the index kind changes at "
+                  f"exact_limit={report['settings']['exact_limit']:,})."]
+    md, js = os.path.join(out_dir, "neighbours.md"), os.path.join(out_dir, "neighbours.json")
+    with open(md, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(js, "w") as f:
+        json.dump(report | {"command": command}, f, indent=2, default=str)
+    return md, js
