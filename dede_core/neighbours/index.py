@@ -141,7 +141,7 @@ def search(index, vectors: np.ndarray, rows: np.ndarray, k: int, *, full: np.nda
     wide = refine > 1 and full is not None
     c = refine * k + 1 if wide else k + 1
     if wide:
-        batch = max(64, min(batch, (256 * MIB) // (c * full.shape[1] * 4)))  # the gathered candidates: <= 256 MiB
+        batch = max(64, min(batch, (64 * MIB) // (c * full.shape[1] * 4)))  # the gathered candidates: <= 64 MiB
     ids = np.empty((len(vectors), k), np.int64)
     dist = np.empty((len(vectors), k), np.float32)
     for at in range(0, len(vectors), batch):
