@@ -191,8 +191,12 @@ def write_report(report: dict[str, Any], out_dir: str, command: str) -> tuple[st
         lines += ["", f"Growth: total time ~ N^{growth:.2f} from {a['n']:,} to {b['n']:,} (the index kind changes at "
                   f"exact_limit={report['settings']['exact_limit']:,})."]
     md, js = os.path.join(out_dir, "neighbours.md"), os.path.join(out_dir, "neighbours.json")
+    notes = ""
+    if os.path.isfile(md):  # the hand-written Notes of an earlier report stay
+        old = open(md).read()
+        notes = old[old.index("## Notes"):] if "## Notes" in old else ""
     with open(md, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n".join(lines) + "\n" + (f"\n{notes}" if notes else ""))
     with open(js, "w") as f:
         json.dump(report | {"command": command}, f, indent=2, default=str)
     return md, js
