@@ -66,7 +66,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks: `dede bench detection` (attacks x detectors), `dede bench "
                        "throughput` (score and clean speed)", description=BENCH_HELP)
-    p.add_argument("which", choices=["detection", "throughput"])
+    p.add_argument("which", choices=["detection", "throughput", "neighbours"])
     p.add_argument("--tiny", action="store_true", help="a minutes-long run that only checks the machinery")
     p.add_argument("--suite", choices=["attacks", "generalization"], default="attacks",
                    help="detection: 'attacks' (the Fashion-MNIST attack table) or 'generalization' (held-out victims, "
@@ -95,6 +95,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="skip the rows in the device's second precision (bf16 on the CPU, fp32 on CUDA)")
     g.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda[:N]")
     g.add_argument("--work", default=None, help="scratch folder parent (default: the system temp folder)")
+    g = p.add_argument_group("neighbours: wall time, peak RSS and IVF recall of the neighbours stage on synthetic "
+                             "embeddings as N grows (docs/results/neighbours.md)")
+    g.add_argument("--sizes", default="10000,100000", help="corpus sizes, comma-separated (default 10000,100000)")
+    g.add_argument("--dim", type=int, default=1280, help="embedding width (default 1280)")
+    g.add_argument("--queries", type=int, default=2000, help="samples whose recall is measured (default 2000)")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -143,6 +148,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """`dede bench`: the throughput benchmark, the generalization suite or the attack table."""
     if args.which == "throughput":
         return _bench_throughput(args)
+    if args.which == "neighbours":
+        return _bench_neighbours(args)
     if args.suite == "generalization":
         from bench import cases, generalization
 
@@ -178,6 +185,19 @@ def _bench_throughput(args: argparse.Namespace) -> int:
     for name, row in report["ratios"].items():
         target = "" if row["target"] is None else f" (target {row['target']:g}: {'met' if row['met'] else 'MISSED'})"
         print(f"{name}: {row['ratio']:.3f}{target}")
+    print(f"wrote {md} and {js} ({report['wall_s'] / 60:.1f} min)")
+    return 0
+
+
+def _bench_neighbours(args: argparse.Namespace) -> int:
+    from bench import neighbours as bn
+    from dede_core.stages.neighbours import NeighboursSettings
+
+    sizes = sorted(int(n) for n in args.sizes.split(","))
+    with tempfile.TemporaryDirectory(prefix="dede-neighbours-", dir=args.work) as work:
+        report = bn.run_bench(sizes, args.dim, NeighboursSettings(), work, queries=args.queries)
+    command = f"dede bench neighbours --sizes {','.join(map(str, sizes))} --dim {args.dim}"
+    md, js = bn.write_report(report, args.out, command)
     print(f"wrote {md} and {js} ({report['wall_s'] / 60:.1f} min)")
     return 0
 

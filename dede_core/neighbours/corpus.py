@@ -116,7 +116,7 @@ def _fixed(column: pa.ChunkedArray, width: int, dtype: type) -> tuple[np.ndarray
     return values, valid
 
 
-def chunks(corpus: Corpus, stem: str, *, batch: int = 65_536, thumbs: bool = True) -> Iterator[Chunk]:
+def chunks(corpus: Corpus, stem: str, *, batch: int = 16_384, thumbs: bool = True) -> Iterator[Chunk]:
     """One shard's samples in position order, `batch` rows at a time."""
     shard = corpus.shard(stem)
     columns = ["position", "embedding"] + (["thumb"] if thumbs else [])

@@ -165,6 +165,7 @@ def plan_neighbours(run: NeighboursRun) -> NeighboursPlan:
     _claim(run, corpus)
     markers = folder.Markers(run.out)
     markers.sweep()
+    storage.sweep_temporaries(storage.join(run.out, names.PARTS_DIR))  # a killed job's half-written part
     storage.makedirs(storage.join(run.out, names.PARTS_DIR))
     spec = ix.choose(corpus.rows, corpus.dim, exact_limit=s.exact_limit, pca_dim=s.pca_dim, nlist=s.nlist,
                      nprobe=s.nprobe, memory_mib=s.memory_mib, refine=s.refine)
