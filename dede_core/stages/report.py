@@ -14,7 +14,6 @@ import io
 import math
 import os
 import re
-import tarfile
 from urllib.parse import quote
 
 import numpy as np
@@ -26,10 +25,10 @@ from dede_core.io import storage
 from dede_core.detector.health import describe_health
 from dede_core.stages.select import Selection, format_number, hit_sql, scored_sql
 from dede_core.stages.report_verdict import tight_groups, verdict_html
-from dede_core.io.sources import TAR_IMAGE_EXTENSIONS, clean_key, split_member
+from dede_core.io.sample_images import read_images  # noqa: F401 - the pages' image reader, used here and re-exported
 from dede_core.sql import connect, has_view
 from schemas import names
-from schemas.manifest import read_manifest, read_spans
+from schemas.manifest import read_manifest
 from schemas.tables import STATUS_SKIPPED
 
 THUMB_MIN = 96  # small images (CIFAR's 32x32) are enlarged by a whole factor, nearest neighbour: no blur
@@ -73,48 +72,6 @@ def _histogram(values: np.ndarray, calibration: np.ndarray | None, threshold: fl
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _image_member(tar: tarfile.TarFile, left: set[str], found: dict[str, bytes]) -> None:
-    """Move the image of each sample of `tar` whose key is in `left` into `found`, until none is left."""
-    for member in tar:
-        parsed = split_member(member.name) if member.isreg() else None
-        if parsed is None or parsed[1] not in TAR_IMAGE_EXTENSIONS:
-            continue
-        key = clean_key(parsed[0])
-        if key in left:
-            found[key] = tar.extractfile(member).read()
-            left.discard(key)
-            if not left:
-                break
-
-
-def read_images(shards_dir: str, wanted: dict[str, set[str]]) -> dict[str, bytes]:
-    """{key: image bytes} for the wanted keys of each shard: each sample's own bytes where the shard stage
-    recorded its spans (a seek per sample), else read member by member until all are found."""
-    found: dict[str, bytes] = {}
-    try:
-        entries = {e.name: e for e in read_manifest(shards_dir).shards}
-    except (OSError, ValueError):
-        entries = {}
-    for shard, keys in wanted.items():
-        path = storage.join(shards_dir, shard)
-        if not storage.isfile(path):
-            continue
-        left = set(keys)
-        spans = read_spans(shards_dir, entries[shard]) if shard in entries else None
-        if spans is not None:
-            at = [i for i, key in enumerate(spans.keys) if key in left]
-            with storage.open_read(path) as f:
-                for i in at:
-                    f.seek(spans.offsets[i])
-                    data = f.read(spans.offsets[i + 1] - spans.offsets[i])
-                    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-                        _image_member(tar, {spans.keys[i]}, found)
-            continue
-        with storage.open_read(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            _image_member(tar, left, found)
-    return found
 
 
 def _thumbnail(data: bytes | None) -> str:

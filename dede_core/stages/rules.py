@@ -1,5 +1,5 @@
 """The selection rules: which samples to drop, as one value object (the default: the combined verdict at
---fdr 0.05) and the formatting of the thresholds they take."""
+--fdr 0.05), the quantile thresholds --fpr and --quantile take (DuckDB's quantile_cont) and their wording."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import duckdb
+import numpy as np
+import pyarrow as pa
+from numpy.typing import ArrayLike
 
 KINDS = ("fdr", "fpr", "quantile", "threshold", "where")
 COLUMNS = ("score", "knn_score", "density_score", "recon_error")
@@ -128,3 +131,32 @@ def percentile_name(q: float) -> str:
     p = int(p)
     suffix = "th" if 10 <= p % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(p % 10, "th")
     return f"{p}{suffix}"
+
+
+def _quantile(conn: duckdb.DuckDBPyConnection, view: str, column: str, q: float, where: str) -> tuple[float, int]:
+    value, n = conn.execute(
+        f"SELECT quantile_cont({column}, ?), count({column}) FROM {view} WHERE {where} AND isfinite({column})", [q]
+    ).fetchall()[0]
+    return value, n
+
+
+def _fpr_quantile(values: ArrayLike, fpr: float) -> tuple[float | None, int]:
+    """(the --fpr threshold of `values`, how many finite values it was taken over); (None, 0) when none is."""
+    column = pa.array(np.asarray(values, dtype=np.float64).reshape(-1))  # NaN stays NaN: isfinite drops it
+    conn = duckdb.connect()
+    try:
+        conn.register("heldout", pa.table({"value": column}))
+        return _quantile(conn, "heldout", "value", 1 - fpr, "true")
+    finally:
+        conn.close()
+
+
+def fpr_threshold(values: ArrayLike, fpr: float) -> float:
+    """The --fpr rule's threshold: the (1 - fpr) quantile of held-out calibration values, linear between order
+    statistics (DuckDB quantile_cont) over the finite ones. About `fpr` of clean-like samples score above it,
+    whatever the poison rate. The selection computes its threshold with this function, bit for bit."""
+    fpr = _fraction("fpr", fpr)
+    threshold, n = _fpr_quantile(values, fpr)
+    if n == 0:
+        raise ValueError("no finite held-out value to take the --fpr threshold of; score held-out images first")
+    return threshold

@@ -11,16 +11,13 @@ judges scored samples; keep_unscored decides the rest.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import posixpath
 from dataclasses import dataclass
 from typing import Any
 
 import duckdb
-import numpy as np
 import pyarrow as pa
-from numpy.typing import ArrayLike
 
 from dede_core.io import storage
 from dede_core.detector.health import describe_health, health_passed
@@ -30,8 +27,8 @@ from schemas.tables import REJECTED, STATUS_OK, STATUS_SKIPPED
 from dede_core.signals.gather import neighbours_files, signal_frame
 from dede_core.signals.verdict import Verdict, VerdictConfig, decide, describe
 from schemas.names import NEIGHBOURS_DIR, SCORE_RUN
-from dede_core.stages.rules import (COLUMNS, DEFAULT_RULE, KINDS, Rule, _fraction, format_number,  # noqa: F401
-                                    percentile_name)
+from dede_core.stages.rules import (COLUMNS, DEFAULT_RULE, KINDS, Rule, _fpr_quantile, _quantile,  # noqa: F401
+                                    format_number, fpr_threshold, percentile_name)
 
 
 @dataclass(frozen=True)
@@ -119,35 +116,6 @@ def _check_unique_keys(conn: duckdb.DuckDBPyConnection, scores_dir: str) -> None
         shown = "; ".join(f"{k!r} x{n} ({s})" for k, n, s in dups)
         raise ValueError(f"{scores_dir} holds duplicate keys ({shown}); each sample must be scored once: "
                          f"remove stray scores files or rescore into an empty folder")
-
-
-def _quantile(conn: duckdb.DuckDBPyConnection, view: str, column: str, q: float, where: str) -> tuple[float, int]:
-    value, n = conn.execute(
-        f"SELECT quantile_cont({column}, ?), count({column}) FROM {view} WHERE {where} AND isfinite({column})", [q]
-    ).fetchall()[0]
-    return value, n
-
-
-def _fpr_quantile(values: ArrayLike, fpr: float) -> tuple[float | None, int]:
-    """(the --fpr threshold of `values`, how many finite values it was taken over); (None, 0) when none is."""
-    column = pa.array(np.asarray(values, dtype=np.float64).reshape(-1))  # NaN stays NaN: isfinite drops it
-    conn = duckdb.connect()
-    try:
-        conn.register("heldout", pa.table({"value": column}))
-        return _quantile(conn, "heldout", "value", 1 - fpr, "true")
-    finally:
-        conn.close()
-
-
-def fpr_threshold(values: ArrayLike, fpr: float) -> float:
-    """The --fpr rule's threshold: the (1 - fpr) quantile of held-out calibration values, linear between order
-    statistics (DuckDB quantile_cont) over the finite ones. About `fpr` of clean-like samples score above it,
-    whatever the poison rate. The selection computes its threshold with this function, bit for bit."""
-    fpr = _fraction("fpr", fpr)
-    threshold, n = _fpr_quantile(values, fpr)
-    if n == 0:
-        raise ValueError("no finite held-out value to take the --fpr threshold of; score held-out images first")
-    return threshold
 
 
 def _threshold(conn: duckdb.DuckDBPyConnection, rule: Rule, scores_dir: str,
