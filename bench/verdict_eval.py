@@ -25,7 +25,8 @@ from bench.cases import Case
 
 # The designs measured side by side: (what changes from the default, VerdictConfig overrides, frame change).
 VARIANTS: dict[str, tuple[dict, Callable[[dict], dict] | None]] = {
-    "default (dede + aux_distance + collapse; bulk null; Cauchy)": ({}, None),
+    "default (dede + aux_distance + 2 x collapse; bulk null; weighted Cauchy)": ({}, None),
+    "equal weights": ({"equal": True}, None),
     "Bonferroni (m x min p) instead of Cauchy": ({"combine": "bonferroni"}, None),
     "calibration null for the scores signals": ({"null": "calibration"}, None),
     "dede alone": ({"signals": ("dede",)}, None),

@@ -26,8 +26,11 @@ class Signal:
     scale: str  # log | linear: the scale on which the null is a normal fitted to the corpus' bulk
     in_verdict: bool  # part of the combined p-value
     about: str  # one sentence for reports: what a small p-value means
+    weight: float = 1.0  # its weight in the Cauchy combination (normalised over the signals combined)
 
     def __post_init__(self) -> None:
+        if not self.weight > 0:
+            raise ValueError(f"signal {self.name!r}: weight must be > 0, got {self.weight!r}")
         for field, value, allowed in (("table", self.table, TABLES), ("tail", self.tail, TAILS),
                                       ("scale", self.scale, SCALES)):
             if value not in allowed:

@@ -53,9 +53,9 @@ def p_values(values: np.ndarray, null: Null, tail: str) -> np.ndarray:
     return np.where(np.isfinite(z), p, np.nan)
 
 
-def cauchy_combination(p: np.ndarray) -> np.ndarray:
-    """(N, m) p-values -> (N,): the Cauchy combination test (Liu & Xie 2020), equal weights over each row's
-    available (non-NaN) p-values. Its tail stays valid under arbitrary dependence between the signals, which
+def cauchy_combination(p: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """(N, m) p-values -> (N,): the Cauchy combination test (Liu & Xie 2020), `weights` (m,) (default equal)
+    normalised over each row's available (non-NaN) p-values. Its tail stays valid under arbitrary dependence between the signals, which
     these have (they read the same embedding). NaN where a row has none.
 
     Each p-value is capped at 0.5 first: a signal that sees nothing (p near 1, e.g. a triggered image right
@@ -66,8 +66,10 @@ def cauchy_combination(p: np.ndarray) -> np.ndarray:
     available = np.isfinite(p)
     # tan((0.5 - p) pi) = 1 / tan(p pi), which keeps its precision for tiny p
     t = np.where(available, 1.0 / np.tan(np.where(available, p, 0.5) * np.pi), 0.0)
+    w = np.ones(p.shape[1]) if weights is None else np.asarray(weights, dtype=np.float64)
     count = available.sum(axis=1)
-    stat = t.sum(axis=1) / np.maximum(count, 1)
+    total = (available * w).sum(axis=1)
+    stat = (t * w).sum(axis=1) / np.where(total > 0, total, 1.0)
     combined = np.where(stat > 1e15, 1.0 / (np.maximum(stat, 1e-300) * np.pi), 0.5 - np.arctan(stat) / np.pi)
     return np.where(count > 0, np.clip(combined, 0.0, 1.0), np.nan)
 

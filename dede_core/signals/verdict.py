@@ -30,7 +30,8 @@ class VerdictConfig:
 
     fdr: float = 0.05  # Benjamini-Hochberg level over the combined p-values
     null: str = "bulk"  # where each signal's null is fitted: the corpus' bulk, or the held-out calibration images
-    combine: str = "cauchy"  # cauchy (Liu & Xie) | bonferroni (m x min p): both valid under dependence
+    combine: str = "cauchy"  # cauchy (Liu & Xie, each signal's weight) | bonferroni (m x min p): both valid
+    equal: bool = False  # cauchy with equal weights instead of the signals' own (a design measured beside)
     signals: tuple[str, ...] | None = None  # the signals combined; None: every registered one marked in_verdict
 
     def __post_init__(self) -> None:
@@ -65,7 +66,7 @@ def decide(frame: dict[str, np.ndarray], config: VerdictConfig = VerdictConfig()
     n = len(frame["key"])
     columns: dict[str, Any] = {"key": pa.array(frame["key"], pa.string()), "shard": pa.array(frame["shard"], pa.string())}
     found: dict[str, Any] = {}
-    used = []
+    used, weights = [], []
     for signal in signals():
         if signal.column not in frame:
             found[signal.name] = {"available": False, "in_verdict": False, "about": signal.about}
@@ -80,13 +81,16 @@ def decide(frame: dict[str, np.ndarray], config: VerdictConfig = VerdictConfig()
         counted = signal in config.combined()
         if counted and null.n > 0:
             used.append(p)
+            weights.append(1.0 if config.equal else signal.weight)
         found[signal.name] = {"available": True, "in_verdict": counted, "about": signal.about, "null": null.to_dict(),
+                              "weight": (1.0 if config.equal else signal.weight) if counted else 0.0,
                               "column": signal.column, "tail": signal.tail,
                               # Bonferroni over the corpus: a sample no null of this shape explains
                               "extreme": int(np.sum(p <= config.fdr / max(n, 1))),
                               "min_p": float(np.nanmin(p)) if np.isfinite(p).any() else None}
     stacked = np.stack(used, axis=1) if used else np.full((n, 1), np.nan)
-    combined = cauchy_combination(stacked) if config.combine == "cauchy" else bonferroni_min(stacked)
+    combined = (cauchy_combination(stacked, np.array(weights) if weights else None) if config.combine == "cauchy"
+                else bonferroni_min(stacked))
     q = bh_q_values(combined)
     verdict = np.where(np.isfinite(q), q <= config.fdr, False)
     columns |= {"p_combined": pa.array(combined, pa.float64(), from_pandas=True),
