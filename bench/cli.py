@@ -68,9 +68,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                        "throughput` (score and clean speed)", description=BENCH_HELP)
     p.add_argument("which", choices=["detection", "throughput", "neighbours"])
     p.add_argument("--tiny", action="store_true", help="a minutes-long run that only checks the machinery")
-    p.add_argument("--suite", choices=["attacks", "generalization"], default="attacks",
-                   help="detection: 'attacks' (the Fashion-MNIST attack table) or 'generalization' (held-out victims, "
-                   "triggers and data, dede's defaults only; docs/results/generalization.md)")
+    p.add_argument("--suite", choices=["attacks", "generalization", "verdict"], default="attacks",
+                   help="detection: 'attacks' (the Fashion-MNIST attack table), 'generalization' (held-out victims, "
+                   "triggers and data, dede's defaults only; docs/results/generalization.md) or 'verdict' (each "
+                   "case's detector on realistic corpora, 0-5%% poisoned and with near-duplicates, through the "
+                   "stages with the default rule; docs/results/verdict.md)")
     p.add_argument("--cases", help="generalization: comma-separated subset of the suite's cases (default: all)")
     p.add_argument("--attacks", help="comma-separated subset of badencoder,drupe,blend,wanet,ctrl,"
                    "effnet-badencoder (default: all)")
@@ -150,6 +152,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _bench_throughput(args)
     if args.which == "neighbours":
         return _bench_neighbours(args)
+    if args.suite == "verdict":
+        from pathlib import Path
+
+        from bench import cases, verdict_suite
+
+        chosen = (_subset(args.cases, cases.CASES, "case") if args.cases
+                  else verdict_suite.TUNING + verdict_suite.HELD_OUT)
+        suite = cases.SuiteConfig(cases=chosen)
+        verdict_suite.prepare(chosen, suite, Path(args.cache))
+        report = verdict_suite.evaluate(chosen, suite, Path(args.cache), Path(args.out), Path(args.work or "/tmp")
+                                        / "dede-verdict")
+        return 0 if report["finished"] else 1
     if args.suite == "generalization":
         from bench import cases, generalization
 
