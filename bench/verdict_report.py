@@ -22,7 +22,9 @@ def _mean(values: list[float | None]) -> float | None:
 def render_verdict(report: dict[str, Any], name: str) -> str:
     lines = report_header(report, f"Verdict suite ({name})", "cases",
                           "cached victims and detectors reused")
-    lines += ["Every figure uses dede's defaults only: the case's detector trained with the defaults, each corpus "
+    lines += [f"Command: `dede bench detection --suite verdict --cases {','.join(report['config']['cases'])}` (victims "
+              "and detectors cached by config hash in `--cache`).", "",
+              "Every figure uses dede's defaults only: the case's detector trained with the defaults, each corpus "
               "sharded, scored, its neighbours computed and selected with the default rule (`--fdr 0.05`, the "
               "combined verdict). Corpora: clean test images with 0 / 0.1 / 1 / 5% triggered images added "
               "(triggered copies of other images), and a clean corpus with near-duplicate groups (2-50 JPEG "
