@@ -2,8 +2,9 @@
 
 Two passes over the embeddings files, one shard at a time (memory: the index, plus a float16 training sample
 for IVF): the first writes OUT/thumbs.npy and samples embeddings to train the projection and the IVF lists, the
-second adds every embedding with its row id (and, for the re-ranking, its float16 copy: index.add_ivf). Exact search needs no training: one pass. Files appear whole
-(storage.AtomicFile); OUT/index.json, written last, says which corpus the index is of.
+second adds every embedding with its row id (and, for the re-ranking, its float16 copy: index.add_ivf).
+Exact search needs no training: one pass. Files appear whole (storage.AtomicFile); OUT/index.json, written
+last, says which corpus the index is of.
 """
 
 from __future__ import annotations

@@ -75,8 +75,8 @@ def choose(n: int, dim: int, *, exact_limit: int, pca_dim: int | None, nlist: in
         if size + sample_bytes <= budget:
             return IndexSpec("ivf", dim, d, codes, lists, probe, train, refine, size)
     raise ValueError(f"an IVF index over {n} embeddings needs more than the {memory_mib} MiB budget even with PQ "
-                     f"codes (the re-ranking's float16 vectors: {refine_bytes // MIB} MiB): raise memory_mib, or refine=1 "
-                     f"(no re-ranking)")
+                     f"codes (the re-ranking's float16 vectors: {refine_bytes // MIB} MiB): raise memory_mib, or "
+                     f"refine=1 (no re-ranking)")
 
 
 def projection(sample: np.ndarray, d: int) -> np.ndarray:

@@ -60,7 +60,7 @@ class NeighboursSettings:
     pca_dim: int | None = 128  # IVF: search in the top pca_dim directions of a sample (None: in all D)
     nlist: int | None = None  # IVF lists; None: 4 sqrt(N) (index.choose)
     nprobe: int | None = None  # IVF lists searched per query; None: at least 32, and 4096 vectors scanned
-    refine: int = 4  # IVF: refine x k_max candidates re-ranked by their exact cosine (<= 1: index order)
+    refine: int = 4  # IVF: refine x (k_max + 1) candidates re-ranked by their exact cosine (<= 1: index order)
     memory_mib: int = 4096  # budget of the plan's index and finish's arrays; a corpus beyond it is refused
     rows_per_job: int = 200_000  # a job queries whole shards, about this many samples (no effect on results)
     dup_threshold: float = 0.95  # thumbnail Pearson correlation from which a neighbour is a near-duplicate
