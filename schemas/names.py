@@ -8,7 +8,7 @@ scores/ (dede score)         run.json (claims the folder), NNNNNN.parquet, embed
                              calibration.parquet, skipped.parquet,
                              _done/NNNNNN.json (written last per shard), _failed/NNNNNN.json
 embeddings/ (in scores/)     NNNNNN.parquet: each sample's victim embedding (float16) and 16x16 thumbnail
-neighbours/ (dede neighbours) neighbours_config.json (claims the folder), index.faiss, index.json, thumbs.npy, vectors.npy,
+neighbours/ (dede neighbours) neighbours_config.json (claims the folder), index.faiss, index.json, thumbs.npy,
                              _parts/NNNNNN.parquet + _done/NNNNNN.json (per shard), NNNNNN.parquet, summary.json
 clean/ (dede clean)          clean_config.json (claims the folder), NNNNNN.tar, _done/NNNNNN.rejected.parquet,
                              _done/NNNNNN.json (written last per shard), manifest.json, rejected.parquet,
@@ -45,7 +45,6 @@ NEIGHBOURS_CONFIG = "neighbours_config.json"  # the scores identity and settings
 INDEX = "index.faiss"  # the FAISS index over every embedding of the corpus (rebuilt when the corpus grows)
 INDEX_INFO = "index.json"  # what the index holds: the corpus id, kind, N, dims, nlist/nprobe, timings
 THUMBS = "thumbs.npy"  # uint8 (rows, 256): every sample's thumbnail in corpus row order, memory-mapped by jobs
-VECTORS = "vectors.npy"  # float16 (rows, D) unit embeddings in row order (IVF only): the exact re-ranking
 PARTS_DIR = "_parts"  # _parts/NNNNNN.parquet: a shard's raw neighbour lists, before the corpus statistics
 
 # Clean folder.

@@ -2,8 +2,9 @@
 
 Two passes over the embeddings files, one shard at a time (memory: the index, plus a float16 training sample
 for IVF): the first writes OUT/thumbs.npy and samples embeddings to train the projection and the IVF lists, the
-second adds every embedding with its row id. Exact search needs no training: one pass. Files appear whole
-(storage.AtomicFile); OUT/index.json, written last, says which corpus the index is of.
+second adds every embedding with its row id (and, for the re-ranking, its float16 copy: index.add_ivf).
+Exact search needs no training: one pass. Files appear whole (storage.AtomicFile); OUT/index.json, written
+last, says which corpus the index is of.
 """
 
 from __future__ import annotations
@@ -65,14 +66,11 @@ def build_index(corpus: Corpus, out: str, spec: ix.IndexSpec, *, seed: int, prog
         index = ix.empty_index(spec, train, seed=seed)
         del train
         train_s = time.perf_counter() - t
-        with storage.AtomicFile(storage.join(out, names.VECTORS)) as f:
-            npy_header(f, "<f2", (corpus.rows, corpus.dim))
-            for i, shard in enumerate(corpus.shards):
-                for chunk in chunks(corpus, shard.stem, thumbs=False):
-                    f.write(chunk.vectors.astype("<f2").tobytes())  # zeros where no embedding
-                    index.add_with_ids(chunk.vectors[chunk.valid], chunk.rows[chunk.valid])
-                if progress and (i + 1) % 50 == 0:
-                    say(f"neighbours: indexed {i + 1}/{len(corpus.shards)} shards")
+        for i, shard in enumerate(corpus.shards):
+            for chunk in chunks(corpus, shard.stem, thumbs=False):
+                ix.add_ivf(index, chunk.vectors, chunk.rows, chunk.valid)
+            if progress and (i + 1) % 50 == 0:
+                say(f"neighbours: indexed {i + 1}/{len(corpus.shards)} shards")
     if valid_rows < 2:
         raise ValueError(f"{corpus.scores} holds {valid_rows} embeddings: neighbourhoods need at least 2")
     holder = storage.AtomicFile(storage.join(out, names.INDEX))
@@ -113,7 +111,7 @@ def load_index(out: str, corpus_id: str, spec: ix.IndexSpec, device: str):
 
 
 def load_array(out: str, name: str) -> np.ndarray:
-    """OUT/thumbs.npy or OUT/vectors.npy memory-mapped, read-only (read whole from a URL folder)."""
+    """OUT/thumbs.npy memory-mapped, read-only (read whole from a URL folder)."""
     path = storage.join(out, name)
     if storage.is_url(path):
         with storage.open_read(path) as f:

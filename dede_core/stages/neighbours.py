@@ -60,7 +60,7 @@ class NeighboursSettings:
     pca_dim: int | None = 128  # IVF: search in the top pca_dim directions of a sample (None: in all D)
     nlist: int | None = None  # IVF lists; None: 4 sqrt(N) (index.choose)
     nprobe: int | None = None  # IVF lists searched per query; None: at least 32, and 4096 vectors scanned
-    refine: int = 4  # IVF: refine x k_max candidates re-ranked by their exact cosine (<= 1: index order)
+    refine: int = 4  # IVF: refine x (k_max + 1) candidates re-ranked by their exact cosine (<= 1: index order)
     memory_mib: int = 4096  # budget of the plan's index and finish's arrays; a corpus beyond it is refused
     rows_per_job: int = 200_000  # a job queries whole shards, about this many samples (no effect on results)
     dup_threshold: float = 0.95  # thumbnail Pearson correlation from which a neighbour is a near-duplicate
@@ -205,7 +205,6 @@ def neighbours_job(job: NeighboursJob) -> dict[str, Any]:
     started, run, k = time.perf_counter(), job.run, job.run.settings.k_max
     index = load_index(run.out, job.corpus.id, job.spec, run.settings.device)
     thumbs = load_array(run.out, names.THUMBS)
-    full = load_array(run.out, names.VECTORS) if job.spec.refine > 1 else None
     markers, schema, rows = folder.Markers(run.out), neighbour_parts_schema(k), 0
     for stem in job.stems:
         t = time.perf_counter()
@@ -215,8 +214,7 @@ def neighbours_job(job: NeighboursJob) -> dict[str, Any]:
             ids, dist = np.full((n, k), -1, np.int64), np.full((n, k), np.nan, np.float32)
             if chunk.valid.any():
                 ids[chunk.valid], dist[chunk.valid] = ix.search(index, chunk.vectors[chunk.valid],
-                                                                chunk.rows[chunk.valid], k, full=full,
-                                                                refine=job.spec.refine)
+                                                                chunk.rows[chunk.valid], k)
             theirs = np.asarray(thumbs[np.maximum(ids, 0).ravel()]).reshape(n, k, -1)
             dup = (thumb_correlations(chunk.thumbs, theirs) >= run.settings.dup_threshold) & (ids >= 0)
             pix = thumb_distances(chunk.thumbs, theirs)

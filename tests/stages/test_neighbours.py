@@ -165,10 +165,9 @@ def test_ivf_recall_against_exact_search():
     exact = ix.empty_index(exact_spec)
     exact.add_with_ids(x, rows)
     ivf = ix.empty_index(ivf_spec, x[rng.random(5000) < ivf_spec.train / 5000])
-    ivf.add_with_ids(x, rows)
+    ix.add_ivf(ivf, x, rows, np.ones(5000, bool))
     truth, _ = ix.search(exact, x, rows, 20)
-    found, dist = ix.search(ix.prepare(ivf, ivf_spec, "cpu"), x, rows, 20, full=x.astype(np.float16),
-                            refine=ivf_spec.refine)
+    found, dist = ix.search(ix.prepare(ivf, ivf_spec, "cpu"), x, rows, 20)
     recall = np.mean([len(set(a) & set(b)) / 20 for a, b in zip(truth, found)])
     assert recall >= 0.9, recall
     assert (found != rows[:, None]).all() and np.all(np.diff(dist, axis=1) >= -1e-6)
@@ -178,7 +177,7 @@ def test_ivf_stage_finds_the_planted_groups(scores, result, tmp_path):
     """Past exact_limit the stage builds an IVF index over a projection and re-ranks exactly."""
     settings = NeighboursSettings(exact_limit=100, pca_dim=16, nlist=8)
     res = neighbours(scores, tmp_path / "ivf", settings, progress=False)
-    assert res.summary["index"]["kind"] == "ivf" and os.path.isfile(tmp_path / "ivf" / names.VECTORS)
+    assert res.summary["index"]["kind"] == "ivf" and res.summary["index"]["refine"] == 4
     df, exact = read_out(tmp_path / "ivf"), read_out(result[0])
     assert set(df.nsmallest(12, "kdist_5").index) == set(POISON)
     assert res.summary["group_sizes"] == {"10": 1, "12": 1}
