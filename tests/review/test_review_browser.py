@@ -67,11 +67,13 @@ DECODED = ("const imgs = [...document.querySelectorAll(arguments[0] + ' img')];"
            "return imgs.length && imgs.every(i => i.complete) ? imgs.map(i => i.naturalWidth) : null;")
 
 
-def widths(driver, selector: str) -> list[int]:
+def widths(driver, selector: str, count: int = 1) -> list[int]:
+    """The decoded widths of the images under `selector`, once at least `count` of them have loaded (groups load
+    one request each: on a busy machine the second may still be on its way)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         found = driver.execute_script(DECODED, selector)
-        if found:
+        if found and len(found) >= count:
             return found
         time.sleep(0.1)
     raise AssertionError(f"no loaded images under {selector}")
@@ -91,8 +93,9 @@ def test_review_in_a_browser(review_run, app_url, browser, tmp_path):
     wait(d, "return document.getElementById('map-note').textContent.startsWith('PCA')")
     for group in d.find_elements(By.CSS_SELECTOR, ".group button.show"):
         group.click()
-    assert len(widths(d, ".group[data-id='n1'] .group-grid")) == 4
-    assert min(widths(d, "#groups")) > 0 and len(widths(d, "#groups")) == 6  # every thumbnail decoded
+    assert len(widths(d, ".group[data-id='n1'] .group-grid", count=4)) == 4
+    shown = widths(d, "#groups", count=6)
+    assert min(shown) > 0 and len(shown) == 6  # every thumbnail decoded
     d.save_screenshot(os.path.join(DOCS, "review-groups.png"))
 
     d.find_element(By.ID, "sql").clear()
