@@ -5,7 +5,8 @@ known: the demo's, or one planted outside the repository).
 
 RUN is a `dede sanitize` folder cleaned with the default rule (RUN/clean/verdict.parquet); KEYS.json a JSON list
 of keys, or an object with one ("keys", as `dede demo` writes corpus.planted.json). Prints, per p-value column,
-the AUROC of -log10 p with the planted samples as positives, and the cut's precision and recall.
+the AUROC of -log10 p with the planted samples as positives, the median 5-NN distance of both kinds in
+RUN/neighbours, and the cut's precision and recall.
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ def check(run: str, planted: set[str]) -> dict[str, float | int | None]:
         evidence = -np.log10(np.clip(np.asarray(table[column], dtype=float), 1e-300, 1))
         evidence = np.where(np.isfinite(evidence), evidence, 0.0)
         out[f"auroc {column}"] = round(auroc(evidence[~positive], evidence[positive]), 4)
+    folder = os.path.join(run, "neighbours")
+    files = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".parquet") and n[0].isdigit())
+    near = pq.read_table(files, columns=["key", "kdist_5"]).to_pydict()
+    inside = np.array([k in planted for k in near["key"]])
+    kdist = np.asarray(near["kdist_5"], dtype=float)
+    out |= {"median kdist_5 planted": round(float(np.nanmedian(kdist[inside])), 4),
+            "median kdist_5 others": round(float(np.nanmedian(kdist[~inside])), 4)}
     flagged = np.asarray(table["verdict"], dtype=bool)
     hits = int((flagged & positive).sum())
     out |= {"flagged": int(flagged.sum()), "precision": hits / flagged.sum() if flagged.any() else None,
