@@ -33,7 +33,7 @@ def measure(images: int, rounds: int, work: str) -> dict:
     rates: dict[str, list[float]] = {"with embeddings": [], "without": []}
     for i in range(rounds):
         for kind in rates:
-            out = Path(work) / f"scores-{kind[:4]}-{i}"
+            out = Path(work) / f"scores-{kind.split()[0]}-{i}"
             keep = scoring.write_embeddings if kind == "with embeddings" else (lambda *a, **k: None)
             with mock.patch.object(scoring, "write_embeddings", keep):
                 t = time.perf_counter()
