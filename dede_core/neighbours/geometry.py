@@ -78,8 +78,10 @@ def collapse_ratio(dist: np.ndarray, pix: np.ndarray, k: int) -> np.ndarray:
     they are in the embedding (k-th cosine distance). A backdoor maps different pictures onto one target:
     tight in the embedding yet unlike in pixels, so the ratio is high. A clean group tight in the embedding is
     one picture's copies or one scene's views: alike in pixels too, and its ratio stays ordinary."""
+    counted = np.isfinite(pix[:, :k]).sum(axis=1)  # a row without an embedding has none: NaN, no warning
+    mean = np.where(np.isfinite(pix[:, :k]), pix[:, :k], 0.0).sum(axis=1) / np.maximum(counted, 1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return (np.nanmean(pix[:, :k], axis=1) / np.maximum(dist[:, k - 1], 1e-6)).astype(np.float64)
+        return np.where(counted > 0, mean / np.maximum(dist[:, k - 1], 1e-6), np.nan).astype(np.float64)
 
 
 def kdist_distinct(dist: np.ndarray, dup: np.ndarray, k: int) -> np.ndarray:
