@@ -25,18 +25,21 @@ from bench.cases import Case
 
 # The designs measured side by side: (what changes from the default, VerdictConfig overrides, frame change).
 VARIANTS: dict[str, tuple[dict, Callable[[dict], dict] | None]] = {
-    "default (dede + aux_distance + 2 x collapse; bulk null; weighted Cauchy)": ({}, None),
-    "equal weights": ({"equal": True}, None),
-    "Bonferroni (m x min p) instead of Cauchy": ({"combine": "bonferroni"}, None),
-    "calibration null for the scores signals": ({"null": "calibration"}, None),
+    "default (aux_distance + 2 x collapse; bulk null; weighted Cauchy)": ({}, None),
+    "with dede (the design chosen on the sticker cases)": ({"signals": ("dede", "aux_distance", "collapse")}, None),
+    "equal weights, with dede": ({"signals": ("dede", "aux_distance", "collapse"), "equal": True}, None),
+    "Bonferroni (m x min p) instead of Cauchy, with dede": (
+        {"signals": ("dede", "aux_distance", "collapse"), "combine": "bonferroni"}, None),
+    "calibration null for the scores signals, with dede": (
+        {"signals": ("dede", "aux_distance", "collapse"), "null": "calibration"}, None),
     "dede alone": ({"signals": ("dede",)}, None),
     "dede + aux_distance": ({"signals": ("dede", "aux_distance")}, None),
     "collapse alone": ({"signals": ("collapse",)}, None),
-    "tightness (near-duplicate-aware k-distance) instead of collapse": (
+    "tightness (near-duplicate-aware k-distance) instead of collapse, with dede": (
         {"signals": ("dede", "aux_distance", "tightness")}, None),
-    "tightness on kdist_5 (no near-duplicate rule) instead of collapse": (
+    "tightness on kdist_5 (no near-duplicate rule) instead of collapse, with dede": (
         {"signals": ("dede", "aux_distance", "tightness")}, lambda f: f | {"kdist_distinct": f["kdist_5"]}),
-    "default + outlier (DAO)": ({"signals": ("dede", "aux_distance", "collapse", "outlier")}, None),
+    "with dede + outlier (DAO)": ({"signals": ("dede", "aux_distance", "collapse", "outlier")}, None),
 }
 
 

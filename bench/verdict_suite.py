@@ -49,7 +49,7 @@ def prepare(cases: tuple[str, ...], suite: SuiteConfig, cache: Path, log: Log = 
     return metrics
 
 
-RESULT_VERSION = 3  # raise when what a case computes changes beyond its detector and the corpora
+RESULT_VERSION = 4  # raise when what a case computes changes beyond its detector and the corpora
 
 
 def evaluate(cases: tuple[str, ...], suite: SuiteConfig, cache: Path, out_dir: Path, work: Path,

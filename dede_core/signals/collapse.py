@@ -5,9 +5,9 @@ although they share nothing but the trigger. The neighbours stage's `collapse` c
 difference to the 5 nearest neighbours per unit of their embedding distance: clean groups that are tight in the
 embedding (one picture re-encoded or resized, views of one scene) are alike in pixels too and stay ordinary.
 
-Its weight in the verdict is that of the two scores-table signals together: it reads no auxiliary image, so it
-means the same whether the auxiliary set is clean, carries triggers or is out of distribution, where `dede` and
-`aux_distance` each go blind in one of those settings (docs/results/verdict.md).
+Its weight in the verdict is twice `aux_distance`'s: it reads no auxiliary image, so it means the same whether
+the auxiliary set is clean, carries triggers or is out of distribution, where `aux_distance` goes blind when the
+auxiliary set carries the trigger (docs/results/verdict.md).
 """
 
 from dede_core.signals.registry import Signal, register

@@ -67,9 +67,9 @@ def add_rule_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("selection rule (give at most one; default --fdr 0.05)")
     one = g.add_mutually_exclusive_group()
     one.add_argument("--fdr", type=float, metavar="R",
-                     help="the combined verdict (default, R=0.05): every signal (DeDe's score, the distance to the "
-                     "auxiliary images, the corpus' own neighbourhoods when the neighbours stage ran) becomes a "
-                     "p-value under a null fitted to the corpus' bulk, the p-values combine into one per sample, and "
+                     help="the combined verdict (default, R=0.05): the corpus' own neighbourhoods (collapse, when the "
+                     "neighbours stage ran) and the distance to the auxiliary images each become a p-value under a "
+                     "null fitted to the corpus' bulk, the p-values combine into one per sample, and "
                      "Benjamini-Hochberg at R drops what it flags: about a fraction R of what is dropped is clean, "
                      "and a corpus with no poison loses almost nothing; needs no labels")
     one.add_argument("--fpr", type=float, metavar="F",

@@ -26,10 +26,11 @@ refused):
 --no-copy writes the verdicts without the cleaned shards (no .tar, no manifest.json): `dede keys OUT` lists
 the kept samples, and training code can skip the dropped ones while loading (docs/api.md).
 
-The default rule is --fdr 0.05, the combined verdict: each signal (DeDe's score, the distance to the auxiliary
-images, and the corpus' own neighbourhoods from NEIGHBOURS, by default the neighbours folder beside SCORES)
-becomes a p-value under a null fitted to the corpus' bulk; the p-values combine into one per sample (Cauchy
-combination, valid when the signals are dependent) and Benjamini-Hochberg at 0.05 drops what it flags.
+The default rule is --fdr 0.05, the combined verdict: every signal (DeDe's score, its raw error, the distance to
+the auxiliary images, and the corpus' own neighbourhoods from NEIGHBOURS, by default the neighbours folder beside
+SCORES) becomes a p-value under a null fitted to the corpus' bulk; the collapse of the neighbourhoods and the
+distance to the auxiliary images combine into one per sample (weighted Cauchy combination, valid when the
+signals are dependent) and Benjamini-Hochberg at 0.05 drops what it flags; the others are shown.
 OUT/verdict.parquet keeps every sample's p-values; the summary says what each signal found, how many samples
 the cut flags and its expected precision. Chosen without labels; --fpr F is the older fixed-share rule.
 """

@@ -54,14 +54,15 @@ def test_decide_flags_what_any_signal_finds_and_says_so():
              "score": np.exp(rng.normal(0, 0.2, n)), "recon_error": np.exp(rng.normal(0, 0.2, n)),
              "knn_score": np.exp(rng.normal(0, 0.2, n)), "collapse": np.exp(rng.normal(0, 0.2, n)),
              "kdist_distinct": np.exp(rng.normal(0, 0.2, n)), "dao": np.exp(rng.normal(0, 0.2, n))}
-    frame["score"][:15] *= 5  # the decoder sees these
+    frame["knn_score"][:15] *= 5  # far from the auxiliary images
+    frame["score"][30:45] *= 5  # the decoder sees these, but dede is shown, not combined
     frame["collapse"][15:30] *= 5  # the corpus' neighbourhoods see these
     verdict = decide(frame)
     flagged = set(np.flatnonzero(verdict.table.column("verdict").to_numpy(zero_copy_only=False)))
     assert set(range(30)) <= flagged and len(flagged) <= 32
     summary = verdict.summary
-    assert set(summary["combined"]) == {"aux_distance", "collapse", "dede"}
-    assert summary["signals"]["collapse"]["weight"] == 2.0 and summary["signals"]["recon"]["weight"] == 0.0
+    assert set(summary["combined"]) == {"aux_distance", "collapse"}
+    assert summary["signals"]["collapse"]["weight"] == 2.0 and summary["signals"]["dede"]["weight"] == 0.0
     assert summary["signals"]["dede"]["extreme"] >= 15 and summary["expected_precision"] == 0.95
     assert any("flags" in line for line in describe(summary))
     quiet = decide({k: (v if k in ("key", "shard") else np.exp(rng.normal(0, 0.2, n))) for k, v in frame.items()})

@@ -151,9 +151,9 @@ def test_report_of_the_verdict_says_what_each_signal_found_and_shows_the_tightes
     keys = [f"k{i:03d}" for i in range(60)]
     write_shards(str(tmp_path / "shards"), [[{"__key__": k, "png": png(i, size=32)} for i, k in enumerate(keys)]])
     rng = np.random.default_rng(0)
-    scores = np.exp(rng.normal(0, 0.2, 60))
-    scores[:5] *= 20  # five samples the decoder cannot explain
-    rows = [row(k, "000000.tar", i, float(scores[i]), float(np.exp(rng.normal(1, 0.2)))) for i, k in enumerate(keys)]
+    scores, knn = np.exp(rng.normal(0, 0.2, 60)), np.exp(rng.normal(1, 0.2, 60))
+    knn[:5] *= 20  # five samples far from every auxiliary image
+    rows = [row(k, "000000.tar", i, float(scores[i]), float(knn[i])) for i, k in enumerate(keys)]
     write_scores(str(tmp_path / "scores"), rows, [(1.0, 1.0)] * 10)
     neighbours = tmp_path / "neighbours"
     neighbours.mkdir()

@@ -127,10 +127,12 @@ def test_quantile_uses_the_corpus_own_scores(scored):
 
 
 def lognormal_corpus(folder: str, n: int, poisoned: int, seed: int = 0) -> list[dict]:
-    """n ok rows with log-normal scores and k-NN distances; the first `poisoned` score far above the rest."""
+    """n ok rows with log-normal scores and k-NN distances; the first `poisoned` far from the auxiliary images
+    (knn_score) and badly reconstructed (score) next to the rest."""
     rng = np.random.default_rng(seed)
     score, knn = np.exp(rng.normal(0, 0.25, n)), np.exp(rng.normal(1, 0.25, n))
     score[:poisoned] *= 8
+    knn[:poisoned] *= 8
     rows = [row(f"k{i:04d}", f"{i % 3:06d}.tar", i // 3, float(score[i]), float(knn[i]),) | {"recon_error": 1.0}
             for i in range(n)]
     write_scores(folder, rows, [(1.0, 1.0)] * 10)
@@ -150,7 +152,8 @@ def test_the_default_rule_is_the_verdict_at_fdr_005(tmp_path):
     assert set(table) >= {"key", "shard", "p_dede", "p_aux_distance", "p_combined", "q_value", "verdict"}
     assert "p_collapse" not in table  # no neighbours folder: the corpus-level signals are not available
     summary = sel.verdict.summary
-    assert summary["flagged"] == len(dropped) and summary["signals"]["dede"]["extreme"] >= 20
+    assert summary["flagged"] == len(dropped) and summary["signals"]["aux_distance"]["extreme"] >= 20
+    assert summary["signals"]["dede"]["extreme"] >= 20 and not summary["signals"]["dede"]["in_verdict"]  # shown
     assert not summary["signals"]["collapse"]["available"] and "flags" in sel.how
     assert sel.to_dict()["verdict"]["flagged"] == len(dropped)
 
