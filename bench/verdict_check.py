@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 from bench.metrics import auroc
 
 
-def check(run: str, planted: set[str]) -> dict[str, float | int | None]:
-    table = pq.read_table(os.path.join(run, "clean", "verdict.parquet")).to_pydict()
+def check(run: str, planted: set[str], clean: str | None = None) -> dict[str, float | int | None]:
+    table = pq.read_table(os.path.join(clean or os.path.join(run, "clean"), "verdict.parquet")).to_pydict()
     positive = np.array([k in planted for k in table["key"]])
     out: dict[str, float | int | None] = {"samples": len(positive), "planted": int(positive.sum())}
     for column in [c for c in table if c.startswith("p_")]:
@@ -47,10 +47,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run")
     p.add_argument("--planted", required=True)
+    p.add_argument("--clean", default=None, help="the clean folder to read (default RUN/clean)")
     args = p.parse_args()
     with open(args.planted) as f:
         keys = json.load(f)
-    for name, value in check(args.run, set(keys if isinstance(keys, list) else keys["keys"])).items():
+    for name, value in check(args.run, set(keys if isinstance(keys, list) else keys["keys"]), args.clean).items():
         print(f"{name}: {value}")
 
 
