@@ -67,6 +67,7 @@ def decide(frame: dict[str, np.ndarray], config: VerdictConfig = VerdictConfig()
     columns: dict[str, Any] = {"key": pa.array(frame["key"], pa.string()), "shard": pa.array(frame["shard"], pa.string())}
     found: dict[str, Any] = {}
     used, weights = [], []
+    combined_signals = config.combined()
     for signal in signals():
         if signal.column not in frame:
             found[signal.name] = {"available": False, "in_verdict": False, "about": signal.about}
@@ -78,12 +79,13 @@ def decide(frame: dict[str, np.ndarray], config: VerdictConfig = VerdictConfig()
         null = fit_null(reference)
         p = p_values(values, null, signal.tail)
         columns[signal.p_column] = pa.array(p, pa.float64(), from_pandas=True)
-        counted = signal in config.combined()
+        counted = signal in combined_signals
+        weight = (1.0 if config.equal else signal.weight) if counted else 0.0
         if counted and null.n > 0:
             used.append(p)
-            weights.append(1.0 if config.equal else signal.weight)
+            weights.append(weight)
         found[signal.name] = {"available": True, "in_verdict": counted, "about": signal.about, "null": null.to_dict(),
-                              "weight": (1.0 if config.equal else signal.weight) if counted else 0.0,
+                              "weight": weight,
                               "column": signal.column, "tail": signal.tail,
                               # Bonferroni over the corpus: a sample no null of this shape explains
                               "extreme": int(np.sum(p <= config.fdr / max(n, 1))),
@@ -100,7 +102,7 @@ def decide(frame: dict[str, np.ndarray], config: VerdictConfig = VerdictConfig()
                # BH keeps the expected share of clean samples among the flagged at or below fdr
                "expected_precision": (1 - config.fdr) if flagged else None,
                "estimated_poisoned": round(flagged * (1 - config.fdr), 1),
-               "combined": [s.name for s in config.combined() if found.get(s.name, {}).get("available")]}
+               "combined": [s.name for s in combined_signals if found.get(s.name, {}).get("available")]}
     return Verdict(pa.table(columns), summary)
 
 
