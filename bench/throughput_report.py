@@ -115,7 +115,7 @@ def write_report(name: str, report: dict[str, Any], out_dir: str) -> tuple[str, 
     settings[name] = report
     with open(json_path, "w") as f:
         json.dump(settings, f, indent=2, sort_keys=True)
-    lines = ["# Scoring and cleaning throughput (issues #7, #15)", "", INTRO, ""]
+    lines = ["# Scoring and cleaning throughput (issues #7, #15, #22)", "", INTRO, ""]
     for key in sorted(settings):
         lines += RENDERERS[settings[key].get("kind", "throughput")](key, settings[key])
     if os.path.isfile(md_path):
