@@ -73,7 +73,7 @@ def render_verdict(report: dict[str, Any], name: str) -> str:
               "the bulk-fitted null over the calibration null, the collapse ratio over the k-distances, the Cauchy "
               "cap at 0.5 and collapse's weight. The SIG cases were held out; the first two of them then showed "
               "that combining `dede` loses clean images (the 'with dede' rows), so `dede` left the verdict after "
-              "they were measured: only sig64-photos-ood-aux was evaluated after that change, and the checks on "
+              "they were measured: sig64-photos-ood-aux and sticker64-photos-aux5% (an old suite case) were evaluated only after that change, and the checks on "
               "corpora and attacks outside the repository are the held-out evidence for the final design. Every "
               "case's per-corpus figures are in verdict.json; `python -m bench.verdict_check RUN --planted KEYS` "
               "gives the same figures for any run whose poison is known."]
