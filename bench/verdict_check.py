@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from bench.metrics import auroc
+from dede_core.signals.gather import neighbours_files
 
 
 def check(run: str, planted: set[str], clean: str | None = None) -> dict[str, float | int | None]:
@@ -29,9 +30,7 @@ def check(run: str, planted: set[str], clean: str | None = None) -> dict[str, fl
         evidence = -np.log10(np.clip(np.asarray(table[column], dtype=float), 1e-300, 1))
         evidence = np.where(np.isfinite(evidence), evidence, 0.0)
         out[f"auroc {column}"] = round(auroc(evidence[~positive], evidence[positive]), 4)
-    folder = os.path.join(run, "neighbours")
-    files = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".parquet") and n[0].isdigit())
-    near = pq.read_table(files, columns=["key", "kdist_5"]).to_pydict()
+    near = pq.read_table(neighbours_files(os.path.join(run, "neighbours")), columns=["key", "kdist_5"]).to_pydict()
     inside = np.array([k in planted for k in near["key"]])
     kdist = np.asarray(near["kdist_5"], dtype=float)
     out |= {"median kdist_5 planted": round(float(np.nanmedian(kdist[inside])), 4),

@@ -13,7 +13,7 @@ import numpy as np
 
 from bench import metrics
 from bench.verdict_corpora import POISON_MARK, RATES, write_near_duplicates, write_poisoned
-from dede_core.signals.gather import signal_frame
+from dede_core.signals.gather import neighbours_files, signal_frame
 from dede_core.signals.registry import signals
 from dede_core.signals.verdict import VerdictConfig, decide
 from dede_core.sql import connect
@@ -51,7 +51,7 @@ def _frame(scores: Path, neighbours_dir: Path) -> dict[str, np.ndarray]:
         conn.close()
     import pyarrow.parquet as pq  # the neighbours table's other columns, for the variants
 
-    extra = pq.read_table(sorted(p for p in neighbours_dir.glob("[0-9]*.parquet")), columns=["key", "kdist_5"])
+    extra = pq.read_table(neighbours_files(str(neighbours_dir)), columns=["key", "kdist_5"])
     by_key = dict(zip(extra.column("key").to_pylist(), extra.column("kdist_5").to_pylist()))
     frame["kdist_5"] = np.array([np.nan if by_key.get(k) is None else by_key[k] for k in frame["key"]])
     return frame

@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 
 from dede_core.io import storage
 from schemas import sql as views
-from dede_core.signals.gather import neighbours_files
-from schemas.names import CALIBRATION, MANIFEST, NEIGHBOURS_DIR, REJECTED, VERDICT
+from dede_core.signals.gather import default_neighbours, neighbours_files
+from schemas.names import CALIBRATION, MANIFEST, REJECTED, VERDICT
 
 # Statement types a user query may have: SELECT covers WITH, FROM-first, VALUES, DESCRIBE, SHOW and SUMMARIZE.
 READ_STATEMENTS = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
@@ -80,8 +80,7 @@ def connect(
     manifest = _optional_file(manifest, MANIFEST, "shards manifest")
     verdict = None if rejected is None else storage.join(posixpath.dirname(rejected), VERDICT)
     verdict = _path(verdict) if verdict is not None and storage.isfile(verdict) else None
-    beside = storage.join(posixpath.dirname(storage.absolute(os.fspath(scores_dir)).rstrip("/")), NEIGHBOURS_DIR)
-    neighbours = [_path(f) for f in neighbours_files(beside)]
+    neighbours = [_path(f) for f in neighbours_files(default_neighbours(os.fspath(scores_dir)))]
 
     # No temp directory: DuckDB adds it (default ./.tmp) to the paths a locked connection may still read and write.
     conn = duckdb.connect(":memory:", config=dict(views.CONNECT_CONFIG) | {"temp_directory": ""})

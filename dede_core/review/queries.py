@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import glob
 import io
 import math
 import os
@@ -24,13 +23,13 @@ from PIL import Image
 
 from dede_core.io import storage
 from dede_core.sql import connect, run_query
+from dede_core.signals.gather import neighbours_files
 from dede_core.sql_page import result_samples
 from dede_core.stages.select import DEFAULT_RULE, select
 from schemas import names
 from schemas.manifest import manifest_path, read_manifest
 from schemas.tables import STATUS_SKIPPED
 
-NEIGHBOURS_DIR, VERDICT = "neighbours", "verdict.parquet"  # written by other stages when present
 THUMB_SIDE = 128
 WEB_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp"}
 SHOWN_COLUMNS = ("key", "shard", "label", "source", "score", "knn_score", "density_score", "status", "reason",
@@ -122,7 +121,7 @@ class RunData:
         return f"the default rule ({rule.label}; the run is not cleaned yet)", sel.dropped
 
     def _verdict(self) -> pa.Table | None:
-        path = os.path.join(self.f.clean or os.path.join(self.f.run, names.CLEAN_DIR), VERDICT)
+        path = os.path.join(self.f.clean or os.path.join(self.f.run, names.CLEAN_DIR), names.VERDICT)
         return pq.read_table(path) if os.path.isfile(path) else None
 
     def _flagged(self, dropped: pa.Table) -> pa.Table:
@@ -135,7 +134,7 @@ class RunData:
             if verdict is not None:
                 keep = ["key", "verdict"] + (["q_value"] if "q_value" in verdict.column_names else [])
                 conn.register("verdict_rows", verdict.select(keep))
-                self.flagged_by += f" and {names.CLEAN_DIR}/{VERDICT}"
+                self.flagged_by += f" and {names.CLEAN_DIR}/{names.VERDICT}"
             wanted = [c for c in SHOWN_COLUMNS if c in columns]
             q = "v.q_value" if verdict is not None and "q_value" in verdict.column_names else "NULL::DOUBLE"
             join = "LEFT JOIN verdict_rows v USING (key)" if verdict is not None else ""
@@ -149,7 +148,7 @@ class RunData:
             conn.close()
 
     def _neighbours(self) -> pa.Table | None:
-        files = sorted(glob.glob(os.path.join(self.f.run, NEIGHBOURS_DIR, "*.parquet")))
+        files = neighbours_files(os.path.join(self.f.run, names.NEIGHBOURS_DIR))  # a finished folder only
         if not files:
             return None
         return pa.concat_tables(pq.read_table(f, columns=["key", "shard", "group_id", "group_size"])
@@ -168,7 +167,7 @@ class RunData:
                     "s.knn_score, f.key IS NOT NULL AS flagged FROM nb JOIN scores s USING (shard, key) "
                     "LEFT JOIN flagged_rows f USING (shard, key) WHERE nb.group_size >= 2 AND nb.group_id IN "
                     "(SELECT group_id FROM nb JOIN flagged_rows USING (shard, key))")
-                self.grouped_by = f"{NEIGHBOURS_DIR}/: neighbourhoods of 2+ samples holding a flagged one"
+                self.grouped_by = f"{names.NEIGHBOURS_DIR}/: neighbourhoods of 2+ samples holding a flagged one"
             else:
                 members = (
                     "SELECT 'label:' || coalesce(s.label::VARCHAR, 'none') AS gid, s.label, s.key, s.score, "

@@ -3,6 +3,8 @@ neighbours stage has run, its table joined by (shard, key)."""
 
 from __future__ import annotations
 
+import posixpath
+
 import duckdb
 import numpy as np
 import pyarrow as pa
@@ -10,6 +12,12 @@ import pyarrow.parquet as pq
 
 from dede_core.io import storage
 from dede_core.signals.registry import signals
+from schemas.names import NEIGHBOURS_DIR
+
+
+def default_neighbours(scores_dir: str) -> str:
+    """Where a sanitize run keeps the neighbours stage's folder: beside the scores folder."""
+    return storage.join(posixpath.dirname(storage.absolute(scores_dir).rstrip("/")), NEIGHBOURS_DIR)
 
 
 def neighbours_files(neighbours_dir: str | None) -> list[str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import posixpath
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,9 +23,9 @@ from dede_core.detector.health import describe_health, health_passed
 from dede_core.sql import connect, has_view
 from schemas.sql import literal
 from schemas.tables import REJECTED, STATUS_OK, STATUS_SKIPPED
-from dede_core.signals.gather import neighbours_files, signal_frame
+from dede_core.signals.gather import default_neighbours, neighbours_files, signal_frame
 from dede_core.signals.verdict import Verdict, VerdictConfig, decide, describe
-from schemas.names import NEIGHBOURS_DIR, SCORE_RUN
+from schemas.names import SCORE_RUN
 from dede_core.stages.rules import (COLUMNS, DEFAULT_RULE, KINDS, Rule, _fpr_quantile, _quantile,  # noqa: F401
                                     format_number, fpr_threshold, percentile_name)
 
@@ -212,11 +211,6 @@ JUDGED = ("(SELECT s.*, r.reason AS retired_reason FROM scores s LEFT JOIN retir
 LIVE = (f"(SELECT * FROM scores ANTI JOIN retired_rows USING (shard, key) WHERE status <> '{STATUS_SKIPPED}')")
 # The judged rows with the verdict's q-value (registered as `verdict_rows`), for an fdr rule.
 VERDICT_ROWS = f"(SELECT j.*, v.q_value FROM {JUDGED} j LEFT JOIN verdict_rows v USING (shard, key))"
-
-
-def default_neighbours(scores_dir: str) -> str:
-    """Where a sanitize run keeps the neighbours stage's folder: beside the scores folder."""
-    return storage.join(posixpath.dirname(scores_dir.rstrip("/")), NEIGHBOURS_DIR)
 
 
 def _verdict(conn: duckdb.DuckDBPyConnection, rule: Rule, neighbours: str | None) -> Verdict:

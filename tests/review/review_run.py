@@ -50,6 +50,8 @@ def build_run(root: str) -> str:
         "group_id": [int(group_of[k][1:]) if k in group_of else 100 + i for i, k in enumerate(KEYS)],
         "group_size": [len(GROUPS[group_of[k]]) if k in group_of else 1 for k in KEYS]}),
         os.path.join(run, "neighbours", "000000.parquet"))
+    with open(os.path.join(run, "neighbours", "summary.json"), "w") as f:  # written last: the folder is finished
+        f.write("{}")
     clean(os.path.join(run, "shards"), os.path.join(run, "scores"), os.path.join(run, "clean"), RULE,
           progress=False)
     return run
